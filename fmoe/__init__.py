@@ -1,0 +1,14 @@
+"""fmoe: calibrate -> prune -> recover Mixture-of-Experts LMs by the intermediate dims of their routed experts."""
+
+from .checkpoint import from_pretrained, save_pretrained
+from .experts import RaggedExperts, find_experts, fingerprint
+from .plan import PruningPlan, make_plan
+from .prune import masked, prune, weight_bytes
+from .scores import Scores
+from .scoring import METHODS, score
+
+__all__ = [
+    "METHODS", "PruningPlan", "RaggedExperts", "Scores", "find_experts", "fingerprint", "from_pretrained",
+    "make_plan", "masked", "prune", "save_pretrained", "score", "weight_bytes",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""Checkpoints of pruned models: safetensors only, written atomically.
+
+A model whose routed widths the stock config can describe (uniform plan, family whose width field is the routed
+width only) is written with `save_pretrained` and loads with stock `AutoModelForCausalLM.from_pretrained`.
+Anything else (ragged widths, or DeepSeek/GLM-4-MoE/ERNIE whose shared experts are sized from the routed width
+field) records its widths in `config.fmoe_expert_widths` and its fused state dict in `model.safetensors`;
+`fmoe.from_pretrained` builds the stock model, cuts it to those widths and loads the weights (no remote code).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .compat import is_stock_loadable
+from .io import atomic_directory
+from .prune import WIDTHS_FIELD, apply_widths
+
+FORMAT_FIELD = "fmoe_format"  # "stock" | "fused"
+_WEIGHTS = "model.safetensors"
+
+
+def save_pretrained(model: PreTrainedModel, directory: str | Path, tokenizer=None) -> Path:
+    """Write `model` (and optionally its tokenizer) to `directory`, replacing it only once complete."""
+    directory = Path(directory)
+    stock = is_stock_loadable(model)
+    with atomic_directory(directory) as tmp:
+        setattr(model.config, FORMAT_FIELD, "stock" if stock else "fused")
+        if stock:
+            model.save_pretrained(tmp)
+        else:
+            model.config.save_pretrained(tmp)
+            save_model(model, str(tmp / _WEIGHTS), metadata={"format": "pt", FORMAT_FIELD: "fused"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if any(tmp.glob("*.bin")) or any(tmp.glob("*.pt")):
+            raise RuntimeError("refusing to write pickle weights")
+    return directory
+
+
+def from_pretrained(directory: str | Path, dtype: torch.dtype | str = "auto", **kwargs) -> PreTrainedModel:
+    """Load any fmoe checkpoint (stock or fused layout) or any stock HF MoE checkpoint."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: not a model directory")
+    info = json.loads((directory / "config.json").read_text())
+    if info.get(FORMAT_FIELD) != "fused":
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    config = AutoConfig.from_pretrained(directory)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    widths = info[WIDTHS_FIELD]
+    apply_widths(model, {name: [torch.arange(w) for w in ws] for name, ws in widths.items()})
+    missing, unexpected = load_model(model, str(directory / _WEIGHTS), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{directory / _WEIGHTS} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.eval()

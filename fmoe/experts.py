@@ -1,0 +1,177 @@
+"""Routed-experts discovery and the one experts forward fmoe owns (hookable, works for fused and ragged experts).
+
+transformers v5 stores routed experts as fused 3D parameters and describes their layout with instance flags set by
+`@use_experts_implementation`: `is_transposed`, `is_concatenated` (False = gate/up interleaved), `has_bias`,
+`has_gate`. Everything here is driven by those flags; no per-model forward code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+# hook(expert_index, token_index[S], slot_index[S], h[S, I], routing_weight[S]) -> h'[S, I]
+IntermediateHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_UP_NAMES = ("gate_up_proj", "up_proj")
+
+
+def is_routed_experts(module: nn.Module) -> bool:
+    """True for a fused transformers experts module (layout flags + 3D `down_proj`) or one of ours."""
+    if isinstance(module, RaggedExperts):
+        return True
+    down = getattr(module, "down_proj", None)
+    return hasattr(module, "has_gate") and isinstance(down, nn.Parameter) and down.dim() == 3
+
+
+def find_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """{name in model.named_modules(): routed experts module}; shared experts, routers and MLPs are not included."""
+    found = {name: m for name, m in model.named_modules() if is_routed_experts(m)}
+    if not found:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(
+            f"no routed experts found in model type {model_type!r}: fmoe needs transformers v5 fused experts "
+            "(modules decorated with @use_experts_implementation, 3D gate_up_proj/down_proj)"
+        )
+    return found
+
+
+def up_name(module: nn.Module) -> str:
+    return "gate_up_proj" if module.has_gate else "up_proj"
+
+
+def num_experts(module: nn.Module) -> int:
+    return len(module.down_proj) if isinstance(module, RaggedExperts) else module.down_proj.shape[0]
+
+
+def expert_widths(module: nn.Module) -> list[int]:
+    """Intermediate width of every expert in the module."""
+    if isinstance(module, RaggedExperts):
+        return list(module.widths)
+    width = module.down_proj.shape[1] if module.is_transposed else module.down_proj.shape[2]
+    return [width] * num_experts(module)
+
+
+def up_rows(keep: torch.Tensor, width: int, module: nn.Module) -> torch.Tensor:
+    """Indices along the up projection's output axis that belong to intermediate dims `keep` (ascending)."""
+    if not module.has_gate:
+        return keep
+    if module.is_concatenated:  # [gate_0..gate_I, up_0..up_I]
+        return torch.cat([keep, keep + width])
+    return torch.stack([2 * keep, 2 * keep + 1], dim=1).reshape(-1)  # [g0, u0, g1, u1, ...]
+
+
+def slice_expert(module: nn.Module, e: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The parameters of expert `e` restricted to intermediate dims `keep`, as 2D/1D tensors (same layout)."""
+    width = expert_widths(module)[e]
+    rows = up_rows(keep, width, module)
+    up_axis, down_axis = (1, 0) if module.is_transposed else (0, 1)
+    name = up_name(module)
+    out = {
+        name: getattr(module, name)[e].index_select(up_axis, rows),
+        "down_proj": module.down_proj[e].index_select(down_axis, keep),
+    }
+    if module.has_bias:
+        out[f"{name}_bias"] = getattr(module, f"{name}_bias")[e].index_select(0, rows)
+        out["down_proj_bias"] = module.down_proj_bias[e].clone()  # own storage, not a view of the fused tensor
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def experts_forward(
+    module: nn.Module,
+    hidden_states: torch.Tensor,  # [T, H] (batch and sequence flattened, row-major)
+    top_k_index: torch.Tensor,  # [T, K]
+    top_k_weights: torch.Tensor,  # [T, K]
+    hook: IntermediateHook | None = None,
+) -> torch.Tensor:
+    """Routed experts output [T, H], looping over the experts hit; `hook` sees each expert's intermediate h."""
+    n_tokens, k = top_k_index.shape
+    n_exp = num_experts(module)
+    flat = top_k_index.reshape(-1)  # [T*K]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_exp)[:n_exp].tolist()  # ids >= E (expert parallel sentinels) skipped
+    token_of, slot_of = order // k, order % k
+    out = torch.zeros_like(hidden_states)
+    name = up_name(module)
+    up_w, down_w = getattr(module, name), module.down_proj
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        tokens, slots = token_of[start : start + count], slot_of[start : start + count]
+        start += count
+        x = hidden_states[tokens]  # [S, H]
+        y = x @ up_w[e] if module.is_transposed else x @ up_w[e].t()  # [S, 2I] or [S, I]
+        if module.has_bias:
+            y = y + getattr(module, f"{name}_bias")[e]
+        h = module._apply_gate(y) if module.has_gate else module.act_fn(y)  # [S, I]
+        weights = top_k_weights[tokens, slots]  # [S]
+        if hook is not None:
+            h = hook(e, tokens, slots, h, weights)
+        o = h @ down_w[e] if module.is_transposed else h @ down_w[e].t()  # [S, H]
+        if module.has_bias:
+            o = o + module.down_proj_bias[e]
+        if getattr(module, "has_post_expert_norm", False):
+            o = module.post_expert_norm(o)
+        out.index_add_(0, tokens, (o * weights.unsqueeze(-1)).to(out.dtype))
+    return out
+
+
+class RaggedExperts(nn.Module):
+    """Routed experts whose experts have different intermediate widths; memory proportional to kept dims.
+
+    Parameters keep the stock names and per-expert layout (`gate_up_proj.{e}` is expert e's 2D slice of the fused
+    tensor), and the stock class's gate function is reused, so any flag combination behaves exactly like the
+    module it was cut from. Trains and runs inference (autograd through plain matmuls).
+    """
+
+    def __init__(self, stock: nn.Module, keep: list[torch.Tensor]):
+        super().__init__()
+        if not is_routed_experts(stock) or isinstance(stock, RaggedExperts):
+            raise TypeError(f"RaggedExperts is cut from a fused transformers experts module, got {type(stock).__name__}")
+        # Flags, scalars (gpt-oss alpha/limit, sizes) and the config; the gate function of the stock class.
+        for key, value in vars(stock).items():
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str)):
+                setattr(self, key, value)
+        self.config = getattr(stock, "config", None)
+        self.has_post_expert_norm = getattr(stock, "has_post_expert_norm", False)
+        if hasattr(stock, "act_fn"):
+            self.act_fn = stock.act_fn
+        if self.has_post_expert_norm:
+            self.post_expert_norm = stock.post_expert_norm
+        self._gate_fn = type(stock)._apply_gate if self.has_gate else None
+        self.stock_class = type(stock).__name__
+        self.widths = [int(k.numel()) for k in keep]
+        self.num_experts = len(keep)
+        slices = [slice_expert(stock, e, k) for e, k in enumerate(keep)]
+        requires_grad = stock.down_proj.requires_grad
+        for key in slices[0]:
+            params = [nn.Parameter(s[key], requires_grad=requires_grad) for s in slices]
+            setattr(self, key, nn.ParameterList(params))
+
+    def _apply_gate(self, y: torch.Tensor) -> torch.Tensor:
+        return self._gate_fn(self, y)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return experts_forward(self, hidden_states, top_k_index, top_k_weights, getattr(self, "_fmoe_hook", None))
+
+    def extra_repr(self) -> str:
+        return f"{self.stock_class}, widths={self.widths}"
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Identity of a model's routed experts: names, shapes and a bf16 sample of each module's weights.
+
+    Cheap (no full-weight hash) and stable across fp32/bf16 casts; it changes when experts are pruned.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(str(getattr(getattr(model, "config", None), "model_type", "")).encode())
+    for name, module in find_experts(model).items():
+        digest.update(f"{name}:{expert_widths(module)}".encode())
+        for e in (0, num_experts(module) - 1):
+            w = module.down_proj[e].detach().reshape(-1)[:64].to("cpu", torch.bfloat16).float()
+            digest.update(w.numpy().tobytes())
+    return digest.hexdigest()[:16]

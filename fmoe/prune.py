@@ -1,0 +1,109 @@
+"""Physical removal of intermediate dims (and its reference: the same dims masked to zero)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .compat import ensure_aligned_implementation, experts_hooks, width_field
+from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, slice_expert, up_name
+from .plan import PruningPlan
+
+WIDTHS_FIELD = "fmoe_expert_widths"  # config field: {module name: [width per expert]} of a pruned model
+
+
+def check_plan(model: nn.Module, plan: PruningPlan) -> dict[str, nn.Module]:
+    """The model's experts modules, after checking the plan was made for exactly this model."""
+    modules = find_experts(model)
+    widths = {name: expert_widths(m) for name, m in modules.items()}
+    if plan.widths != widths:
+        raise ValueError(
+            "plan does not fit this model: it was made for experts "
+            f"{_summary(plan.widths)}, the model has {_summary(widths)}"
+        )
+    fp = fingerprint(model)
+    if plan.fingerprint != fp:
+        raise ValueError(f"plan was made from scores of another model (fingerprint {plan.fingerprint} != {fp})")
+    for name, keeps in plan.keep.items():
+        for e, keep in enumerate(keeps):
+            if keep.numel() == 0 or keep.min() < 0 or keep.max() >= widths[name][e] or not bool((keep.diff() > 0).all()):
+                raise ValueError(f"plan keeps invalid dims for {name} expert {e}: need ascending, unique, in range")
+    return modules
+
+
+def _summary(widths: dict[str, list[int]]) -> str:
+    return f"{len(widths)} modules, e.g. {next(iter(widths.items()), None)}"
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def slice_uniform(module: nn.Module, keep: list[torch.Tensor]) -> None:
+    """Slice a fused experts module in place to the same number of dims in every expert (stock class kept)."""
+    slices = [slice_expert(module, e, k) for e, k in enumerate(keep)]
+    for key in slices[0]:
+        old = getattr(module, key)
+        data = torch.stack([s[key] for s in slices])
+        setattr(module, key, nn.Parameter(data, requires_grad=old.requires_grad))
+    width = int(keep[0].numel())
+    for attr in ("intermediate_dim", "intermediate_size"):
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, width)
+
+
+def apply_widths(model: nn.Module, keep: dict[str, list[torch.Tensor]]) -> nn.Module:
+    """Cut every listed experts module to `keep`; uniform modules stay stock, others become RaggedExperts."""
+    modules = find_experts(model)
+    for name, keeps in keep.items():
+        if len({int(k.numel()) for k in keeps}) == 1:
+            slice_uniform(modules[name], keeps)
+        else:
+            _replace(model, name, RaggedExperts(modules[name], keeps))
+    widths = {name: expert_widths(m) for name, m in find_experts(model).items()}
+    setattr(model.config, WIDTHS_FIELD, widths)
+    uniform = {w for ws in widths.values() for w in ws}
+    field = width_field(model.config.model_type)
+    if field is not None and len(uniform) == 1 and not any(isinstance(m, RaggedExperts) for m in find_experts(model).values()):
+        setattr(model.config, field, uniform.pop())  # a stock loader now builds this exact shape
+    ensure_aligned_implementation(model)
+    return model
+
+
+@torch.no_grad()
+def prune(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """Physically remove the dims `plan` drops (in place); returns the model."""
+    check_plan(model, plan)
+    return apply_widths(model, plan.keep)
+
+
+@contextmanager
+def masked(model: nn.Module, keep: PruningPlan | dict[str, list[torch.Tensor]]) -> Iterator[nn.Module]:
+    """Run `model` with every dim outside `keep` zeroed in the intermediate activation (no weight changes)."""
+    if isinstance(keep, PruningPlan):
+        check_plan(model, keep)
+        keep = keep.keep
+    modules = find_experts(model)
+    masks = {}
+    for name, keeps in keep.items():
+        width = expert_widths(modules[name])[0]
+        m = torch.zeros(len(keeps), width, device=modules[name].down_proj.device)
+        for e, k in enumerate(keeps):
+            m[e, k] = 1.0
+        masks[name] = m
+
+    def hook_for(mask):
+        return lambda e, tokens, slots, h, weights: h * mask[e].to(h.dtype)
+
+    with experts_hooks(model, {name: hook_for(m) for name, m in masks.items()}):
+        yield model
+
+
+def weight_bytes(model: nn.Module, routed_only: bool = False) -> int:
+    """Bytes of parameters (all, or routed experts only)."""
+    params = (p for m in find_experts(model).values() for p in m.parameters()) if routed_only else model.parameters()
+    return sum(p.numel() * p.element_size() for p in params)

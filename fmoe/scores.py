@@ -1,0 +1,45 @@
+"""Scores: one importance value per intermediate dim of every routed expert, with where they came from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .io import atomic_directory
+
+_TENSORS, _META = "scores.safetensors", "scores.json"
+
+
+@dataclass
+class Scores:
+    """tensors[name] = Tensor[E, I] (float32), name as in model.named_modules(); higher = more important."""
+
+    tensors: dict[str, torch.Tensor]
+    method: str
+    fingerprint: str
+    samples: int = 0
+    tokens: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> None:
+        with atomic_directory(directory) as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / _TENSORS))
+            info = dict(format="fmoe.Scores/1", method=self.method, fingerprint=self.fingerprint,
+                        samples=self.samples, tokens=self.tokens, meta=self.meta)
+            (tmp / _META).write_text(json.dumps(info, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Scores:
+        directory = Path(directory)
+        if not (directory / _META).is_file() or not (directory / _TENSORS).is_file():
+            raise FileNotFoundError(f"{directory} holds no fmoe scores ({_META} + {_TENSORS})")
+        info = json.loads((directory / _META).read_text())
+        if info.get("format") != "fmoe.Scores/1":
+            raise ValueError(f"{directory / _META} is not an fmoe scores file (format={info.get('format')!r})")
+        return cls(tensors=load_file(str(directory / _TENSORS)), method=info["method"],
+                   fingerprint=info["fingerprint"], samples=info["samples"], tokens=info["tokens"],
+                   meta=info.get("meta", {}))

@@ -1,0 +1,293 @@
+"""Importance of every intermediate dim of every routed expert, from one calibration pass.
+
+Methods (higher = keep):
+- fisher:     F[e, j] = sum_n (dL_n/dm[e, j])^2, m a mask on h = act(gate) * up, L_n the mean next-token NLL of
+              sequence n. dL_n/dm_j = sum_{t in n} h_tj * g_tj (g = dL/dh) is taken from activation x
+              activation-gradient products in one batched backward, with every weight frozen (no weight grads).
+- grad_abs:   the criterion of the Less-is-MoE release: mean over samples of mean |dL_n/dW| over the dim's
+              gate row, up row and down column (weight gradients of the experts, one sequence at a time).
+- activation: mean |h_j| over the tokens routed to the expert.
+- router:     sum over routed tokens of routing weight x |h_j|.
+- magnitude:  ||gate_j|| * ||up_j|| * ||down_j|| from the weights alone (no data).
+- random:     seeded uniform noise (a baseline).
+All accumulate in float32 whatever the model dtype; padding tokens never contribute.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .compat import experts_hooks
+from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, num_experts, up_name
+from .scores import Scores
+
+
+@dataclass
+class Batch:
+    """A causal-LM batch made explicit: padding mask, labels (-100 = unsupervised) and position ids."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T] (1 = token, 0 = padding; left or right)
+    labels: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T], counted over real tokens so padding does not shift positions
+
+
+def prepare_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> Batch:
+    if "input_ids" not in batch:
+        raise KeyError(f"a calibration batch needs 'input_ids'; got keys {sorted(batch)}")
+    input_ids = torch.as_tensor(batch["input_ids"])
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be an integer [batch, seq] tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask).reshape(input_ids.shape)
+    labels = batch.get("labels")
+    labels = input_ids.masked_fill(mask == 0, -100) if labels is None else torch.as_tensor(labels).reshape(input_ids.shape)
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return Batch(*(t.to(device) for t in (input_ids, mask.long(), labels.long(), position_ids)))
+
+
+def sequence_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_n [B], supervised token count [B]): L_n is what the HF model returns as `.loss` for sequence n alone."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False).logits
+    # A target counts only if the position predicting it is a real token (left padding must not predict the first token).
+    targets = batch.labels[:, 1:].masked_fill(batch.attention_mask[:, :-1] == 0, -100)  # [B, T-1]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    counts = (targets != -100).sum(1)
+    return nll.sum(1) / counts.clamp(min=1), counts
+
+
+def _check_scorable(modules: dict[str, nn.Module]) -> None:
+    ragged = [name for name, m in modules.items() if isinstance(m, RaggedExperts)]
+    if ragged:
+        raise ValueError(f"cannot score ragged (non-uniformly pruned) experts {ragged[:3]}: score before pruning")
+
+
+def _zeros(modules: dict[str, nn.Module], device) -> dict[str, torch.Tensor]:
+    return {n: torch.zeros(num_experts(m), expert_widths(m)[0], device=device) for n, m in modules.items()}
+
+
+class _Context:
+    """Per-batch facts the hooks need: which sequence each flattened token belongs to, and which are real."""
+
+    def set(self, batch: Batch) -> None:
+        b, t = batch.input_ids.shape
+        self.batch_size = b
+        self.sample_of_token = torch.arange(b, device=batch.input_ids.device).repeat_interleave(t)  # [B*T]
+        self.valid = batch.attention_mask.reshape(-1).bool()  # [B*T]
+
+
+class Fisher:
+    needs_grad = True
+
+    def __init__(self, modules, device):
+        self.sums = _zeros(modules, device)
+        self.masks = {n: torch.ones_like(t, requires_grad=True) for n, t in self.sums.items()}
+
+    def hook(self, name: str, ctx: _Context):
+        sums, mask = self.sums[name], self.masks[name]
+
+        def on_intermediate(e, tokens, slots, h, weights):
+            h_masked = h * mask[e].to(h.dtype)  # m = 1: same values, and a graph that reaches h
+            saved, samples, valid = h.detach(), ctx.sample_of_token[tokens], ctx.valid[tokens]
+
+            def on_grad(g):  # g = dL/dh for this expert's tokens [S, I]
+                prod = torch.where(valid[:, None], saved.float() * g.float(), 0.0)
+                if not torch.isfinite(prod).all():
+                    raise FloatingPointError(f"non-finite gradient in {name} expert {e}: Fisher scores would be poisoned")
+                per_sample = torch.zeros(ctx.batch_size, prod.shape[1], device=prod.device)
+                per_sample.index_add_(0, samples, prod)  # dL_n/dm_j  [B, I]
+                sums[e] += per_sample.square().sum(0)
+
+            h_masked.register_hook(on_grad)
+            return h_masked
+
+        return on_intermediate
+
+    def after_backward(self):
+        for m in self.masks.values():
+            m.grad = None
+
+    def result(self):
+        return self.sums
+
+
+class Activation:
+    needs_grad = False
+
+    def __init__(self, modules, device, weighted=False):
+        self.sums = _zeros(modules, device)
+        self.counts = {n: torch.zeros(t.shape[0], 1, device=device) for n, t in self.sums.items()}
+        self.weighted = weighted
+
+    def hook(self, name, ctx):
+        def on_intermediate(e, tokens, slots, h, weights):
+            valid = ctx.valid[tokens][:, None]
+            a = h.detach().float().abs()
+            if self.weighted:
+                a = a * weights.detach().float()[:, None]
+            self.sums[name][e] += torch.where(valid, a, 0.0).sum(0)
+            self.counts[name][e] += valid.sum()
+            return h
+
+        return on_intermediate
+
+    def after_backward(self):
+        pass
+
+    def result(self):
+        if self.weighted:
+            return self.sums
+        return {n: s / self.counts[n].clamp(min=1) for n, s in self.sums.items()}
+
+
+def _gate_up_index(width: int, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    j = torch.arange(width)
+    if not module.has_gate:
+        return j, None
+    return (j, j + width) if module.is_concatenated else (2 * j, 2 * j + 1)
+
+
+def _per_dim(module: nn.Module, up: torch.Tensor, down: torch.Tensor, reduce) -> torch.Tensor:
+    """Reduce a weight-shaped pair (up [E,2I,H]-like, down [E,H,I]-like) to [E, I, parts] along H."""
+    width = expert_widths(module)[0]
+    up_h = reduce(up, 1 if module.is_transposed else 2)  # [E, 2I] or [E, I]
+    down_h = reduce(down, 2 if module.is_transposed else 1)  # [E, I]
+    gate_idx, up_idx = _gate_up_index(width, module)
+    parts = [up_h[:, gate_idx]] + ([up_h[:, up_idx]] if up_idx is not None else []) + [down_h]
+    return torch.stack(parts, dim=-1)
+
+
+def _magnitude(modules) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in modules.items():
+        norms = _per_dim(m, getattr(m, up_name(m)).detach().float(), m.down_proj.detach().float(),
+                         lambda w, dim: w.norm(dim=dim))
+        out[name] = norms.prod(-1)
+    return out
+
+
+def _random(modules, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(num_experts(m), expert_widths(m)[0], generator=gen) for n, m in sorted(modules.items())}
+
+
+def _grad_abs(model, modules, batches, progress) -> tuple[dict, int, int]:
+    sums = {n: None for n in modules}
+    params = [getattr(m, p) for m in modules.values() for p in (up_name(m), "down_proj")]
+    for p in params:
+        p.requires_grad_(True)
+    samples = tokens = 0
+    device = next(model.parameters()).device
+    for raw in tqdm(batches, disable=not progress, desc="grad_abs"):
+        batch = prepare_batch(raw, device)
+        for n in range(batch.input_ids.shape[0]):
+            keep = batch.attention_mask[n].bool()  # drop padding: the sequence alone, as the release scores it
+            single = prepare_batch({"input_ids": batch.input_ids[n][keep], "labels": batch.labels[n][keep]}, device)
+            loss, count = sequence_losses(model, single)
+            if count.item() == 0:
+                continue
+            _check_finite(loss, "grad_abs")
+            grads = torch.autograd.grad(loss.sum(), params)
+            for i, (name, m) in enumerate(modules.items()):
+                hidden = grads[2 * i + 1].shape[2 if m.is_transposed else 1]  # down: [E, H, I] or [E, I, H]
+                per_dim = _per_dim(m, grads[2 * i].abs().float(), grads[2 * i + 1].abs().float(),
+                                   lambda w, dim: w.sum(dim=dim))
+                score = per_dim.sum(-1) / (per_dim.shape[-1] * hidden)  # mean |grad| over the dim's slices
+                sums[name] = score if sums[name] is None else sums[name] + score
+            samples += 1
+            tokens += int(count.item())
+    if samples == 0:
+        raise ValueError("no calibration sample with a supervised token: nothing to score")
+    return {n: s / samples for n, s in sums.items()}, samples, tokens
+
+
+def _check_finite(loss: torch.Tensor, method: str) -> None:
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(f"non-finite calibration loss while scoring with {method!r}: scores would be poisoned")
+
+
+DATA_METHODS = {"fisher": Fisher, "activation": Activation, "router": lambda m, d: Activation(m, d, weighted=True)}
+METHODS = ("fisher", "grad_abs", "activation", "router", "magnitude", "random")
+
+
+def score(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    method: str = "fisher",
+    *,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> Scores:
+    """Score every intermediate dim of every routed expert of `model` (see the module docstring for methods).
+
+    `batches` yields dicts with `input_ids` [B, T] and optionally `attention_mask` and `labels` (-100 ignored;
+    default: the non-padding tokens). Model weights are left untouched and their requires_grad restored.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown scoring method {method!r}; valid: {', '.join(METHODS)}")
+    modules = find_experts(model)
+    _check_scorable(modules)
+    meta = {"model_type": getattr(model.config, "model_type", None)}
+    fp = fingerprint(model)
+    if method == "magnitude":
+        return Scores(_magnitude(modules), method, fp, meta=meta)
+    if method == "random":
+        return Scores(_random(modules, seed), method, fp, meta={**meta, "seed": seed})
+    if batches is None:
+        raise ValueError(f"method {method!r} needs calibration batches")
+    progress = sys.stderr.isatty() if progress is None else progress
+    device = next(model.parameters()).device
+    was_training = model.training
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    model.eval()  # no dropout or router jitter while measuring
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        if method == "grad_abs":
+            tensors, samples, tokens = _grad_abs(model, modules, batches, progress)
+        else:
+            tensors, samples, tokens = _score_with_hooks(model, modules, batches, method, device, progress)
+    finally:
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return Scores({n: t.float().cpu() for n, t in tensors.items()}, method, fp, samples, tokens, meta)
+
+
+def _score_with_hooks(model, modules, batches, method, device, progress):
+    acc = DATA_METHODS[method](modules, device)
+    ctx = _Context()
+    samples = tokens = 0
+    with experts_hooks(model, {name: acc.hook(name, ctx) for name in modules}):
+        for raw in tqdm(batches, disable=not progress, desc=f"scoring ({method})"):
+            batch = prepare_batch(raw, device)
+            ctx.set(batch)
+            if acc.needs_grad:
+                losses, counts = sequence_losses(model, batch)
+                losses = losses[counts > 0]
+                if losses.numel() == 0:
+                    continue
+                _check_finite(losses, method)
+                losses.sum().backward()  # one backward; per-sample terms separated in the hooks
+                acc.after_backward()
+                samples += losses.numel()
+                tokens += int(counts.sum())
+            else:
+                with torch.no_grad():
+                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids, use_cache=False)
+                samples += batch.input_ids.shape[0]
+                tokens += int(batch.attention_mask.sum())
+    if samples == 0:
+        raise ValueError("no calibration sample with a supervised token: nothing to score")
+    return acc.result(), samples, tokens

@@ -1,0 +1,45 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*RoPE scaling factor.*")
+
+from fmoe.tiny import tiny_model  # noqa: E402
+
+
+def make_batches(n_batches=2, batch_size=3, seq_len=12, vocab=128, seed=0, pad="mixed"):
+    """Random token batches with sequences of different lengths, padded left/right."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(3, vocab, (batch_size, seq_len), generator=gen)
+        mask = torch.ones_like(ids)
+        for i in range(batch_size):
+            length = int(torch.randint(seq_len // 2, seq_len + 1, (1,), generator=gen))
+            left = pad == "left" or (pad == "mixed" and i % 2 == 1)
+            if left:
+                mask[i, : seq_len - length] = 0
+            else:
+                mask[i, length:] = 0
+        out.append({"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask})
+    return out
+
+
+def unpadded(batches):
+    """Every sequence of `batches` alone, without padding (a list of [1, L] batches)."""
+    return [{"input_ids": b["input_ids"][i][b["attention_mask"][i].bool()].unsqueeze(0)}
+            for b in batches for i in range(b["input_ids"].shape[0])]
+
+
+@pytest.fixture
+def batches():
+    return make_batches()
+
+
+@pytest.fixture(params=["qwen2_moe", "gpt_oss"])
+def model(request):
+    return tiny_model(request.param)

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import fmoe
+from fmoe.compat import width_field
+from fmoe.tiny import FAMILIES, tiny_model
+from tests.conftest import make_batches
+
+
+def pruned(family, scope):
+    model = tiny_model(family)
+    plan = fmoe.make_plan(fmoe.score(model, make_batches(n_batches=2)), 0.5, scope, multiple_of=16 if scope == "expert" else 1)
+    return fmoe.prune(model, plan)
+
+
+def run(model, ids):
+    return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uniform_export_loads_with_stock_transformers(family, tmp_path):
+    model = pruned(family, "expert")
+    ids = torch.randint(3, 128, (2, 10))
+    fmoe.save_pretrained(model, tmp_path / "m")
+    assert not list((tmp_path / "m").glob("*.bin"))
+    loaded = fmoe.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(run(loaded, ids), run(model, ids), rtol=0, atol=0)
+    if width_field(family) is not None:
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+        torch.testing.assert_close(run(stock, ids), run(model, ids), rtol=1e-5, atol=1e-6)
+        assert getattr(stock.config, width_field(family)) == 16
+    else:  # shared experts are sized from the routed width field: only fmoe's loader describes this model
+        config = json.loads((tmp_path / "m" / "config.json").read_text())
+        assert config["fmoe_format"] == "fused" and config["moe_intermediate_size"] == 32
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ragged_export_roundtrips_bit_exactly(family, tmp_path):
+    model = pruned(family, "layer")
+    assert any(isinstance(m, fmoe.RaggedExperts) for m in fmoe.find_experts(model).values())
+    fmoe.save_pretrained(model, tmp_path / "m")
+    loaded = fmoe.from_pretrained(tmp_path / "m")
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    ids = torch.randint(3, 128, (2, 10))
+    assert torch.equal(run(loaded, ids), run(model, ids))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["fmoe_expert_widths"] == {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()}
+
+
+def test_failed_save_leaves_previous_checkpoint_and_no_temp_dir(tmp_path):
+    model = pruned("olmoe", "layer")
+    fmoe.save_pretrained(model, tmp_path / "m")
+    before = sorted(p.name for p in (tmp_path / "m").iterdir())
+
+    class Broken:
+        def save_pretrained(self, directory):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        fmoe.save_pretrained(model, tmp_path / "m", tokenizer=Broken())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == before
+    with pytest.raises(ValueError, match="missing|unexpected"):
+        (tmp_path / "x").mkdir()
+        fmoe.save_pretrained(pruned("olmoe", "expert"), tmp_path / "x")
+        cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+        (tmp_path / "m" / "model.safetensors").replace(tmp_path / "m" / "keep.safetensors")
+        (tmp_path / "x" / "model.safetensors").replace(tmp_path / "m" / "model.safetensors")
+        assert cfg["fmoe_format"] == "fused"
+        fmoe.from_pretrained(tmp_path / "m")
+
+
+def test_loading_a_non_model_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        fmoe.from_pretrained(tmp_path)

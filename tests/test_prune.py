@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+import fmoe
+from fmoe.tiny import FAMILIES, tiny_model
+from tests.conftest import make_batches
+
+
+def logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scope,multiple_of", [("expert", 16), ("layer", 4)])
+def test_pruned_equals_masked(family, scope, multiple_of):
+    model = tiny_model(family)
+    batches = make_batches(n_batches=1, batch_size=2, pad="right")
+    plan = fmoe.make_plan(fmoe.score(model, batches), 0.5, scope, multiple_of=multiple_of)
+    probe = make_batches(n_batches=1, batch_size=2, seed=1, pad="right")[0]
+    dense = logits(model, probe)
+    with fmoe.masked(model, plan):
+        expected = logits(model, probe)
+    before = fmoe.weight_bytes(model, routed_only=True)
+    fmoe.prune(model, plan)
+    got = logits(model, probe)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(dense, expected)  # the plan really removed something that matters
+    after = fmoe.weight_bytes(model, routed_only=True)
+    kept = sum(sum(ws) for ws in plan.kept_widths().values()) / sum(sum(ws) for ws in plan.widths.values())
+    assert after <= before * kept + 4 * 64 * 4 * 2 * 2  # proportional to kept dims (+ per-expert biases)
+    modules = fmoe.find_experts(model)
+    widths = plan.kept_widths()
+    assert all(isinstance(m, fmoe.RaggedExperts) == (len(set(widths[n])) > 1) for n, m in modules.items())
+
+
+def test_ragged_experts_train():
+    model = tiny_model("qwen3_moe")
+    batches = make_batches(n_batches=1)
+    fmoe.prune(model, fmoe.make_plan(fmoe.score(model, batches), 0.5, "layer", multiple_of=4))
+    assert any(isinstance(m, fmoe.RaggedExperts) for m in fmoe.find_experts(model).values())
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    batch = {"input_ids": batches[0]["input_ids"], "labels": batches[0]["input_ids"].masked_fill(
+        batches[0]["attention_mask"] == 0, -100), "attention_mask": batches[0]["attention_mask"]}
+    first = model(**batch).loss
+    first.backward()
+    ragged = next(m for m in fmoe.find_experts(model).values() if isinstance(m, fmoe.RaggedExperts))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ragged.parameters())
+    for _ in range(5):
+        opt.step(); opt.zero_grad()
+        model(**batch).loss.backward()
+    assert model(**batch).loss < first
+
+
+def test_plan_from_another_model_is_refused():
+    a, b = tiny_model("mixtral", seed=0), tiny_model("mixtral", seed=1)
+    plan = fmoe.make_plan(fmoe.score(a, method="magnitude"), 0.5, "expert")
+    with pytest.raises(ValueError, match="another model"):
+        fmoe.prune(b, plan)
+    other = tiny_model("olmoe")
+    with pytest.raises(ValueError, match="does not fit"):
+        fmoe.prune(other, fmoe.make_plan(fmoe.score(tiny_model("mixtral", num_hidden_layers=3), method="random"), 0.5))
+    fmoe.prune(a, plan)
+    with pytest.raises(ValueError, match="does not fit"):  # pruning twice with the same plan
+        fmoe.prune(a, plan)
+
+
+def test_unaligned_uniform_width_falls_back_from_grouped_mm():
+    model = tiny_model("qwen2_moe")
+    probe = make_batches(n_batches=1, pad="right")[0]
+    plan = fmoe.make_plan(fmoe.score(model, method="magnitude"), 0.6, "expert", multiple_of=1)
+    with fmoe.masked(model, plan):
+        expected = logits(model, probe)
+    with pytest.warns(UserWarning, match="batched_mm"):
+        fmoe.prune(model, plan)
+    assert plan.kept_widths()["model.layers.0.mlp.experts"][0] == 13
+    torch.testing.assert_close(logits(model, probe), expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,161 @@
+import math
+
+import pytest
+import torch
+
+import fmoe
+from fmoe.compat import experts_hooks
+from fmoe.tiny import FAMILIES, tiny_model
+from tests.conftest import make_batches, unpadded
+
+
+def slow_fisher(model, sequences):
+    """Reference: one sequence at a time, explicit mask leaves m = 1, HF's own `.loss`, autograd w.r.t. m."""
+    modules = fmoe.find_experts(model)
+    total = {n: torch.zeros(4, 32, dtype=torch.float64) for n in modules}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for seq in sequences:
+        masks = {n: torch.ones(4, 32, requires_grad=True) for n in modules}
+        hooks = {n: (lambda m: lambda e, t, s, h, w: h * m[e])(masks[n]) for n in modules}
+        with experts_hooks(model, hooks):
+            loss = model(input_ids=seq["input_ids"], labels=seq["input_ids"]).loss
+        grads = torch.autograd.grad(loss, list(masks.values()))
+        for n, g in zip(masks, grads):
+            total[n] += g.double() ** 2
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return total
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fisher_matches_per_sequence_reference_with_padding(family):
+    model = tiny_model(family)
+    batches = make_batches(n_batches=2, batch_size=3, pad="mixed")
+    scores = fmoe.score(model, batches, method="fisher")
+    ref = slow_fisher(model, unpadded(batches))
+    assert scores.samples == 6 and scores.tokens == sum(int(b["attention_mask"].sum()) - 3 for b in batches)
+    for name, expected in ref.items():
+        assert expected.sum() > 0
+        torch.testing.assert_close(scores.tensors[name].double(), expected, rtol=2e-3, atol=1e-9)
+
+
+def test_fisher_is_additive_over_batches_and_computes_no_weight_grads(model):
+    batches = make_batches(n_batches=2)
+    both = fmoe.score(model, batches)
+    first, second = fmoe.score(model, batches[:1]), fmoe.score(model, batches[1:])
+    for name, t in both.tensors.items():
+        torch.testing.assert_close(t, first.tensors[name] + second.tensors[name], rtol=1e-5, atol=1e-10)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_fisher_does_not_depend_on_padding_side_or_batching(model):
+    left = fmoe.score(model, make_batches(n_batches=1, batch_size=4, pad="left"))
+    right = fmoe.score(model, make_batches(n_batches=1, batch_size=4, pad="right"))
+    alone = fmoe.score(model, unpadded(make_batches(n_batches=1, batch_size=4, pad="left")))
+    alone_right = fmoe.score(model, unpadded(make_batches(n_batches=1, batch_size=4, pad="right")))
+    for name in left.tensors:
+        torch.testing.assert_close(left.tensors[name], alone.tensors[name], rtol=2e-3, atol=1e-9)
+        torch.testing.assert_close(right.tensors[name], alone_right.tensors[name], rtol=2e-3, atol=1e-9)
+
+
+def test_bf16_model_scores_accumulate_in_float32():
+    model = tiny_model("qwen3_moe", dtype=torch.bfloat16)
+    scores = fmoe.score(model, make_batches(n_batches=1))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() and t.sum() > 0 for t in scores.tensors.values())
+
+
+def test_non_finite_gradient_stops_scoring():
+    model = tiny_model("mixtral")
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        fmoe.score(model, make_batches(n_batches=1))
+
+
+def slow_grad_abs(model, sequences):
+    modules = fmoe.find_experts(model)
+    total = {n: torch.zeros(4, 32, dtype=torch.float64) for n in modules}
+    for seq in sequences:
+        model.zero_grad()
+        model(input_ids=seq["input_ids"], labels=seq["input_ids"]).loss.backward()
+        for n, m in modules.items():
+            gu = m.gate_up_proj.grad.abs().double()
+            down = m.down_proj.grad.abs().double()
+            if m.is_transposed:  # gpt-oss: [E, H, 2I] interleaved, down [E, I, H]
+                gate, up, d = gu[:, :, 0::2].sum(1), gu[:, :, 1::2].sum(1), down.sum(2)
+                hidden = gu.shape[1]
+            else:  # [E, 2I, H] concatenated, down [E, H, I]
+                gate, up, d = gu[:, :32].sum(2), gu[:, 32:].sum(2), down.sum(1)
+                hidden = gu.shape[2]
+            total[n] += (gate + up + d) / (3 * hidden)
+    model.zero_grad(set_to_none=True)
+    return {n: t / len(sequences) for n, t in total.items()}
+
+
+def test_grad_abs_matches_per_sequence_weight_gradients(model):
+    batches = make_batches(n_batches=1, batch_size=3)
+    scores = fmoe.score(model, batches, method="grad_abs")
+    ref = slow_grad_abs(model, unpadded(batches))
+    for name, expected in ref.items():
+        torch.testing.assert_close(scores.tensors[name].double(), expected, rtol=1e-4, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_activation_and_router_ignore_padding(model):
+    padded = make_batches(n_batches=1, batch_size=4)
+    for method in ("activation", "router"):
+        a = fmoe.score(model, padded, method=method)
+        b = fmoe.score(model, unpadded(padded), method=method)
+        for name in a.tensors:
+            torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=1e-4, atol=1e-6)
+        assert a.tokens == int(padded[0]["attention_mask"].sum())
+
+
+def test_router_weighs_activation_by_routing_weight(model):
+    batches = make_batches(n_batches=1)
+    act = fmoe.score(model, batches, method="activation")
+    router = fmoe.score(model, batches, method="router")
+    for name in act.tensors:
+        # routing weights are in (0, 1]: router sum <= activation sum = mean * count, and both see the same dims
+        assert ((router.tensors[name] > 0) == (act.tensors[name] > 0)).all()
+
+
+def test_data_free_methods_are_deterministic():
+    model = tiny_model("olmoe")
+    r1, r2 = fmoe.score(model, method="random", seed=3), fmoe.score(model, method="random", seed=3)
+    r3 = fmoe.score(model, method="random", seed=4)
+    m1 = fmoe.score(model, method="magnitude")
+    for name in r1.tensors:
+        assert torch.equal(r1.tensors[name], r2.tensors[name]) and not torch.equal(r1.tensors[name], r3.tensors[name])
+        module = fmoe.find_experts(model)[name]
+        e, j = 1, 7
+        expected = (module.gate_up_proj[e, j].norm() * module.gate_up_proj[e, 32 + j].norm()
+                    * module.down_proj[e, :, j].norm())
+        assert math.isclose(m1.tensors[name][e, j].item(), expected.item(), rel_tol=1e-5)
+
+
+def test_scores_save_load_roundtrip(tmp_path, model):
+    scores = fmoe.score(model, make_batches(n_batches=1))
+    scores.save(tmp_path / "s")
+    loaded = fmoe.Scores.load(tmp_path / "s")
+    assert (loaded.method, loaded.fingerprint, loaded.samples, loaded.tokens) == (
+        scores.method, scores.fingerprint, scores.samples, scores.tokens)
+    assert all(torch.equal(loaded.tensors[n], t) for n, t in scores.tensors.items())
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temp leftovers
+
+
+def test_bad_inputs_are_clear_errors(model, tmp_path):
+    with pytest.raises(ValueError, match="valid: fisher"):
+        fmoe.score(model, [], method="taylor")
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        fmoe.score(model, None, method="fisher")
+    with pytest.raises(KeyError, match="input_ids"):
+        fmoe.score(model, [{"tokens": torch.ones(1, 4, dtype=torch.long)}])
+    with pytest.raises(ValueError, match="integer"):
+        fmoe.score(model, [{"input_ids": torch.ones(1, 4)}])
+    with pytest.raises(ValueError, match="nothing to score"):
+        fmoe.score(model, [])
+    with pytest.raises(FileNotFoundError, match="no fmoe scores"):
+        fmoe.Scores.load(tmp_path)
