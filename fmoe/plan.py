@@ -73,6 +73,7 @@ def make_plan(
     multiple_of: int = 16,
     min_width: int | None = None,
     normalize: str = "mean",
+    model=None,
 ) -> PruningPlan:
     """Remove the lowest-scored `ratio` of routed intermediate dims.
 
@@ -80,7 +81,8 @@ def make_plan(
     "layer": dims compete across the experts of a layer; "global": across all layers, after dividing each layer's
     scores by their mean when normalize="mean" (normalize="none" compares raw scores, meaningful for Fisher,
     which is in loss units). Widths are then rounded to a multiple of `multiple_of` (grouped_mm needs aligned
-    strides), never below `min_width` (default: multiple_of).
+    strides), never below `min_width` (default: multiple_of). With `model`, the plan is checked against it
+    (scores of another model are refused).
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
@@ -125,4 +127,9 @@ def make_plan(
     meta = dict(ratio=ratio, scope=scope, method=scores.method, multiple_of=multiple_of, min_width=min_width,
                 normalize=normalize)
     widths = {name: [t.shape[1]] * t.shape[0] for name, t in tensors.items()}
-    return PruningPlan(keep=keep, widths=widths, fingerprint=scores.fingerprint, meta=meta)
+    plan = PruningPlan(keep=keep, widths=widths, fingerprint=scores.fingerprint, meta=meta)
+    if model is not None:
+        from .prune import check_plan
+
+        check_plan(model, plan)
+    return plan

@@ -75,3 +75,32 @@ def test_unaligned_uniform_width_falls_back_from_grouped_mm():
         fmoe.prune(model, plan)
     assert plan.kept_widths()["model.layers.0.mlp.experts"][0] == 13
     torch.testing.assert_close(logits(model, probe), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_scores_of_another_model_are_refused_when_planning():
+    a, b = tiny_model("qwen2_moe", seed=0), tiny_model("qwen2_moe", seed=1)
+    scores = fmoe.score(a, method="magnitude")
+    fmoe.make_plan(scores, 0.5, model=a)
+    with pytest.raises(ValueError, match="another model"):
+        fmoe.make_plan(scores, 0.5, model=b)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "glm4_moe"])
+def test_only_routed_experts_change(family):
+    """Attention, routers, shared experts and dense MLP layers are left alone."""
+    model = tiny_model(family, num_hidden_layers=3, first_k_dense_replace=1, mlp_only_layers=[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fmoe.prune(model, fmoe.make_plan(fmoe.score(model, make_batches(n_batches=1)), 0.5, "layer", multiple_of=1))
+    after = model.state_dict()
+    routed = tuple(fmoe.find_experts(model))
+    assert len(routed) == 2  # layer 0 is dense
+    untouched = [k for k in before if not k.startswith(routed)]
+    assert any("shared" in k for k in untouched) and any("layers.0.mlp" in k for k in untouched)
+    assert all(torch.equal(before[k], after[k]) for k in untouched)
+
+
+def test_scoring_is_deterministic():
+    model = tiny_model("phimoe")
+    batches = make_batches(n_batches=2)
+    a, b = fmoe.score(model, batches), fmoe.score(model, batches)
+    assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
