@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -91,10 +92,11 @@ class Fisher:
 
     def __init__(self, modules, device):
         self.sums = _zeros(modules, device)
-        self.masks = {n: torch.ones_like(t, requires_grad=True) for n, t in self.sums.items()}
+        # m = 1 leaves the forward unchanged; Parameters so that DDP sees a trainable parameter the forward uses
+        self.masks = {n: nn.Parameter(torch.ones_like(t)) for n, t in self.sums.items()}
 
     def hook(self, name: str, ctx: _Context):
-        sums, mask = self.sums[name], self.masks[name]
+        mask = self.masks[name]
 
         def on_intermediate(e, tokens, slots, h, weights):
             h_masked = h * mask[e].to(h.dtype)  # m = 1: same values, and a graph that reaches h
@@ -106,7 +108,7 @@ class Fisher:
                     raise FloatingPointError(f"non-finite gradient in {name} expert {e}: Fisher scores would be poisoned")
                 per_sample = torch.zeros(ctx.batch_size, prod.shape[1], device=prod.device)
                 per_sample.index_add_(0, samples, prod)  # dL_n/dm_j  [B, I]
-                sums[e] += per_sample.square().sum(0)
+                self.sums[name][e] += per_sample.square().sum(0)
 
             h_masked.register_hook(on_grad)
             return h_masked
@@ -116,6 +118,12 @@ class Fisher:
     def after_backward(self):
         for m in self.masks.values():
             m.grad = None
+
+    def state(self):
+        return self.sums
+
+    def to(self, device):
+        self.sums = {n: t.to(device) for n, t in self.sums.items()}
 
     def result(self):
         return self.sums
@@ -143,6 +151,13 @@ class Activation:
 
     def after_backward(self):
         pass
+
+    def state(self):
+        return {**{f"sum/{n}": t for n, t in self.sums.items()}, **{f"count/{n}": t for n, t in self.counts.items()}}
+
+    def to(self, device):
+        self.sums = {n: t.to(device) for n, t in self.sums.items()}
+        self.counts = {n: t.to(device) for n, t in self.counts.items()}
 
     def result(self):
         if self.weighted:
@@ -246,17 +261,19 @@ def score(
     if batches is None:
         raise ValueError(f"method {method!r} needs calibration batches")
     progress = sys.stderr.isatty() if progress is None else progress
-    device = next(model.parameters()).device
+    if method != "grad_abs":
+        scorer = Scorer(model, method)
+        with scorer.attached():
+            for batch in tqdm(batches, disable=not progress, desc=f"scoring ({method})"):
+                scorer.step(batch)
+        return scorer.result()
     was_training = model.training
     requires_grad = {p: p.requires_grad for p in model.parameters()}
-    model.eval()  # no dropout or router jitter while measuring
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        if method == "grad_abs":
-            tensors, samples, tokens = _grad_abs(model, modules, batches, progress)
-        else:
-            tensors, samples, tokens = _score_with_hooks(model, modules, batches, method, device, progress)
+        tensors, samples, tokens = _grad_abs(model, modules, batches, progress)
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
@@ -264,30 +281,105 @@ def score(
     return Scores({n: t.float().cpu() for n, t in tensors.items()}, method, fp, samples, tokens, meta)
 
 
-def _score_with_hooks(model, modules, batches, method, device, progress):
-    acc = DATA_METHODS[method](modules, device)
-    ctx = _Context()
-    samples = tokens = 0
-    with experts_hooks(model, {name: acc.hook(name, ctx) for name in modules}):
-        for raw in tqdm(batches, disable=not progress, desc=f"scoring ({method})"):
-            batch = prepare_batch(raw, device)
-            ctx.set(batch)
-            if acc.needs_grad:
-                losses, counts = sequence_losses(model, batch)
-                losses = losses[counts > 0]
-                if losses.numel() == 0:
-                    continue
-                _check_finite(losses, method)
-                losses.sum().backward()  # one backward; per-sample terms separated in the hooks
-                acc.after_backward()
-                samples += losses.numel()
-                tokens += int(counts.sum())
-            else:
-                with torch.no_grad():
-                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, use_cache=False)
-                samples += batch.input_ids.shape[0]
-                tokens += int(batch.attention_mask.sum())
-    if samples == 0:
-        raise ValueError("no calibration sample with a supervised token: nothing to score")
-    return acc.result(), samples, tokens
+class Scorer:
+    """Step-wise accumulation of a data method (fisher, activation, router): `score()` and the Lightning layer
+    both drive it, so there is one implementation of each criterion.
+
+        scorer = Scorer(model, "fisher")
+        with scorer.attached():          # fmoe experts forward + hooks; weights frozen (train_weights=False)
+            for batch in batches:
+                scorer.step(batch)       # forward (+ one backward for fisher)
+        scores = scorer.result()
+    """
+
+    def __init__(self, model: nn.Module, method: str = "fisher"):
+        if method not in DATA_METHODS:
+            raise ValueError(f"Scorer runs the data methods {', '.join(DATA_METHODS)}; got {method!r}")
+        self.model, self.method = model, method
+        self.modules = find_experts(model)
+        _check_scorable(self.modules)
+        self.fingerprint = fingerprint(model)
+        self.device = next(model.parameters()).device
+        self.acc = DATA_METHODS[method](self.modules, self.device)
+        self.ctx = _Context()
+        self.samples = self.tokens = 0
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.acc.needs_grad
+
+    @contextmanager
+    def attached(self, freeze: bool = True):
+        """Install the hooks; with `freeze`, eval mode and no weight gradients (restored on exit)."""
+        was_training = self.model.training
+        requires_grad = {p: p.requires_grad for p in self.model.parameters()}
+        if freeze:
+            self.model.eval()  # no dropout or router jitter while measuring
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        try:
+            with experts_hooks(self.model, {name: self.acc.hook(name, self.ctx) for name in self.modules}):
+                yield self
+        finally:
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+            self.model.train(was_training)
+
+    def observe(self, raw: Mapping[str, torch.Tensor]) -> Batch:
+        """Tell the hooks which sequence each token of the next forward belongs to (for someone else's loop)."""
+        batch = prepare_batch(raw, self.device)
+        self.ctx.set(batch)
+        return batch
+
+    def to(self, device) -> Scorer:
+        """Move the accumulated state (the model is moved by its owner)."""
+        self.device = torch.device(device)
+        self.acc.to(self.device)
+        return self
+
+    def step(self, raw: Mapping[str, torch.Tensor], backward=None) -> torch.Tensor | None:
+        """Score one batch; returns the summed per-sequence loss (fisher) or None.
+
+        `backward(loss)` defaults to `loss.backward()`; Lightning passes `manual_backward` (DDP needs it).
+        """
+        batch = self.observe(raw)
+        if not self.acc.needs_grad:
+            with torch.no_grad():
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False)
+            self.count(batch.input_ids.shape[0], int(batch.attention_mask.sum()))
+            return None
+        losses, counts = sequence_losses(self.model, batch)
+        losses = losses[counts > 0]
+        if losses.numel() == 0:
+            return None
+        _check_finite(losses, self.method)
+        total = losses.sum()
+        (backward or torch.Tensor.backward)(total)  # one backward; per-sample terms are separated in the hooks
+        self.acc.after_backward()
+        self.count(losses.numel(), int(counts.sum()))
+        return total.detach()
+
+    def count(self, samples: int, tokens: int) -> None:
+        self.samples += samples
+        self.tokens += tokens
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every accumulated tensor (sums over samples), e.g. to SUM-reduce across ranks or checkpoint."""
+        return self.acc.state()
+
+    def load_state(self, state: dict[str, torch.Tensor], samples: int, tokens: int) -> None:
+        """Replace the accumulated state (resume, or the SUM over ranks); updates tensors in place."""
+        own = self.state()
+        if own.keys() != state.keys():
+            raise ValueError(f"scorer state does not match: expected {sorted(own)[:3]}..., got {sorted(state)[:3]}...")
+        for key, tensor in own.items():
+            tensor.copy_(state[key])
+        self.samples, self.tokens = int(samples), int(tokens)
+
+    def result(self) -> Scores:
+        if self.samples == 0:
+            raise ValueError("no calibration sample with a supervised token: nothing to score")
+        tensors = {n: t.float().cpu() for n, t in self.acc.result().items()}
+        meta = {"model_type": getattr(self.model.config, "model_type", None)}
+        return Scores(tensors, self.method, self.fingerprint, self.samples, self.tokens, meta)

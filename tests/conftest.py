@@ -12,13 +12,13 @@ from fmoe.tiny import tiny_model  # noqa: E402
 
 
 def make_batches(n_batches=2, batch_size=3, seq_len=12, vocab=128, seed=0, pad="mixed"):
-    """Random token batches with sequences of different lengths, padded left/right."""
+    """Random token batches with sequences of different lengths, padded left/right/mixed (or "none": full)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n_batches):
         ids = torch.randint(3, vocab, (batch_size, seq_len), generator=gen)
         mask = torch.ones_like(ids)
-        for i in range(batch_size):
+        for i in range(batch_size if pad != "none" else 0):
             length = int(torch.randint(seq_len // 2, seq_len + 1, (1,), generator=gen))
             left = pad == "left" or (pad == "mixed" and i % 2 == 1)
             if left:

@@ -1,0 +1,92 @@
+"""CalibrationModule: a LightningModule whose `trainer.fit` over calibration batches accumulates importance scores.
+
+    trainer = L.Trainer(max_epochs=1, callbacks=[IntermediatePruning(amount=0.5, scope="layer")])
+    trainer.fit(CalibrationModule(model, method="fisher"), calibration_dataloader)
+
+No optimizer step and no weight gradient: the model's weights are frozen; for Fisher the only trainable parameters
+are the all-ones masks on the experts' intermediate activations (DDP needs a parameter the forward uses). Each rank
+accumulates locally; at the end of the fit the sums are SUM-reduced once, so every rank holds the same scores (and
+computes the same plan).
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+
+from ..scores import Scores
+from ..scoring import Scorer
+
+_STATE_KEY = "fmoe_scorer"
+
+
+class CalibrationModule(L.LightningModule):
+    def __init__(self, model: nn.Module, method: str = "fisher"):
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints carry the scorer state, not the (frozen, unchanged) weights
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.scorer = Scorer(model, method)
+        masks = getattr(self.scorer.acc, "masks", {})
+        self.masks = nn.ParameterList(masks.values())  # registered so DDP and device moves see them
+        self.scores: Scores | None = None
+        self._attached = None
+        self._seconds = 0.0
+
+    def configure_optimizers(self):
+        return None  # scoring only
+
+    def on_fit_start(self) -> None:
+        self.scorer.to(self.device)
+        self._attached = self.scorer.attached(freeze=True)
+        self._attached.__enter__()
+
+    def training_step(self, batch, batch_idx):
+        start = time.perf_counter()
+        self.model.eval()  # Lightning puts modules in train mode; scoring wants no dropout or router jitter
+        loss = self.scorer.step(batch, backward=self.manual_backward)
+        self._seconds += time.perf_counter() - start
+        batch_size = batch["input_ids"].shape[0]
+        self.log_dict({"samples": float(self.scorer.samples), "tokens": float(self.scorer.tokens),
+                       "seconds": self._seconds}, prog_bar=True, batch_size=batch_size)
+        if loss is not None:
+            self.log("calibration_loss", loss / batch_size, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def on_train_end(self) -> None:
+        self._detach()
+        strategy = self.trainer.strategy
+        state = {k: strategy.reduce(t.clone(), reduce_op="sum") for k, t in self.scorer.state().items()}
+        counts = strategy.reduce(torch.tensor([self.scorer.samples, self.scorer.tokens], dtype=torch.float64,
+                                              device=self.device), reduce_op="sum")
+        self.scorer.load_state(state, int(counts[0]), int(counts[1]))
+        self.scores = self.scorer.result()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        if self._attached is not None:
+            self._attached.__exit__(None, None, None)
+            self._attached = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
+        checkpoint[_STATE_KEY] = {"state": {k: t.detach().cpu() for k, t in self.scorer.state().items()},
+                                  "samples": self.scorer.samples, "tokens": self.scorer.tokens,
+                                  "method": self.method, "fingerprint": self.scorer.fingerprint}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(_STATE_KEY)
+        if saved is None:
+            raise ValueError("checkpoint holds no fmoe calibration state")
+        if saved["method"] != self.method or saved["fingerprint"] != self.scorer.fingerprint:
+            raise ValueError(f"checkpoint is a {saved['method']!r} calibration of model {saved['fingerprint']}, "
+                             f"this run is {self.method!r} on {self.scorer.fingerprint}")
+        self.scorer.load_state(saved["state"], saved["samples"], saved["tokens"])

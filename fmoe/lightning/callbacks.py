@@ -1,0 +1,134 @@
+"""Callbacks: FisherScoring (scores during someone else's fit) and IntermediatePruning (plan + prune at fit end)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from ..experts import find_experts
+from ..plan import SCOPES, make_plan
+from ..prune import prune, weight_bytes
+from ..scores import Scores
+from ..scoring import Scorer
+from .calibration import CalibrationModule
+
+
+def find_hf_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
+    """The HF MoE inside a LightningModule: `attr` if given, else the module itself or its first submodule
+    (in registration order) that has routed experts and a config."""
+    if attr is not None:
+        return pl_module.get_submodule(attr)
+    for module in pl_module.modules():
+        if hasattr(module, "config") and hasattr(module, "get_experts_implementation"):
+            try:
+                find_experts(module)
+                return module
+            except ValueError:
+                continue
+    raise ValueError(f"{type(pl_module).__name__} holds no transformers MoE with routed experts; "
+                     "pass FisherScoring(model_attr=...) to name it")
+
+
+class FisherScoring(L.Callback):
+    """Collect Fisher scores from a user's own training fit (their loss, optimizer and batches).
+
+    Batches must be dicts with `input_ids` (and `attention_mask` if padded). The callback's hooks see
+    g = dL/dh of the user's loss L. With HF's default loss (mean over all supervised tokens of the batch) the
+    per-sequence term is (tokens_n / tokens_batch) * dL_n/dm; with `loss_reduction="mean_of_sequences"`
+    (L = mean over sequences of their mean, or equal-length packed sequences) it is dL_n/dm / B and is rescaled by
+    B^2 to match `fmoe.score`. Rankings within a scope are unaffected by a constant factor.
+    """
+
+    def __init__(self, model_attr: str | None = None, loss_reduction: str = "mean_of_sequences"):
+        if loss_reduction not in ("mean_of_sequences", "none"):
+            raise ValueError(f"unknown loss_reduction {loss_reduction!r}; valid: mean_of_sequences, none")
+        self.model_attr, self.loss_reduction = model_attr, loss_reduction
+        self.scorer: Scorer | None = None
+        self.scores: Scores | None = None
+        self._attached = None
+
+    def on_fit_start(self, trainer, pl_module):
+        model = find_hf_model(pl_module, self.model_attr)
+        self.scorer = Scorer(model, "fisher").to(pl_module.device)
+        self._attached = self.scorer.attached(freeze=False)  # their weights keep training
+        self._attached.__enter__()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            raise TypeError("FisherScoring needs dict batches with 'input_ids' (and 'attention_mask' if padded)")
+        self._sums_before = {k: t.clone() for k, t in self.scorer.state().items()}
+        prepared = self.scorer.observe(batch)
+        self._batch_size = prepared.input_ids.shape[0]
+        self.scorer.count(self._batch_size, int(prepared.attention_mask.sum()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.loss_reduction == "mean_of_sequences":  # this batch's contribution times B^2
+            for key, t in self.scorer.state().items():
+                t.copy_(self._sums_before[key] + (t - self._sums_before[key]) * self._batch_size**2)
+        for mask in self.scorer.acc.masks.values():
+            mask.grad = None
+
+    def on_train_end(self, trainer, pl_module):
+        self._detach()
+        strategy = trainer.strategy
+        state = {k: strategy.reduce(t.clone(), reduce_op="sum") for k, t in self.scorer.state().items()}
+        counts = strategy.reduce(torch.tensor([self.scorer.samples, self.scorer.tokens], dtype=torch.float64,
+                                              device=pl_module.device), reduce_op="sum")
+        self.scorer.load_state(state, int(counts[0]), int(counts[1]))
+        self.scores = self.scorer.result()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._detach()
+
+    def _detach(self):
+        if self._attached is not None:
+            self._attached.__exit__(None, None, None)
+            self._attached = None
+
+
+class IntermediatePruning(L.Callback):
+    """At the end of a calibration fit: plan from the fit's scores, prune physically, save scores and plan.
+
+    Follows `ModelPruning` conventions: `amount` is the share of routed intermediate dims removed, `verbose`
+    logs (rank zero) what was removed. Scores come from a CalibrationModule or a FisherScoring callback of the
+    same Trainer. Shapes change only in `on_fit_end`, after the loop and before anything else uses the model.
+    """
+
+    def __init__(self, amount: float = 0.5, scope: str = "layer", multiple_of: int = 16,
+                 min_width: int | None = None, normalize: str = "mean", save_dir: str | Path | None = None,
+                 verbose: bool = True, model_attr: str | None = None):
+        if not 0 <= amount < 1:
+            raise ValueError(f"amount must be in [0, 1), got {amount}")
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+        self.amount, self.scope, self.multiple_of, self.min_width = amount, scope, multiple_of, min_width
+        self.normalize, self.save_dir, self.verbose, self.model_attr = normalize, save_dir, verbose, model_attr
+        self.plan = None
+
+    def _scores(self, trainer, pl_module) -> Scores:
+        if isinstance(pl_module, CalibrationModule) and pl_module.scores is not None:
+            return pl_module.scores
+        for callback in trainer.callbacks:
+            if isinstance(callback, FisherScoring) and callback.scores is not None:
+                return callback.scores
+        raise RuntimeError("IntermediatePruning found no scores: train a CalibrationModule or add FisherScoring()")
+
+    def on_fit_end(self, trainer, pl_module):
+        scores = self._scores(trainer, pl_module)
+        model = pl_module.model if isinstance(pl_module, CalibrationModule) else find_hf_model(pl_module, self.model_attr)
+        before = weight_bytes(model)
+        self.plan = make_plan(scores, self.amount, self.scope, multiple_of=self.multiple_of,
+                              min_width=self.min_width, normalize=self.normalize, model=model)
+        prune(model, self.plan)
+        directory = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            scores.save(directory / "scores")
+            self.plan.save(directory / "plan.json")
+        if self.verbose:
+            rank_zero_info(f"IntermediatePruning: removed {self.plan.removed_fraction():.1%} of routed dims "
+                           f"({self.scope} scope, {scores.method}); weights {before / 2**20:.1f} MB -> "
+                           f"{weight_bytes(model) / 2**20:.1f} MB; scores and plan in {directory}")

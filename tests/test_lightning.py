@@ -1,0 +1,119 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import fmoe
+from fmoe.lightning import CalibrationModule, FisherScoring, IntermediatePruning
+from fmoe.tiny import tiny_model
+from tests.conftest import make_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sequences(n=8, seq_len=12, seed=0, padded=True):
+    """A list of single sequences (dicts of 1D tensors) that a DataLoader collates into batches."""
+    rows = []
+    for b in make_batches(n_batches=1, batch_size=n, seq_len=seq_len, seed=seed, pad="mixed" if padded else "none"):
+        for i in range(n):
+            rows.append({"input_ids": b["input_ids"][i], "attention_mask": b["attention_mask"][i]})
+    return rows
+
+
+def trainer(tmp_path, **kw):
+    kw = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+          "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": tmp_path, **kw}
+    return L.Trainer(**kw)
+
+
+def close(a: fmoe.Scores, b: fmoe.Scores, rtol=1e-4):
+    assert a.tensors.keys() == b.tensors.keys()
+    for n in a.tensors:
+        torch.testing.assert_close(a.tensors[n], b.tensors[n], rtol=rtol, atol=1e-10)
+
+
+def test_calibration_fit_equals_core_scores_then_prunes(tmp_path):
+    model = tiny_model("qwen2_moe")
+    data = sequences()
+    expected = fmoe.score(model, [torch.utils.data.default_collate(data[i:i + 4]) for i in (0, 4)])
+    probe = make_batches(n_batches=1, seed=5, pad="right")[0]
+    module = CalibrationModule(model, method="fisher")
+    pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=tmp_path / "out")
+    trainer(tmp_path, callbacks=[pruning]).fit(module, DataLoader(data, batch_size=4))
+    close(module.scores, expected)
+    assert module.scores.samples == 8
+    assert all(p.grad is None for p in model.parameters())
+    # pruned == masked: replay the plan on a fresh copy of the same model
+    reference = tiny_model("qwen2_moe")
+    with fmoe.masked(reference, pruning.plan):
+        masked_logits = reference(**probe).logits
+    torch.testing.assert_close(model(**probe).logits, masked_logits, rtol=1e-4, atol=1e-5)
+    assert fmoe.PruningPlan.load(tmp_path / "out" / "plan.json").to_dict() == pruning.plan.to_dict()
+    close(fmoe.Scores.load(tmp_path / "out" / "scores"), expected)
+
+
+class UserModule(L.LightningModule):
+    """A LightningModule as a user writes one: their model, their loss, their optimizer."""
+
+    def __init__(self, model, lr=0.0):
+        super().__init__()
+        self.model, self.lr = model, lr
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def test_fisher_scoring_callback_on_a_users_module(tmp_path):
+    model = tiny_model("olmoe")
+    data = sequences(padded=False)  # equal lengths: HF's token-mean loss is the mean of sequence losses
+    expected = fmoe.score(model, [torch.utils.data.default_collate(data[i:i + 4]) for i in (0, 4)])
+    scoring, pruning = FisherScoring(), IntermediatePruning(amount=0.5, scope="expert", save_dir=tmp_path)
+    user = UserModule(model)  # lr = 0: weights stay put, so scores must equal the core's
+    trainer(tmp_path, callbacks=[scoring, pruning]).fit(user, DataLoader(data, batch_size=4))
+    close(scoring.scores, expected, rtol=1e-3)
+    assert all(isinstance(m, torch.nn.Module) and fmoe.experts.expert_widths(m) == [16] * 4
+               for m in fmoe.find_experts(model).values())
+    assert model.config.intermediate_size == 16
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="amount"):
+        IntermediatePruning(amount=1.0)
+    with pytest.raises(ValueError, match="valid: expert, layer, global"):
+        IntermediatePruning(scope="model")
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_calibrate.py"), str(tmp_path)], check=True, env=env,
+                   timeout=300, cwd=tmp_path)
+    model = tiny_model("qwen3_moe")
+    data = sequences()
+    expected = fmoe.score(model, [torch.utils.data.default_collate(data[i:i + 2]) for i in range(0, 8, 2)])
+    close(fmoe.Scores.load(tmp_path / "scores"), expected)
+    plans = [json.loads((tmp_path / f"plan_rank{r}.json").read_text()) for r in (0, 1)]
+    assert plans[0] == plans[1]
+    assert fmoe.Scores.load(tmp_path / "scores").samples == 8
+
+
+def test_resume_gives_the_same_scores(tmp_path):
+    data = sequences(n=8)
+    full = CalibrationModule(tiny_model("mixtral"))
+    trainer(tmp_path, max_epochs=2).fit(full, DataLoader(data, batch_size=2))
+
+    first = CalibrationModule(tiny_model("mixtral"))
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    trainer(tmp_path, max_epochs=1, callbacks=[ckpt], enable_checkpointing=True).fit(first, DataLoader(data, batch_size=2))
+    resumed = CalibrationModule(tiny_model("mixtral"))
+    trainer(tmp_path, max_epochs=2).fit(resumed, DataLoader(data, batch_size=2), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    close(resumed.scores, full.scores, rtol=1e-5)
+    assert resumed.scores.samples == 16
