@@ -43,7 +43,7 @@ def up_name(module: nn.Module) -> str:
 
 
 def num_experts(module: nn.Module) -> int:
-    return len(module.down_proj) if isinstance(module, RaggedExperts) else module.down_proj.shape[0]
+    return len(module.down) if isinstance(module, RaggedExperts) else module.down_proj.shape[0]
 
 
 def expert_widths(module: nn.Module) -> list[int]:
@@ -79,6 +79,19 @@ def slice_expert(module: nn.Module, e: int, keep: torch.Tensor) -> dict[str, tor
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
+def _fused_up(module: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    name = up_name(module)
+    w = getattr(module, name)[e]
+    y = x @ w if module.is_transposed else x @ w.t()
+    return y + getattr(module, f"{name}_bias")[e] if module.has_bias else y
+
+
+def _fused_down(module: nn.Module, e: int, h: torch.Tensor) -> torch.Tensor:
+    w = module.down_proj[e]
+    o = h @ w if module.is_transposed else h @ w.t()
+    return o + module.down_proj_bias[e] if module.has_bias else o
+
+
 def experts_forward(
     module: nn.Module,
     hidden_states: torch.Tensor,  # [T, H] (batch and sequence flattened, row-major)
@@ -94,25 +107,20 @@ def experts_forward(
     counts = torch.bincount(flat, minlength=n_exp)[:n_exp].tolist()  # ids >= E (expert parallel sentinels) skipped
     token_of, slot_of = order // k, order % k
     out = torch.zeros_like(hidden_states)
-    name = up_name(module)
-    up_w, down_w = getattr(module, name), module.down_proj
+    project_up, project_down = (module.project_up, module.project_down) if isinstance(module, RaggedExperts) else (
+        _fused_up, _fused_down)
     start = 0
     for e, count in enumerate(counts):
         if count == 0:
             continue
         tokens, slots = token_of[start : start + count], slot_of[start : start + count]
         start += count
-        x = hidden_states[tokens]  # [S, H]
-        y = x @ up_w[e] if module.is_transposed else x @ up_w[e].t()  # [S, 2I] or [S, I]
-        if module.has_bias:
-            y = y + getattr(module, f"{name}_bias")[e]
+        y = project_up(module, e, hidden_states[tokens])  # [S, 2I] (gated) or [S, I]
         h = module._apply_gate(y) if module.has_gate else module.act_fn(y)  # [S, I]
         weights = top_k_weights[tokens, slots]  # [S]
         if hook is not None:
             h = hook(e, tokens, slots, h, weights)
-        o = h @ down_w[e] if module.is_transposed else h @ down_w[e].t()  # [S, H]
-        if module.has_bias:
-            o = o + module.down_proj_bias[e]
+        o = project_down(module, e, h)  # [S, H]
         if getattr(module, "has_post_expert_norm", False):
             o = module.post_expert_norm(o)
         out.index_add_(0, tokens, (o * weights.unsqueeze(-1)).to(out.dtype))
@@ -122,17 +130,16 @@ def experts_forward(
 class RaggedExperts(nn.Module):
     """Routed experts whose experts have different intermediate widths; memory proportional to kept dims.
 
-    Parameters keep the stock names and per-expert layout (`gate_up_proj.{e}` is expert e's 2D slice of the fused
-    tensor), and the stock class's gate function is reused, so any flag combination behaves exactly like the
-    module it was cut from. Trains and runs inference (autograd through plain matmuls).
+    Expert e is a pair of `nn.Linear`s, `up[e]` (H -> 2I_e, gate/up rows in the stock order) and `down[e]`
+    (I_e -> H), so peft/LoRA and FSDP treat them like any Linear. The stock class's gate function and scalars
+    (gpt-oss alpha/limit) are reused, so every flag combination behaves exactly like the module it was cut from.
     """
 
     def __init__(self, stock: nn.Module, keep: list[torch.Tensor]):
         super().__init__()
         if not is_routed_experts(stock) or isinstance(stock, RaggedExperts):
             raise TypeError(f"RaggedExperts is cut from a fused transformers experts module, got {type(stock).__name__}")
-        # Flags, scalars (gpt-oss alpha/limit, sizes) and the config; the gate function of the stock class.
-        for key, value in vars(stock).items():
+        for key, value in vars(stock).items():  # flags, sizes, gpt-oss alpha/limit
             if not key.startswith("_") and isinstance(value, (bool, int, float, str)):
                 setattr(self, key, value)
         self.config = getattr(stock, "config", None)
@@ -145,20 +152,39 @@ class RaggedExperts(nn.Module):
         self.stock_class = type(stock).__name__
         self.widths = [int(k.numel()) for k in keep]
         self.num_experts = len(keep)
-        slices = [slice_expert(stock, e, k) for e, k in enumerate(keep)]
-        requires_grad = stock.down_proj.requires_grad
-        for key in slices[0]:
-            params = [nn.Parameter(s[key], requires_grad=requires_grad) for s in slices]
-            setattr(self, key, nn.ParameterList(params))
+        name, requires_grad = up_name(stock), stock.down_proj.requires_grad
+        self.up, self.down = nn.ModuleList(), nn.ModuleList()
+        for e, k in enumerate(keep):
+            parts = slice_expert(stock, e, k)
+            up_w, down_w = parts[name], parts["down_proj"]
+            if stock.is_transposed:  # stored [in, out]; Linear wants [out, in]
+                up_w, down_w = up_w.t(), down_w.t()
+            self.up.append(_linear(up_w, parts.get(f"{name}_bias"), requires_grad))
+            self.down.append(_linear(down_w, parts.get("down_proj_bias"), requires_grad))
 
     def _apply_gate(self, y: torch.Tensor) -> torch.Tensor:
         return self._gate_fn(self, y)
+
+    def project_up(self, module, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.up[e](x)
+
+    def project_down(self, module, e: int, h: torch.Tensor) -> torch.Tensor:
+        return self.down[e](h)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return experts_forward(self, hidden_states, top_k_index, top_k_weights, getattr(self, "_fmoe_hook", None))
 
     def extra_repr(self) -> str:
         return f"{self.stock_class}, widths={self.widths}"
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight.contiguous(), requires_grad=requires_grad)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.contiguous(), requires_grad=requires_grad)
+    return layer
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -171,7 +197,8 @@ def fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256(str(getattr(getattr(model, "config", None), "model_type", "")).encode())
     for name, module in find_experts(model).items():
         digest.update(f"{name}:{expert_widths(module)}".encode())
-        for e in (0, num_experts(module) - 1):
-            w = module.down_proj[e].detach().reshape(-1)[:64].to("cpu", torch.bfloat16).float()
+        params = list(module.parameters())
+        for p in (params[0], params[-1]):
+            w = p.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).float()
             digest.update(w.numpy().tobytes())
     return digest.hexdigest()[:16]
