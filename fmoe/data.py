@@ -1,0 +1,137 @@
+"""Text data for calibration, recovery and evaluation: `datasets` + the model's tokenizer, packed to seq_len.
+
+Sources are local files (json/jsonl/parquet/txt/csv, by extension) or, where a network exists, hub dataset names.
+Each source becomes fixed-length sequences of `seq_len` tokens (documents joined with EOS and packed, or truncated
+one per sequence with `pack=False`). The calibration set is `n_samples` sequences drawn with `seed`; Lightning's
+DistributedSampler shards every loader across ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+
+
+def load_texts(source: str, split: str = "train", text_field: str = "text", subset: str | None = None,
+               template: str | None = None) -> list[str]:
+    """Texts of a local file (by extension) or a hub dataset name (`subset` = its config name).
+
+    `template` builds the text from several fields, e.g. "Question: {question}\nAnswer: {answer}".
+    """
+    import datasets
+
+    path = Path(source)
+    if path.suffix in _BUILDERS:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {source} does not exist")
+        ds = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
+    else:
+        ds = datasets.load_dataset(source, subset, split=split)
+    if template is not None:
+        try:
+            texts = [template.format(**row) for row in ds]
+        except KeyError as missing:
+            raise KeyError(f"{source} has no field {missing} used by the template; fields: {ds.column_names}") from None
+    elif text_field not in ds.column_names:
+        raise KeyError(f"{source} has no field {text_field!r}; fields: {ds.column_names}")
+    else:
+        texts = list(ds[text_field])
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError(f"{source} holds no non-empty {text_field!r} text")
+    return texts
+
+
+def tokenize_to_sequences(texts: list[str], tokenizer, seq_len: int, pack: bool = True) -> torch.Tensor:
+    """[N, seq_len] token ids: packed (documents joined by EOS) or one truncated document per row."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if pack:
+        flat = [t for doc in ids for t in doc + ([eos] if eos is not None else [])]
+        n = len(flat) // seq_len
+        rows = torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    else:
+        rows = torch.tensor([doc[:seq_len] for doc in ids if len(doc) >= seq_len], dtype=torch.long).view(-1, seq_len)
+    if rows.shape[0] == 0:
+        raise ValueError(f"data too short: not one sequence of {seq_len} tokens (pack={pack}); lower seq_len")
+    return rows
+
+
+class _Sequences(torch.utils.data.Dataset):
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __len__(self):
+        return self.rows.shape[0]
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i]}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Calibration/training on `train`, validation on `domain_eval` and `general_eval` (perplexity of each).
+
+    `subset`/`template` describe the domain dataset (train and domain eval); `general_subset` the general one.
+    """
+
+    def __init__(self, tokenizer: str, train: str, domain_eval: str | None = None, general_eval: str | None = None,
+                 text_field: str = "text", template: str | None = None, subset: str | None = None,
+                 split: str = "train", eval_split: str = "test", general_subset: str | None = None,
+                 seq_len: int = 256, n_samples: int = 128, batch_size: int = 4,
+                 eval_batch_size: int | None = None, max_eval_samples: int = 256, pack: bool = True, seed: int = 0,
+                 num_workers: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        return self._tokenizer
+
+    def _rows(self, source, split, limit, seed, subset=None, template=None) -> torch.Tensor:
+        h = self.hparams
+        texts = load_texts(source, split, h.text_field, subset, template)
+        rows = tokenize_to_sequences(texts, self.tokenizer, h.seq_len, h.pack)
+        if limit is not None and rows.shape[0] > limit:
+            rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]]
+        return rows
+
+    def setup(self, stage: str | None = None) -> None:
+        if getattr(self, "_ready", False):
+            return
+        h = self.hparams
+        if h.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {h.n_samples}")
+        # train and domain eval share the domain's dataset layout (subset, template); general eval is plain text
+        self.train_rows = self._rows(h.train, h.split, h.n_samples, h.seed, h.subset, h.template)
+        self.eval_rows = {}
+        if h.domain_eval:
+            self.eval_rows["domain"] = self._rows(h.domain_eval, h.eval_split, h.max_eval_samples, h.seed + 1,
+                                                  h.subset, h.template)
+        if h.general_eval:
+            self.eval_rows["general"] = self._rows(h.general_eval, h.eval_split, h.max_eval_samples, h.seed + 1,
+                                                   h.general_subset)
+        self._ready = True
+
+    def train_dataloader(self):
+        return DataLoader(_Sequences(self.train_rows), batch_size=self.hparams.batch_size, shuffle=False,
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self):
+        size = self.hparams.eval_batch_size or self.hparams.batch_size
+        return [DataLoader(_Sequences(rows), batch_size=size, num_workers=self.hparams.num_workers)
+                for rows in self.eval_rows.values()]
+
+    @property
+    def eval_names(self) -> list[str]:
+        return list(self.eval_rows)

@@ -1,0 +1,101 @@
+"""LoRA recovery: peft adapters on a pruned MoE (attention, shared experts, routed experts), trained with Lightning,
+evaluated with torchmetrics, merged back before export.
+
+Routed experts are adapted per expert: fused (uniform) modules through peft's `target_parameters`
+(one rank-r adapter per expert), RaggedExperts through their per-expert `nn.Linear`s. Routers are left alone.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import SumMetric
+
+from ..experts import RaggedExperts, find_experts, up_name
+
+
+def lora_config(model: nn.Module, r: int = 16, alpha: int = 32, experts: bool = True):
+    from peft import LoraConfig
+
+    params = []
+    if experts:
+        params = [f"{name}.{p}" for name, m in find_experts(model).items() if not isinstance(m, RaggedExperts)
+                  for p in (up_name(m), "down_proj")]
+    exclude = r".*\.(gate|router|shared_expert_gate)$"
+    if not experts:
+        exclude = r".*(\.(gate|router|shared_expert_gate)|experts\.(up|down)\.\d+)$"
+    # peft on fused experts needs lora_dropout=0
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
+                      target_parameters=params or None, exclude_modules=exclude)
+
+
+class LoRARecovery(L.LightningModule):
+    """Fine-tune LoRA adapters on the (pruned) model; `validation_step` logs perplexity per eval loader."""
+
+    def __init__(self, model: nn.Module, r: int = 16, alpha: int = 32, lr: float = 2e-4, weight_decay: float = 0.0,
+                 experts: bool = True, eval_names: tuple[str, ...] = ("domain", "general")):
+        super().__init__()
+        from peft import get_peft_model
+
+        self.model = get_peft_model(model, lora_config(model, r, alpha, experts))
+        self.lr, self.weight_decay = lr, weight_decay
+        self.eval_names = list(eval_names)
+        self.nll = nn.ModuleList([SumMetric() for _ in self.eval_names])  # summed token NLL, SUM over ranks
+        self.tokens = nn.ModuleList([SumMetric() for _ in self.eval_names])
+
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        loss = self.model(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=batch.get("labels", ids)).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=ids.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        ids = batch["input_ids"]
+        logits = self.model(input_ids=ids, attention_mask=batch.get("attention_mask")).logits
+        targets = batch.get("labels", ids)[:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        self.nll[dataloader_idx].update(nll)
+        self.tokens[dataloader_idx].update((targets != -100).sum())
+
+    def on_validation_epoch_end(self):
+        for i, name in enumerate(self.eval_names[: len(self.nll)]):
+            tokens = self.tokens[i].compute()
+            if tokens > 0:  # perplexity from summed NLL and token counts: no tokens x vocab tensor
+                self.log(f"{name}_ppl", torch.exp(self.nll[i].compute() / tokens), prog_bar=True, sync_dist=False)
+            self.nll[i].reset()
+            self.tokens[i].reset()
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def merged(self) -> nn.Module:
+        """The plain transformers model with the adapters folded in (stock or RaggedExperts modules again)."""
+        return self.model.merge_and_unload()
+
+
+class Evaluation(L.LightningModule):
+    """Perplexity of a plain model on each eval loader (no adapters)."""
+
+    def __init__(self, model: nn.Module, eval_names: tuple[str, ...]):
+        super().__init__()
+        self.model, self.eval_names = model, list(eval_names)
+        self.nll = nn.ModuleList([SumMetric() for _ in self.eval_names])
+        self.tokens = nn.ModuleList([SumMetric() for _ in self.eval_names])
+
+    validation_step = LoRARecovery.validation_step
+    on_validation_epoch_end = LoRARecovery.on_validation_epoch_end
+
+
+def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None) -> dict[str, float]:
+    """{'<eval name>_ppl': perplexity} of `model` on the datamodule's eval loaders (a Trainer.validate run)."""
+    names = tuple(datamodule.eval_names)
+    if not names:
+        return {}
+    kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False, **(trainer_kwargs or {})}
+    runner = L.Trainer(**kwargs, enable_progress_bar=False)
+    results = runner.validate(Evaluation(model.eval(), names), datamodule=datamodule, verbose=False)
+    merged = {k.split("/")[0]: float(v) for r in results for k, v in r.items()}
+    return merged

@@ -1,0 +1,136 @@
+"""Calibrate -> prune -> recover -> evaluate -> export a transformers MoE (LightningCLI; every stage switchable).
+
+    python recipes/prune_recover.py                                   # embedded default: CPU, no network, minutes
+    python recipes/prune_recover.py --prune.amount 0.25 --prune.scope expert --recover.max_steps 50
+    python recipes/prune_recover.py --config recipes/configs/qwen1.5-moe-a2.7b.yaml   # 8x80 GB, real checkpoint
+    python recipes/prune_recover.py --help
+
+Stages: calibrate (a CalibrationModule fit that accumulates scores), prune (IntermediatePruning at its end),
+recover (LoRA via peft, merged back), evaluate (perplexity of each eval set before and after), export
+(fmoe.save_pretrained + results.json). A before/after table is printed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+import fmoe
+from fmoe.data import TextDataModule
+from fmoe.embedded import ensure_embedded
+from fmoe.lightning import CalibrationModule, IntermediatePruning
+from fmoe.lightning.recovery import LoRARecovery, evaluate
+
+EMBEDDED = Path(os.environ.get("FMOE_EMBEDDED_DIR", Path.home() / ".cache" / "fmoe" / "embedded"))
+
+
+@dataclass
+class Stages:
+    calibrate: bool = True
+    prune: bool = True
+    recover: bool = True
+    evaluate: bool = True
+    export: bool = True
+
+
+@dataclass
+class Prune:
+    amount: float = 0.5  # share of routed intermediate dims removed
+    scope: str = "layer"  # expert | layer | global
+    multiple_of: int = 16
+    min_width: int | None = None
+    normalize: str = "mean"
+
+
+@dataclass
+class Recover:
+    r: int = 16
+    alpha: int = 32
+    lr: float = 2e-3
+    max_steps: int = 60
+    val_check_interval: int = 30
+    experts: bool = True  # adapt routed experts too (not only attention and shared experts)
+
+
+def calibration(model: str = "embedded", method: str = "fisher", dtype: str = "float32") -> CalibrationModule:
+    """Load the model to compress ("embedded" = the generated tiny default) and wrap it for calibration."""
+    path = ensure_embedded(EMBEDDED)["model"] if model == "embedded" else model
+    return CalibrationModule(fmoe.from_pretrained(path, dtype=getattr(torch, dtype)), method=method)
+
+
+class RecipeCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.add_class_arguments(Stages, "stages")
+        parser.add_class_arguments(Prune, "prune")
+        parser.add_class_arguments(Recover, "recover")
+        parser.add_argument("--export_dir", default="runs/prune_recover/export")
+        embedded = ensure_embedded(EMBEDDED)
+        parser.set_defaults({"data.tokenizer": embedded["tokenizer"], "data.train": embedded["train"],
+                             "data.domain_eval": embedded["domain_eval"], "data.general_eval": embedded["general_eval"],
+                             "data.seq_len": 64, "data.n_samples": 64, "data.batch_size": 8,
+                             "trainer.max_epochs": 1, "trainer.logger": False, "trainer.enable_checkpointing": False,
+                             "trainer.default_root_dir": "runs/prune_recover"})
+
+
+def params_and_bytes(model) -> tuple[int, int]:
+    return sum(p.numel() for p in model.parameters()), fmoe.weight_bytes(model)
+
+
+def main(args=None) -> dict:
+    cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_kwargs={"overwrite": True})
+    cfg, trainer, module, data = cli.config, cli.trainer, cli.model, cli.datamodule
+    # every stage's Trainer shares the CLI's hardware settings (a strategy object cannot be shared between Trainers)
+    hw = {k: cfg.trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "default_root_dir")}
+    hw = {k: v for k, v in hw.items() if v is not None}
+    quiet = dict(logger=False, enable_checkpointing=False, enable_model_summary=False)
+    stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
+    data.setup("fit")
+    rows = {}
+
+    def record(stage, model):
+        params, nbytes = params_and_bytes(model)
+        row = {"params": params, "weight_MB": nbytes / 2**20}
+        if stages.evaluate:
+            row.update(evaluate(model, data, {**hw, **quiet}))
+        rows[stage] = row
+
+    record("dense", module.model)
+    if stages.calibrate:
+        callbacks = [IntermediatePruning(**asdict(prune_cfg), save_dir=Path(cfg.export_dir).parent)] if stages.prune else []
+        calib = L.Trainer(**hw, **quiet, max_epochs=1, callbacks=callbacks)
+        calib.fit(module, datamodule=data)
+        if stages.prune:
+            record("pruned", module.model)
+    model = module.model
+    if stages.recover:
+        recovery = LoRARecovery(model, r=recover_cfg.r, alpha=recover_cfg.alpha, lr=recover_cfg.lr,
+                                experts=recover_cfg.experts, eval_names=tuple(data.eval_names))
+        fit = L.Trainer(**hw, **quiet, max_steps=recover_cfg.max_steps, check_val_every_n_epoch=None,
+                        val_check_interval=recover_cfg.val_check_interval)
+        fit.fit(recovery, datamodule=data)
+        model = recovery.merged()
+        record("recovered", model)
+    if stages.export and trainer.is_global_zero:
+        out = fmoe.save_pretrained(model, cfg.export_dir, tokenizer=data.tokenizer)
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
+    if trainer.is_global_zero:
+        print_table(rows)
+    return rows
+
+
+def print_table(rows: dict) -> None:
+    columns = sorted({k for r in rows.values() for k in r}, key=lambda k: (k not in ("params", "weight_MB"), k))
+    print(f"\n{'stage':<11}" + "".join(f"{c:>14}" for c in columns))
+    for stage, row in rows.items():
+        cells = "".join(f"{row[c]:>14.3f}" if isinstance(row.get(c), float) else f"{row.get(c, '-'):>14}" for c in columns)
+        print(f"{stage:<11}{cells}")
+
+
+if __name__ == "__main__":
+    main()

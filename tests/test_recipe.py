@@ -1,0 +1,78 @@
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fmoe
+from fmoe.data import TextDataModule, load_texts, tokenize_to_sequences
+from fmoe.embedded import ensure_embedded
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    return ensure_embedded(tmp_path_factory.mktemp("embedded"))
+
+
+@pytest.fixture(scope="module")
+def recipe(embedded):
+    """The recipe module, imported once (LightningCLI registers its model factory once per process)."""
+    spec = importlib.util.spec_from_file_location("prune_recover", ROOT / "recipes" / "prune_recover.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    module.EMBEDDED = Path(embedded["model"]).parent
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_recipe_default_end_to_end(tmp_path, recipe):
+    export = tmp_path / "export"
+    rows = recipe.main(["--export_dir", str(export), "--trainer.default_root_dir", str(tmp_path),
+                        "--trainer.enable_progress_bar", "false", "--recover.max_steps", "40",
+                        "--recover.val_check_interval", "20"])
+    assert list(rows) == ["dense", "pruned", "recovered"]
+    assert rows["pruned"]["weight_MB"] < 0.8 * rows["dense"]["weight_MB"]
+    assert rows["recovered"]["domain_ppl"] < rows["pruned"]["domain_ppl"]  # recovery reduces held-out domain loss
+    assert json.loads((export / "results.json").read_text()) == json.loads(json.dumps(rows))
+    assert (tmp_path / "plan.json").is_file() and (tmp_path / "scores" / "scores.json").is_file()
+    model = fmoe.from_pretrained(export)
+    assert not any("lora" in n for n, _ in model.named_parameters())  # adapters merged
+    widths = {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()}
+    plan = fmoe.PruningPlan.load(tmp_path / "plan.json")
+    assert widths == plan.kept_widths()
+
+
+def test_recipe_prune_only(tmp_path, recipe):
+    rows = recipe.main(["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
+                        "--trainer.enable_progress_bar", "false", "--stages.recover", "false",
+                        "--prune.scope", "expert"])
+    assert list(rows) == ["dense", "pruned"]
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "e")  # uniform: stock transformers loads it
+    assert stock.config.moe_intermediate_size == 32
+
+
+def test_data_module_reproducible_and_clear_errors(tmp_path, embedded):
+    dm = TextDataModule(embedded["tokenizer"], embedded["train"], embedded["domain_eval"], seq_len=32, n_samples=16)
+    dm.setup()
+    again = TextDataModule(embedded["tokenizer"], embedded["train"], seq_len=32, n_samples=16)
+    again.setup()
+    assert torch.equal(dm.train_rows, again.train_rows) and dm.train_rows.shape == (16, 32)
+    assert dm.eval_names == ["domain"]
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(ValueError, match="no non-empty"):
+        load_texts(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(KeyError, match="no field 'body'"):
+        load_texts(embedded["train"], text_field="body")
+    with pytest.raises(FileNotFoundError):
+        load_texts(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="too short"):
+        tokenize_to_sequences(["one two"], dm.tokenizer, seq_len=64)
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"q": "2 + 2", "a": "4"}) + "\n")
+    assert load_texts(str(tmp_path / "qa.jsonl"), template="{q} = {a}") == ["2 + 2 = 4"]
