@@ -52,7 +52,7 @@ class Prune:
 class Recover:
     r: int = 16
     alpha: int = 32
-    lr: float = 2e-3
+    lr: float = 2e-4
     max_steps: int = 60
     val_check_interval: int = 30
     experts: bool = True  # adapt routed experts too (not only attention and shared experts)
