@@ -42,6 +42,20 @@ class CalibrationModule(L.LightningModule):
     def configure_optimizers(self):
         return None  # scoring only
 
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy (FSDP2): shard each decoder layer, then the model; masks stay replicated."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        layer_classes = set(getattr(self.model, "_no_split_modules", None) or [])
+        for module in self.model.modules():
+            if type(module).__name__ in layer_classes:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
     def on_fit_start(self) -> None:
         self.scorer.to(self.device)
         self._attached = self.scorer.attached(freeze=True)

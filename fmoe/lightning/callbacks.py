@@ -120,6 +120,9 @@ class IntermediatePruning(L.Callback):
     def on_fit_end(self, trainer, pl_module):
         scores = self._scores(trainer, pl_module)
         model = pl_module.model if isinstance(pl_module, CalibrationModule) else find_hf_model(pl_module, self.model_attr)
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            raise NotImplementedError("IntermediatePruning of a sharded (FSDP2) model is not supported yet: calibrate "
+                                      "with FSDP2, then save the scores and prune an unsharded copy")
         before = weight_bytes(model)
         self.plan = make_plan(scores, self.amount, self.scope, multiple_of=self.multiple_of,
                               min_width=self.min_width, normalize=self.normalize, model=model)

@@ -45,6 +45,9 @@ class LoRARecovery(L.LightningModule):
         self.nll = nn.ModuleList([SumMetric() for _ in self.eval_names])  # summed token NLL, SUM over ranks
         self.tokens = nn.ModuleList([SumMetric() for _ in self.eval_names])
 
+    def on_fit_start(self):
+        self.model.train()  # a model coming from calibration or evaluation is in eval mode
+
     def training_step(self, batch, batch_idx):
         ids = batch["input_ids"]
         loss = self.model(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=batch.get("labels", ids)).loss
