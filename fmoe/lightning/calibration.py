@@ -23,6 +23,15 @@ from ..scoring import Scorer
 _STATE_KEY = "fmoe_scorer"
 
 
+def sum_across_ranks(scorer: Scorer, strategy) -> Scores:
+    """SUM-reduce a scorer's local sums and counts once (every rank ends with the same scores); return them."""
+    state = {k: strategy.reduce(t.clone(), reduce_op="sum") for k, t in scorer.state().items()}
+    counts = torch.tensor([scorer.samples, scorer.tokens], dtype=torch.float64, device=scorer.device)
+    counts = strategy.reduce(counts, reduce_op="sum")
+    scorer.load_state(state, int(counts[0]), int(counts[1]))
+    return scorer.result()
+
+
 class CalibrationModule(L.LightningModule):
     def __init__(self, model: nn.Module, method: str = "fisher"):
         super().__init__()
@@ -75,12 +84,7 @@ class CalibrationModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self._detach()
-        strategy = self.trainer.strategy
-        state = {k: strategy.reduce(t.clone(), reduce_op="sum") for k, t in self.scorer.state().items()}
-        counts = strategy.reduce(torch.tensor([self.scorer.samples, self.scorer.tokens], dtype=torch.float64,
-                                              device=self.device), reduce_op="sum")
-        self.scorer.load_state(state, int(counts[0]), int(counts[1]))
-        self.scores = self.scorer.result()
+        self.scores = sum_across_ranks(self.scorer, self.trainer.strategy)
 
     def on_exception(self, exception: BaseException) -> None:
         self._detach()

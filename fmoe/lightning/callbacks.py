@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -14,7 +13,7 @@ from ..plan import SCOPES, make_plan
 from ..prune import prune, weight_bytes
 from ..scores import Scores
 from ..scoring import Scorer
-from .calibration import CalibrationModule
+from .calibration import CalibrationModule, sum_across_ranks
 
 
 def find_hf_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
@@ -74,12 +73,7 @@ class FisherScoring(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._detach()
-        strategy = trainer.strategy
-        state = {k: strategy.reduce(t.clone(), reduce_op="sum") for k, t in self.scorer.state().items()}
-        counts = strategy.reduce(torch.tensor([self.scorer.samples, self.scorer.tokens], dtype=torch.float64,
-                                              device=pl_module.device), reduce_op="sum")
-        self.scorer.load_state(state, int(counts[0]), int(counts[1]))
-        self.scores = self.scorer.result()
+        self.scores = sum_across_ranks(self.scorer, trainer.strategy)
 
     def on_exception(self, trainer, pl_module, exception):
         self._detach()
