@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .compat import ensure_aligned_implementation, experts_hooks, width_field
-from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, slice_expert, up_name
+from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, slice_expert
 from .plan import PruningPlan
 
 WIDTHS_FIELD = "fmoe_expert_widths"  # config field: {module name: [width per expert]} of a pruned model

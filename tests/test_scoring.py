@@ -21,7 +21,7 @@ def slow_fisher(model, sequences):
         with experts_hooks(model, hooks):
             loss = model(input_ids=seq["input_ids"], labels=seq["input_ids"]).loss
         grads = torch.autograd.grad(loss, list(masks.values()))
-        for n, g in zip(masks, grads):
+        for n, g in zip(masks, grads, strict=True):
             total[n] += g.double() ** 2
     for p in model.parameters():
         p.requires_grad_(True)
