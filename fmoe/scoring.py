@@ -235,52 +235,6 @@ DATA_METHODS = {"fisher": Fisher, "activation": Activation, "router": lambda m, 
 METHODS = ("fisher", "grad_abs", "activation", "router", "magnitude", "random")
 
 
-def score(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
-    method: str = "fisher",
-    *,
-    seed: int = 0,
-    progress: bool | None = None,
-) -> Scores:
-    """Score every intermediate dim of every routed expert of `model` (see the module docstring for methods).
-
-    `batches` yields dicts with `input_ids` [B, T] and optionally `attention_mask` and `labels` (-100 ignored;
-    default: the non-padding tokens). Model weights are left untouched and their requires_grad restored.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown scoring method {method!r}; valid: {', '.join(METHODS)}")
-    modules = find_experts(model)
-    _check_scorable(modules)
-    meta = {"model_type": getattr(model.config, "model_type", None)}
-    fp = fingerprint(model)
-    if method == "magnitude":
-        return Scores(_magnitude(modules), method, fp, meta=meta)
-    if method == "random":
-        return Scores(_random(modules, seed), method, fp, meta={**meta, "seed": seed})
-    if batches is None:
-        raise ValueError(f"method {method!r} needs calibration batches")
-    progress = sys.stderr.isatty() if progress is None else progress
-    if method != "grad_abs":
-        scorer = Scorer(model, method)
-        with scorer.attached():
-            for batch in tqdm(batches, disable=not progress, desc=f"scoring ({method})"):
-                scorer.step(batch)
-        return scorer.result()
-    was_training = model.training
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        tensors, samples, tokens = _grad_abs(model, modules, batches, progress)
-    finally:
-        for p, flag in requires_grad.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
-    return Scores({n: t.float().cpu() for n, t in tensors.items()}, method, fp, samples, tokens, meta)
-
-
 class Scorer:
     """Step-wise accumulation of a data method (fisher, activation, router): `score()` and the Lightning layer
     both drive it, so there is one implementation of each criterion.
@@ -383,3 +337,49 @@ class Scorer:
         tensors = {n: t.float().cpu() for n, t in self.acc.result().items()}
         meta = {"model_type": getattr(self.model.config, "model_type", None)}
         return Scores(tensors, self.method, self.fingerprint, self.samples, self.tokens, meta)
+
+
+def score(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    method: str = "fisher",
+    *,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> Scores:
+    """Score every intermediate dim of every routed expert of `model` (see the module docstring for methods).
+
+    `batches` yields dicts with `input_ids` [B, T] and optionally `attention_mask` and `labels` (-100 ignored;
+    default: the non-padding tokens). Model weights are left untouched and their requires_grad restored.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown scoring method {method!r}; valid: {', '.join(METHODS)}")
+    modules = find_experts(model)
+    _check_scorable(modules)
+    meta = {"model_type": getattr(model.config, "model_type", None)}
+    fp = fingerprint(model)
+    if method == "magnitude":
+        return Scores(_magnitude(modules), method, fp, meta=meta)
+    if method == "random":
+        return Scores(_random(modules, seed), method, fp, meta={**meta, "seed": seed})
+    if batches is None:
+        raise ValueError(f"method {method!r} needs calibration batches")
+    progress = sys.stderr.isatty() if progress is None else progress
+    if method != "grad_abs":
+        scorer = Scorer(model, method)
+        with scorer.attached():
+            for batch in tqdm(batches, disable=not progress, desc=f"scoring ({method})"):
+                scorer.step(batch)
+        return scorer.result()
+    was_training = model.training
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        tensors, samples, tokens = _grad_abs(model, modules, batches, progress)
+    finally:
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return Scores({n: t.float().cpu() for n, t in tensors.items()}, method, fp, samples, tokens, meta)
