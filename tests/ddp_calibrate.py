@@ -2,6 +2,7 @@
 
     python tests/ddp_calibrate.py OUT_DIR ddp     # DDP, then IntermediatePruning on every rank
     python tests/ddp_calibrate.py OUT_DIR fsdp2   # ModelParallelStrategy: fully_shard per decoder layer
+    python tests/ddp_calibrate.py OUT_DIR recover # DDP calibration + pruning, then LoRA recovery under DDP
 """
 
 import sys
@@ -11,7 +12,9 @@ import lightning.pytorch as L
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
+import fmoe
 from fmoe.lightning import CalibrationModule, IntermediatePruning
+from fmoe.lightning.recovery import LoRARecovery
 from fmoe.tiny import tiny_model
 from tests.test_lightning import sequences
 
@@ -19,12 +22,25 @@ if __name__ == "__main__":
     out, kind = Path(sys.argv[1]), sys.argv[2]
     module = CalibrationModule(tiny_model("qwen3_moe"))
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out)
-    strategy = "ddp" if kind == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    strategy = "ddp" if kind in ("ddp", "recover") else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[pruning] if kind == "ddp" else [], default_root_dir=out)
+                        callbacks=[pruning] if kind != "fsdp2" else [], default_root_dir=out)
     trainer.fit(module, DataLoader(sequences(), batch_size=2))
-    if kind == "ddp":
+    if kind == "recover":
+        recovery = LoRARecovery(module.model, r=4, alpha=8, lr=1e-2, eval_names=("domain",))
+        train = DataLoader(sequences(n=16, seed=3, padded=False), batch_size=2)
+        held_out = DataLoader(sequences(n=8, seed=4, padded=False), batch_size=4)
+        fit = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        before = fit.validate(recovery, held_out, verbose=False)[0]["domain_ppl"]
+        fit.fit(recovery, train, held_out)
+        after = fit.validate(recovery, held_out, verbose=False)[0]["domain_ppl"]
+        merged = recovery.merged()
+        if fit.is_global_zero:
+            fmoe.save_pretrained(merged, out / "recovered")
+            (out / "ppl.txt").write_text(f"{before} {after}")
+    elif kind == "ddp":
         pruning.plan.save(out / f"plan_rank{trainer.global_rank}.json")  # every rank must reach the same plan
     elif trainer.is_global_zero:
         module.scores.save(out / "scores")

@@ -85,6 +85,17 @@ def test_fisher_scoring_callback_on_a_users_module(tmp_path):
     assert model.config.intermediate_size == 16
 
 
+def test_lora_recovery_under_ddp_reduces_held_out_loss(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_calibrate.py"), str(tmp_path), "recover"], check=True,
+                   env=env, timeout=300, cwd=tmp_path)
+    before, after = map(float, (tmp_path / "ppl.txt").read_text().split())
+    assert after < before
+    model = fmoe.from_pretrained(tmp_path / "recovered")  # merged: plain (ragged) experts, no adapters
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert any(isinstance(m, fmoe.RaggedExperts) for m in fmoe.find_experts(model).values())
+
+
 def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="amount"):
         IntermediatePruning(amount=1.0)
@@ -119,3 +130,21 @@ def test_resume_gives_the_same_scores(tmp_path):
     trainer(tmp_path, max_epochs=2).fit(resumed, DataLoader(data, batch_size=2), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     close(resumed.scores, full.scores, rtol=1e-5)
     assert resumed.scores.samples == 16
+
+
+def test_lora_targets_attention_shared_and_routed_experts_not_routers():
+    from peft import get_peft_model
+
+    from fmoe.lightning.recovery import lora_config
+    from fmoe.prune import apply_widths
+
+    model = tiny_model("qwen2_moe")
+    names = list(fmoe.find_experts(model))
+    keep = {names[0]: [torch.arange(16)] * 4, names[1]: [torch.arange(w) for w in (8, 16, 24, 32)]}
+    apply_widths(model, keep)  # layer 0 stock (uniform), layer 1 ragged
+    peft_model = get_peft_model(model, lora_config(model, r=4, alpha=8))
+    adapted = {n.split(".lora_")[0] for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("layers.0.mlp.experts" in n for n in adapted)  # fused experts via target_parameters
+    assert all(any(f"layers.1.mlp.experts.{kind}.{e}" in n for n in adapted) for kind in ("up", "down") for e in range(4))
+    assert any("shared_expert.up_proj" in n for n in adapted) and any("self_attn.q_proj" in n for n in adapted)
+    assert not any(n.endswith(("mlp.gate", "lm_head", "shared_expert_gate")) for n in adapted)

@@ -16,19 +16,23 @@ from torchmetrics import SumMetric
 from ..experts import RaggedExperts, find_experts, up_name
 
 
+_NOT_ADAPTED = ("lm_head", "gate", "router", "shared_expert_gate")  # output head and routers keep their weights
+
+
 def lora_config(model: nn.Module, r: int = 16, alpha: int = 32, experts: bool = True):
+    """LoRA on every Linear except the head and routers (attention, shared experts, dense MLPs, ragged experts),
+    plus per-expert adapters on fused routed experts via `target_parameters` (peft needs lora_dropout=0 there)."""
     from peft import LoraConfig
 
-    params = []
-    if experts:
-        params = [f"{name}.{p}" for name, m in find_experts(model).items() if not isinstance(m, RaggedExperts)
-                  for p in (up_name(m), "down_proj")]
-    exclude = r".*\.(gate|router|shared_expert_gate)$"
-    if not experts:
-        exclude = r".*(\.(gate|router|shared_expert_gate)|experts\.(up|down)\.\d+)$"
-    # peft on fused experts needs lora_dropout=0
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
-                      target_parameters=params or None, exclude_modules=exclude)
+    routed = find_experts(model)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+               and name.rsplit(".", 1)[-1] not in _NOT_ADAPTED
+               and (experts or not any(name.startswith(f"{r}.") for r in routed))]
+    params = [f"{name}.{p}" for name, m in routed.items() if experts and not isinstance(m, RaggedExperts)
+              for p in (up_name(m), "down_proj")]
+    # exact module names: peft matches list entries as name suffixes, and ragged experts' Linears are named "0", "1"..
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=linears,
+                      target_parameters=params or None)
 
 
 class LoRARecovery(L.LightningModule):
