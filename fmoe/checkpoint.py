@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .compat import is_stock_loadable
+from .compat import ensure_aligned_implementation, is_stock_loadable
 from .io import atomic_directory
 from .prune import WIDTHS_FIELD, apply_widths
 
@@ -30,6 +30,7 @@ def save_pretrained(model: PreTrainedModel, directory: str | Path, tokenizer=Non
     stock = is_stock_loadable(model)
     with atomic_directory(directory) as tmp:
         setattr(model.config, FORMAT_FIELD, "stock" if stock else "fused")
+        model.config.dtype = next(model.parameters()).dtype  # the dtype the weights are written in
         if stock:
             model.save_pretrained(tmp)
         else:
@@ -49,14 +50,18 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | str = "auto", **
         raise FileNotFoundError(f"{directory} has no config.json: not a model directory")
     info = json.loads((directory / "config.json").read_text())
     if info.get(FORMAT_FIELD) != "fused":
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+        if info.get(FORMAT_FIELD) == "stock":
+            ensure_aligned_implementation(model)  # a uniform width grouped_mm cannot run gets batched_mm
+        return model
     config = AutoConfig.from_pretrained(directory)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
-    widths = info[WIDTHS_FIELD]
-    apply_widths(model, {name: [torch.arange(w) for w in ws] for name, ws in widths.items()})
+    widths = info.get(WIDTHS_FIELD) or {}  # absent for an unpruned model saved in this format
+    if widths:
+        apply_widths(model, {name: [torch.arange(w) for w in ws] for name, ws in widths.items()})
     missing, unexpected = load_model(model, str(directory / _WEIGHTS), strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied]

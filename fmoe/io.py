@@ -30,6 +30,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise NotADirectoryError(f"{path} exists and is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
     try:
         yield tmp
     except BaseException:

@@ -90,11 +90,9 @@ def masked(model: nn.Module, keep: PruningPlan | dict[str, list[torch.Tensor]]) 
     modules = find_experts(model)
     masks = {}
     for name, keeps in keep.items():
-        width = expert_widths(modules[name])[0]
-        m = torch.zeros(len(keeps), width, device=modules[name].down_proj.device)
-        for e, k in enumerate(keeps):
-            m[e, k] = 1.0
-        masks[name] = m
+        device = next(modules[name].parameters()).device
+        masks[name] = [torch.zeros(w, device=device).index_fill_(0, k.to(device), 1.0)
+                       for w, k in zip(expert_widths(modules[name]), keeps, strict=True)]  # [I_e] per expert
 
     def hook_for(mask):
         return lambda e, tokens, slots, h, weights: h * mask[e].to(h.dtype)

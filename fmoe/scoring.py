@@ -60,8 +60,10 @@ def sequence_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch
     """(L_n [B], supervised token count [B]): L_n is what the HF model returns as `.loss` for sequence n alone."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                    position_ids=batch.position_ids, use_cache=False).logits
-    # A target counts only if the position predicting it is a real token (left padding must not predict the first token).
-    targets = batch.labels[:, 1:].masked_fill(batch.attention_mask[:, :-1] == 0, -100)  # [B, T-1]
+    # A target counts only if it and the position predicting it are real tokens (padding never counts, whatever
+    # the labels say; left padding must not predict the first token).
+    real = (batch.attention_mask[:, :-1] == 1) & (batch.attention_mask[:, 1:] == 1)
+    targets = batch.labels[:, 1:].masked_fill(~real, -100)  # [B, T-1]
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
     counts = (targets != -100).sum(1)
     return nll.sum(1) / counts.clamp(min=1), counts

@@ -3,6 +3,8 @@
     python tests/ddp_calibrate.py OUT_DIR ddp     # DDP, then IntermediatePruning on every rank
     python tests/ddp_calibrate.py OUT_DIR fsdp2   # ModelParallelStrategy: fully_shard per decoder layer
     python tests/ddp_calibrate.py OUT_DIR recover # DDP calibration + pruning, then LoRA recovery under DDP
+    python tests/ddp_calibrate.py OUT_DIR resume  # DDP: 1 epoch + checkpoint, then resume to 2 epochs
+    python tests/ddp_calibrate.py OUT_DIR activation  # DDP with a method that runs no backward
 """
 
 import sys
@@ -18,11 +20,27 @@ from fmoe.lightning.recovery import LoRARecovery
 from fmoe.tiny import tiny_model
 from tests.test_lightning import sequences
 
+def resume(out: Path) -> None:
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_epochs=1)
+    common = dict(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False)
+    L.Trainer(max_epochs=1, callbacks=[ckpt], **common).fit(CalibrationModule(tiny_model("qwen3_moe")),
+                                                             DataLoader(sequences(), batch_size=2))
+    resumed = CalibrationModule(tiny_model("qwen3_moe"))
+    trainer = L.Trainer(max_epochs=2, enable_checkpointing=False, **common)
+    trainer.fit(resumed, DataLoader(sequences(), batch_size=2), ckpt_path=out / "ckpt" / "last.ckpt")
+    if trainer.is_global_zero:
+        resumed.scores.save(out / "scores")
+
+
 if __name__ == "__main__":
     out, kind = Path(sys.argv[1]), sys.argv[2]
-    module = CalibrationModule(tiny_model("qwen3_moe"))
+    if kind == "resume":
+        resume(out)
+        sys.exit()
+    module = CalibrationModule(tiny_model("qwen3_moe"), method="fisher" if kind != "activation" else "activation")
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out)
-    strategy = "ddp" if kind in ("ddp", "recover") else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    strategy = "ddp" if kind != "fsdp2" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[pruning] if kind != "fsdp2" else [], default_root_dir=out)
@@ -40,7 +58,7 @@ if __name__ == "__main__":
         if fit.is_global_zero:
             fmoe.save_pretrained(merged, out / "recovered")
             (out / "ppl.txt").write_text(f"{before} {after}")
-    elif kind == "ddp":
+    elif kind in ("ddp", "activation"):
         pruning.plan.save(out / f"plan_rank{trainer.global_rank}.json")  # every rank must reach the same plan
     elif trainer.is_global_zero:
         module.scores.save(out / "scores")

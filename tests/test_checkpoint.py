@@ -77,3 +77,29 @@ def test_failed_save_leaves_previous_checkpoint_and_no_temp_dir(tmp_path):
 def test_loading_a_non_model_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         fmoe.from_pretrained(tmp_path)
+
+
+def test_fused_format_roundtrips_unpruned_models_and_dtype(tmp_path):
+    unpruned = tiny_model("deepseek_v2")  # shared experts tied to the routed width: always the fused format
+    fmoe.save_pretrained(unpruned, tmp_path / "a")
+    ids = torch.randint(3, 128, (1, 8))
+    assert torch.equal(run(fmoe.from_pretrained(tmp_path / "a"), ids), run(unpruned, ids))
+    ragged = pruned("qwen3_moe", "layer").to(torch.bfloat16)
+    fmoe.save_pretrained(ragged, tmp_path / "b")
+    loaded = fmoe.from_pretrained(tmp_path / "b")
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    expected, got = ragged.state_dict(), loaded.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # weights bit-exact in bf16
+    torch.testing.assert_close(run(loaded, ids), run(ragged, ids), rtol=2e-2, atol=2e-2)  # kernels may differ
+
+
+def test_unaligned_uniform_export_runs_after_loading(tmp_path):
+    model = tiny_model("mixtral")
+    plan = fmoe.make_plan(fmoe.score(model, method="magnitude"), 0.6, "expert", multiple_of=1)
+    with pytest.warns(UserWarning, match="batched_mm"):
+        fmoe.prune(model, plan)
+    fmoe.save_pretrained(model, tmp_path / "m")
+    ids = torch.randint(3, 128, (1, 8))
+    with pytest.warns(UserWarning, match="batched_mm"):
+        loaded = fmoe.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(run(loaded, ids), run(model, ids))

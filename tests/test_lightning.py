@@ -68,17 +68,22 @@ class UserModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss)
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def test_fisher_scoring_callback_on_a_users_module(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_fisher_scoring_callback_on_a_users_module(tmp_path, accumulate):
     model = tiny_model("olmoe")
     data = sequences(padded=False)  # equal lengths: HF's token-mean loss is the mean of sequence losses
     expected = fmoe.score(model, [torch.utils.data.default_collate(data[i:i + 4]) for i in (0, 4)])
     scoring, pruning = FisherScoring(), IntermediatePruning(amount=0.5, scope="expert", save_dir=tmp_path)
     user = UserModule(model)  # lr = 0: weights stay put, so scores must equal the core's
-    trainer(tmp_path, callbacks=[scoring, pruning]).fit(user, DataLoader(data, batch_size=4))
+    fit = trainer(tmp_path, callbacks=[scoring, pruning], accumulate_grad_batches=accumulate)
+    fit.fit(user, DataLoader(data, batch_size=4), DataLoader(data[:4], batch_size=4))  # with validation in the fit
     close(scoring.scores, expected, rtol=1e-3)
     assert all(isinstance(m, torch.nn.Module) and fmoe.experts.expert_widths(m) == [16] * 4
                for m in fmoe.find_experts(model).values())
@@ -103,17 +108,19 @@ def test_bad_arguments_are_clear():
         IntermediatePruning(scope="model")
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "resume", "activation"])
 def test_two_processes_equal_one_process(tmp_path, kind):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_calibrate.py"), str(tmp_path), kind], check=True,
                    env=env, timeout=300, cwd=tmp_path)
     model = tiny_model("qwen3_moe")
     data = sequences()
-    expected = fmoe.score(model, [torch.utils.data.default_collate(data[i:i + 2]) for i in range(0, 8, 2)])
+    epochs = 2 if kind == "resume" else 1  # resume: 1 epoch, checkpoint, resume to 2 == the same batches twice
+    batches = [torch.utils.data.default_collate(data[i:i + 2]) for i in range(0, 8, 2)] * epochs
+    expected = fmoe.score(model, batches, method="activation" if kind == "activation" else "fisher")
     close(fmoe.Scores.load(tmp_path / "scores"), expected)
-    assert fmoe.Scores.load(tmp_path / "scores").samples == 8  # each sample once: 4 per rank, SUM-reduced
-    if kind == "ddp":
+    assert fmoe.Scores.load(tmp_path / "scores").samples == 8 * epochs  # each sample once per epoch, SUM-reduced
+    if kind in ("ddp", "activation"):
         plans = [json.loads((tmp_path / f"plan_rank{r}.json").read_text()) for r in (0, 1)]
         assert plans[0] == plans[1]
 

@@ -104,3 +104,18 @@ def test_scoring_is_deterministic():
     batches = make_batches(n_batches=2)
     a, b = fmoe.score(model, batches), fmoe.score(model, batches)
     assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
+
+
+def test_masked_works_on_ragged_models():
+    model = tiny_model("granitemoe")
+    fmoe.prune(model, fmoe.make_plan(fmoe.score(model, make_batches(n_batches=1)), 0.5, "layer", multiple_of=1))
+    modules = fmoe.find_experts(model)
+    assert any(isinstance(m, fmoe.RaggedExperts) for m in modules.values())
+    probe = make_batches(n_batches=1, seed=2, pad="right")[0]
+    plain = logits(model, probe)
+    everything = {n: [torch.arange(w) for w in fmoe.experts.expert_widths(m)] for n, m in modules.items()}
+    with fmoe.masked(model, everything):
+        torch.testing.assert_close(logits(model, probe), plain)
+    first_only = {n: [torch.arange(1) for _ in ws] for n, ws in everything.items()}
+    with fmoe.masked(model, first_only):
+        assert not torch.allclose(logits(model, probe), plain, atol=1e-4)

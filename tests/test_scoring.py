@@ -159,3 +159,12 @@ def test_bad_inputs_are_clear_errors(model, tmp_path):
         fmoe.score(model, [])
     with pytest.raises(FileNotFoundError, match="no fmoe scores"):
         fmoe.Scores.load(tmp_path)
+
+
+def test_padding_never_counts_even_when_labels_supervise_it(model):
+    padded = make_batches(n_batches=1, batch_size=4, pad="right")
+    with_labels = [{**b, "labels": b["input_ids"]} for b in padded]  # pad ids supervised by the labels
+    a, b = fmoe.score(model, with_labels), fmoe.score(model, unpadded(padded))
+    assert a.tokens == b.tokens
+    for name in a.tensors:
+        torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=2e-3, atol=1e-9)

@@ -44,6 +44,8 @@ class CalibrationModule(L.LightningModule):
         self.scorer = Scorer(model, method)
         masks = getattr(self.scorer.acc, "masks", {})
         self.masks = nn.ParameterList(masks.values())  # registered so DDP and device moves see them
+        if not masks:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
+            self.ddp_anchor = nn.Parameter(torch.zeros(()))
         self.scores: Scores | None = None
         self._attached = None
         self._seconds = 0.0
@@ -95,9 +97,13 @@ class CalibrationModule(L.LightningModule):
             self._attached = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Called on every rank (only rank 0 writes): store the SUM over ranks, so any world size can resume it.
+        strategy = self.trainer.strategy
+        state = {k: strategy.reduce(t.detach().clone(), reduce_op="sum").cpu() for k, t in self.scorer.state().items()}
+        counts = strategy.reduce(torch.tensor([self.scorer.samples, self.scorer.tokens], dtype=torch.float64,
+                                              device=self.scorer.device), reduce_op="sum")
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
-        checkpoint[_STATE_KEY] = {"state": {k: t.detach().cpu() for k, t in self.scorer.state().items()},
-                                  "samples": self.scorer.samples, "tokens": self.scorer.tokens,
+        checkpoint[_STATE_KEY] = {"state": state, "samples": int(counts[0]), "tokens": int(counts[1]),
                                   "method": self.method, "fingerprint": self.scorer.fingerprint}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -107,4 +113,5 @@ class CalibrationModule(L.LightningModule):
         if saved["method"] != self.method or saved["fingerprint"] != self.scorer.fingerprint:
             raise ValueError(f"checkpoint is a {saved['method']!r} calibration of model {saved['fingerprint']}, "
                              f"this run is {self.method!r} on {self.scorer.fingerprint}")
-        self.scorer.load_state(saved["state"], saved["samples"], saved["tokens"])
+        if self.global_rank == 0:  # the saved sums already cover every rank; the others restart from zero
+            self.scorer.load_state(saved["state"], saved["samples"], saved["tokens"])

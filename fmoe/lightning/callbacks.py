@@ -39,7 +39,9 @@ class FisherScoring(L.Callback):
     g = dL/dh of the user's loss L. With HF's default loss (mean over all supervised tokens of the batch) the
     per-sequence term is (tokens_n / tokens_batch) * dL_n/dm; with `loss_reduction="mean_of_sequences"`
     (L = mean over sequences of their mean, or equal-length packed sequences) it is dL_n/dm / B and is rescaled by
-    B^2 to match `fmoe.score`. Rankings within a scope are unaffected by a constant factor.
+    B^2 (times accumulate_grad_batches^2) to match `fmoe.score`. Rankings within a scope are unaffected by a
+    constant factor. Hooks are off during validation. Not handled: fp16 GradScaler (scaled gradients), gradient
+    checkpointing (recomputed forwards would call the hooks twice).
     """
 
     def __init__(self, model_attr: str | None = None, loss_reduction: str = "mean_of_sequences"):
@@ -50,11 +52,23 @@ class FisherScoring(L.Callback):
         self.scores: Scores | None = None
         self._attached = None
 
-    def on_fit_start(self, trainer, pl_module):
+    def on_train_start(self, trainer, pl_module):
         model = find_hf_model(pl_module, self.model_attr)
         self.scorer = Scorer(model, "fisher").to(pl_module.device)
+        self._attach()
+
+    def _attach(self):
         self._attached = self.scorer.attached(freeze=False)  # their weights keep training
         self._attached.__enter__()
+
+    # Validation inside the fit runs without the hooks (no backward there, and its batches are not calibration).
+    def on_validation_start(self, trainer, pl_module):
+        self._resume_after_validation = self._attached is not None
+        self._detach()
+
+    def on_validation_end(self, trainer, pl_module):
+        if getattr(self, "_resume_after_validation", False):
+            self._attach()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if not isinstance(batch, dict) or "input_ids" not in batch:
@@ -65,9 +79,11 @@ class FisherScoring(L.Callback):
         self.scorer.count(self._batch_size, int(prepared.attention_mask.sum()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.loss_reduction == "mean_of_sequences":  # this batch's contribution times B^2
+        if self.loss_reduction == "mean_of_sequences":
+            # Their loss is mean over B sequences, divided by Lightning by accumulate_grad_batches (k): undo both.
+            scale = (self._batch_size * trainer.accumulate_grad_batches) ** 2
             for key, t in self.scorer.state().items():
-                t.copy_(self._sums_before[key] + (t - self._sums_before[key]) * self._batch_size**2)
+                t.copy_(self._sums_before[key] + (t - self._sums_before[key]) * scale)
         for mask in self.scorer.acc.masks.values():
             mask.grad = None
 
