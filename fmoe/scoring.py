@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +77,22 @@ def _check_scorable(modules: dict[str, nn.Module]) -> None:
 
 def _zeros(modules: dict[str, nn.Module], device) -> dict[str, torch.Tensor]:
     return {n: torch.zeros(num_experts(m), expert_widths(m)[0], device=device) for n, m in modules.items()}
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """Eval mode (no dropout or router jitter while measuring) and no weight gradients; both restored on exit."""
+    was_training = model.training
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 class _Context:
@@ -242,10 +258,12 @@ class Scorer:
     both drive it, so there is one implementation of each criterion.
 
         scorer = Scorer(model, "fisher")
-        with scorer.attached():          # fmoe experts forward + hooks; weights frozen (train_weights=False)
+        with scorer.attached():          # fmoe experts forward + hooks; weights frozen, eval mode
             for batch in batches:
                 scorer.step(batch)       # forward (+ one backward for fisher)
         scores = scorer.result()
+
+    Lightning hooks that cannot hold a `with` block call `attach()` and `detach()` instead.
     """
 
     def __init__(self, model: nn.Module, method: str = "fisher"):
@@ -259,27 +277,34 @@ class Scorer:
         self.acc = DATA_METHODS[method](self.modules, self.device)
         self.ctx = _Context()
         self.samples = self.tokens = 0
+        self._stack: ExitStack | None = None
+
+    def attach(self, freeze: bool = True) -> None:
+        """Install the hooks; with `freeze`, eval mode and no weight gradients (all restored by `detach`)."""
+        if self.is_attached:
+            return
+        stack = ExitStack()
+        if freeze:
+            stack.enter_context(frozen(self.model))
+        stack.enter_context(experts_hooks(self.model, {name: self.acc.hook(name, self.ctx) for name in self.modules}))
+        self._stack = stack
 
     @property
-    def needs_grad(self) -> bool:
-        return self.acc.needs_grad
+    def is_attached(self) -> bool:
+        return self._stack is not None
+
+    def detach(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
 
     @contextmanager
     def attached(self, freeze: bool = True):
-        """Install the hooks; with `freeze`, eval mode and no weight gradients (restored on exit)."""
-        was_training = self.model.training
-        requires_grad = {p: p.requires_grad for p in self.model.parameters()}
-        if freeze:
-            self.model.eval()  # no dropout or router jitter while measuring
-            for p in self.model.parameters():
-                p.requires_grad_(False)
+        self.attach(freeze)
         try:
-            with experts_hooks(self.model, {name: self.acc.hook(name, self.ctx) for name in self.modules}):
-                yield self
+            yield self
         finally:
-            for p, flag in requires_grad.items():
-                p.requires_grad_(flag)
-            self.model.train(was_training)
+            self.detach()
 
     def observe(self, raw: Mapping[str, torch.Tensor]) -> Batch:
         """Tell the hooks which sequence each token of the next forward belongs to (for someone else's loop)."""
@@ -373,15 +398,6 @@ def score(
             for batch in tqdm(batches, disable=not progress, desc=f"scoring ({method})"):
                 scorer.step(batch)
         return scorer.result()
-    was_training = model.training
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         tensors, samples, tokens = _grad_abs(model, modules, batches, progress)
-    finally:
-        for p, flag in requires_grad.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     return Scores({n: t.float().cpu() for n, t in tensors.items()}, method, fp, samples, tokens, meta)

@@ -47,7 +47,6 @@ class CalibrationModule(L.LightningModule):
         if not masks:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
             self.ddp_anchor = nn.Parameter(torch.zeros(()))
         self.scores: Scores | None = None
-        self._attached = None
         self._seconds = 0.0
 
     def configure_optimizers(self):
@@ -69,8 +68,7 @@ class CalibrationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.scorer.to(self.device)
-        self._attached = self.scorer.attached(freeze=True)
-        self._attached.__enter__()
+        self.scorer.attach(freeze=True)
 
     def training_step(self, batch, batch_idx):
         start = time.perf_counter()
@@ -85,16 +83,11 @@ class CalibrationModule(L.LightningModule):
         return loss
 
     def on_train_end(self) -> None:
-        self._detach()
+        self.scorer.detach()
         self.scores = sum_across_ranks(self.scorer, self.trainer.strategy)
 
     def on_exception(self, exception: BaseException) -> None:
-        self._detach()
-
-    def _detach(self) -> None:
-        if self._attached is not None:
-            self._attached.__exit__(None, None, None)
-            self._attached = None
+        self.scorer.detach()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Called on every rank (only rank 0 writes): store the SUM over ranks, so any world size can resume it.

@@ -50,25 +50,22 @@ class FisherScoring(L.Callback):
         self.model_attr, self.loss_reduction = model_attr, loss_reduction
         self.scorer: Scorer | None = None
         self.scores: Scores | None = None
-        self._attached = None
+        self._resume_after_validation = False
 
     def on_train_start(self, trainer, pl_module):
         model = find_hf_model(pl_module, self.model_attr)
         self.scorer = Scorer(model, "fisher").to(pl_module.device)
-        self._attach()
-
-    def _attach(self):
-        self._attached = self.scorer.attached(freeze=False)  # their weights keep training
-        self._attached.__enter__()
+        self.scorer.attach(freeze=False)  # their weights keep training
 
     # Validation inside the fit runs without the hooks (no backward there, and its batches are not calibration).
     def on_validation_start(self, trainer, pl_module):
-        self._resume_after_validation = self._attached is not None
-        self._detach()
+        self._resume_after_validation = self.scorer is not None and self.scorer.is_attached
+        if self.scorer is not None:
+            self.scorer.detach()
 
     def on_validation_end(self, trainer, pl_module):
-        if getattr(self, "_resume_after_validation", False):
-            self._attach()
+        if self._resume_after_validation:
+            self.scorer.attach(freeze=False)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if not isinstance(batch, dict) or "input_ids" not in batch:
@@ -84,20 +81,15 @@ class FisherScoring(L.Callback):
             scale = (self._batch_size * trainer.accumulate_grad_batches) ** 2
             for key, t in self.scorer.state().items():
                 t.copy_(self._sums_before[key] + (t - self._sums_before[key]) * scale)
-        for mask in self.scorer.acc.masks.values():
-            mask.grad = None
+        self.scorer.acc.after_backward()  # their backward also filled the masks' .grad
 
     def on_train_end(self, trainer, pl_module):
-        self._detach()
+        self.scorer.detach()
         self.scores = sum_across_ranks(self.scorer, trainer.strategy)
 
     def on_exception(self, trainer, pl_module, exception):
-        self._detach()
-
-    def _detach(self):
-        if self._attached is not None:
-            self._attached.__exit__(None, None, None)
-            self._attached = None
+        if self.scorer is not None:
+            self.scorer.detach()
 
 
 class IntermediatePruning(L.Callback):
