@@ -23,12 +23,17 @@ from ..scoring import Scorer
 _STATE_KEY = "fmoe_scorer"
 
 
-def sum_across_ranks(scorer: Scorer, strategy) -> Scores:
-    """SUM-reduce a scorer's local sums and counts once (every rank ends with the same scores); return them."""
-    state = {k: strategy.reduce(t.clone(), reduce_op="sum") for k, t in scorer.state().items()}
+def reduced_state(scorer: Scorer, strategy) -> tuple[dict[str, torch.Tensor], int, int]:
+    """(state, samples, tokens) SUM-reduced over ranks; a collective, so every rank must call it."""
+    state = {k: strategy.reduce(t.detach().clone(), reduce_op="sum") for k, t in scorer.state().items()}
     counts = torch.tensor([scorer.samples, scorer.tokens], dtype=torch.float64, device=scorer.device)
     counts = strategy.reduce(counts, reduce_op="sum")
-    scorer.load_state(state, int(counts[0]), int(counts[1]))
+    return state, int(counts[0]), int(counts[1])
+
+
+def sum_across_ranks(scorer: Scorer, strategy) -> Scores:
+    """Replace a scorer's local sums by their SUM over ranks (every rank ends with the same scores); return them."""
+    scorer.load_state(*reduced_state(scorer, strategy))
     return scorer.result()
 
 
@@ -91,13 +96,10 @@ class CalibrationModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Called on every rank (only rank 0 writes): store the SUM over ranks, so any world size can resume it.
-        strategy = self.trainer.strategy
-        state = {k: strategy.reduce(t.detach().clone(), reduce_op="sum").cpu() for k, t in self.scorer.state().items()}
-        counts = strategy.reduce(torch.tensor([self.scorer.samples, self.scorer.tokens], dtype=torch.float64,
-                                              device=self.scorer.device), reduce_op="sum")
+        state, samples, tokens = reduced_state(self.scorer, self.trainer.strategy)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
-        checkpoint[_STATE_KEY] = {"state": state, "samples": int(counts[0]), "tokens": int(counts[1]),
-                                  "method": self.method, "fingerprint": self.scorer.fingerprint}
+        checkpoint[_STATE_KEY] = {"state": {k: t.cpu() for k, t in state.items()}, "samples": samples,
+                                  "tokens": tokens, "method": self.method, "fingerprint": self.scorer.fingerprint}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(_STATE_KEY)
