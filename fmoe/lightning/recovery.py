@@ -35,28 +35,15 @@ def lora_config(model: nn.Module, r: int = 16, alpha: int = 32, experts: bool = 
                       target_parameters=params or None)
 
 
-class LoRARecovery(L.LightningModule):
-    """Fine-tune LoRA adapters on the (pruned) model; `validation_step` logs perplexity per eval loader."""
+class Evaluation(L.LightningModule):
+    """Perplexity of a model on each eval loader, from summed token NLL and token counts (torchmetrics SumMetric,
+    SUM over ranks; no tokens x vocab tensor)."""
 
-    def __init__(self, model: nn.Module, r: int = 16, alpha: int = 32, lr: float = 2e-4, weight_decay: float = 0.0,
-                 experts: bool = True, eval_names: tuple[str, ...] = ("domain", "general")):
+    def __init__(self, model: nn.Module, eval_names: tuple[str, ...] = ("domain", "general")):
         super().__init__()
-        from peft import get_peft_model
-
-        self.model = get_peft_model(model, lora_config(model, r, alpha, experts))
-        self.lr, self.weight_decay = lr, weight_decay
-        self.eval_names = list(eval_names)
-        self.nll = nn.ModuleList([SumMetric() for _ in self.eval_names])  # summed token NLL, SUM over ranks
+        self.model, self.eval_names = model, list(eval_names)
+        self.nll = nn.ModuleList([SumMetric() for _ in self.eval_names])
         self.tokens = nn.ModuleList([SumMetric() for _ in self.eval_names])
-
-    def on_fit_start(self):
-        self.model.train()  # a model coming from calibration or evaluation is in eval mode
-
-    def training_step(self, batch, batch_idx):
-        ids = batch["input_ids"]
-        loss = self.model(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=batch.get("labels", ids)).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=ids.shape[0])
-        return loss
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         ids = batch["input_ids"]
@@ -69,10 +56,30 @@ class LoRARecovery(L.LightningModule):
     def on_validation_epoch_end(self):
         for i, name in enumerate(self.eval_names[: len(self.nll)]):
             tokens = self.tokens[i].compute()
-            if tokens > 0:  # perplexity from summed NLL and token counts: no tokens x vocab tensor
+            if tokens > 0:
                 self.log(f"{name}_ppl", torch.exp(self.nll[i].compute() / tokens), prog_bar=True, sync_dist=False)
             self.nll[i].reset()
             self.tokens[i].reset()
+
+
+class LoRARecovery(Evaluation):
+    """Fine-tune LoRA adapters on the (pruned) model; `validation_step` logs perplexity per eval loader."""
+
+    def __init__(self, model: nn.Module, r: int = 16, alpha: int = 32, lr: float = 2e-4, weight_decay: float = 0.0,
+                 experts: bool = True, eval_names: tuple[str, ...] = ("domain", "general")):
+        from peft import get_peft_model
+
+        super().__init__(get_peft_model(model, lora_config(model, r, alpha, experts)), eval_names)
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def on_fit_start(self):
+        self.model.train()  # a model coming from calibration or evaluation is in eval mode
+
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        loss = self.model(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=batch.get("labels", ids)).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=ids.shape[0])
+        return loss
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -83,19 +90,6 @@ class LoRARecovery(L.LightningModule):
         return self.model.merge_and_unload()
 
 
-class Evaluation(L.LightningModule):
-    """Perplexity of a plain model on each eval loader (no adapters)."""
-
-    def __init__(self, model: nn.Module, eval_names: tuple[str, ...]):
-        super().__init__()
-        self.model, self.eval_names = model, list(eval_names)
-        self.nll = nn.ModuleList([SumMetric() for _ in self.eval_names])
-        self.tokens = nn.ModuleList([SumMetric() for _ in self.eval_names])
-
-    validation_step = LoRARecovery.validation_step
-    on_validation_epoch_end = LoRARecovery.on_validation_epoch_end
-
-
 def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None) -> dict[str, float]:
     """{'<eval name>_ppl': perplexity} of `model` on the datamodule's eval loaders (a Trainer.validate run)."""
     names = tuple(datamodule.eval_names)
@@ -104,5 +98,4 @@ def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None) -
     kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False, **(trainer_kwargs or {})}
     runner = L.Trainer(**kwargs, enable_progress_bar=False)
     results = runner.validate(Evaluation(model.eval(), names), datamodule=datamodule, verbose=False)
-    merged = {k.split("/")[0]: float(v) for r in results for k, v in r.items()}
-    return merged
+    return {k.split("/")[0]: float(v) for r in results for k, v in r.items()}
