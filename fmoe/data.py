@@ -1,8 +1,9 @@
 """Text data for calibration, recovery and evaluation: `datasets` + the model's tokenizer, packed to seq_len.
 
 Sources are local files (json/jsonl/parquet/txt/csv, by extension) or, where a network exists, hub dataset names.
-Each source becomes fixed-length sequences of `seq_len` tokens (documents joined with EOS and packed, or truncated
-one per sequence with `pack=False`). The calibration set is `n_samples` sequences drawn with `seed`; Lightning's
+Each source becomes fixed-length sequences of `seq_len` tokens: documents joined with EOS and packed, or with
+`pack=False` one document per row (EOS-terminated, truncated or right-padded; padding is masked out of attention and
+loss), for short documents such as question/answer records and models trained on unpacked documents. The calibration set is `n_samples` sequences drawn with `seed`; Lightning's
 DistributedSampler shards every loader across ranks.
 """
 
@@ -47,30 +48,40 @@ def load_texts(source: str, split: str = "train", text_field: str = "text", subs
     return texts
 
 
-def tokenize_to_sequences(texts: list[str], tokenizer, seq_len: int, pack: bool = True) -> torch.Tensor:
-    """[N, seq_len] token ids: packed (documents joined by EOS) or one truncated document per row."""
+def tokenize_to_sequences(texts: list[str], tokenizer, seq_len: int, pack: bool = True
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([N, seq_len] token ids, [N] lengths or None): documents joined by EOS and packed (lengths None: every token
+    is real), or one EOS-terminated document per row, truncated or right-padded with the pad token (pack=False)."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if pack:
-        flat = [t for doc in ids for t in doc + ([eos] if eos is not None else [])]
+        flat = [t for doc in ids for t in doc + eos]
         n = len(flat) // seq_len
-        rows = torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
-    else:
-        rows = torch.tensor([doc[:seq_len] for doc in ids if len(doc) >= seq_len], dtype=torch.long).view(-1, seq_len)
-    if rows.shape[0] == 0:
-        raise ValueError(f"data too short: not one sequence of {seq_len} tokens (pack={pack}); lower seq_len")
-    return rows
+        if n == 0:
+            raise ValueError(f"data too short: not one sequence of {seq_len} tokens when packed; lower seq_len")
+        return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len), None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [None])[0]
+    if pad is None:
+        raise ValueError("pack=False pads short documents, but the tokenizer has neither a pad nor an EOS token")
+    rows = [(doc + eos)[:seq_len] for doc in ids]
+    lengths = torch.tensor([len(r) for r in rows])
+    return torch.tensor([r + [pad] * (seq_len - len(r)) for r in rows], dtype=torch.long), lengths
 
 
 class _Sequences(torch.utils.data.Dataset):
-    def __init__(self, rows: torch.Tensor):
-        self.rows = rows
+    """Rows of token ids; with `lengths`, padding is masked out of attention (`attention_mask`) and loss (-100)."""
+
+    def __init__(self, rows: torch.Tensor, lengths: torch.Tensor | None = None):
+        self.rows, self.lengths = rows, lengths
 
     def __len__(self):
         return self.rows.shape[0]
 
     def __getitem__(self, i):
-        return {"input_ids": self.rows[i]}
+        if self.lengths is None:
+            return {"input_ids": self.rows[i]}
+        mask = (torch.arange(self.rows.shape[1]) < self.lengths[i]).long()
+        return {"input_ids": self.rows[i], "attention_mask": mask, "labels": self.rows[i].masked_fill(mask == 0, -100)}
 
 
 class TextDataModule(L.LightningDataModule):
@@ -98,13 +109,14 @@ class TextDataModule(L.LightningDataModule):
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
         return self._tokenizer
 
-    def _rows(self, source, split, limit, seed, subset=None, template=None) -> torch.Tensor:
+    def _sequences(self, source, split, limit, seed, subset=None, template=None) -> _Sequences:
         h = self.hparams
         texts = load_texts(source, split, h.text_field, subset, template)
-        rows = tokenize_to_sequences(texts, self.tokenizer, h.seq_len, h.pack)
+        rows, lengths = tokenize_to_sequences(texts, self.tokenizer, h.seq_len, h.pack)
         if limit is not None and rows.shape[0] > limit:
-            rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]]
-        return rows
+            pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
+            rows, lengths = rows[pick], (lengths[pick] if lengths is not None else None)
+        return _Sequences(rows, lengths)
 
     def setup(self, stage: str | None = None) -> None:
         if getattr(self, "_ready", False):
@@ -113,25 +125,25 @@ class TextDataModule(L.LightningDataModule):
         if h.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {h.n_samples}")
         # train and domain eval share the domain's dataset layout (subset, template); general eval is plain text
-        self.train_rows = self._rows(h.train, h.split, h.n_samples, h.seed, h.subset, h.template)
-        self.eval_rows = {}
+        self.train_set = self._sequences(h.train, h.split, h.n_samples, h.seed, h.subset, h.template)
+        self.eval_sets = {}
         if h.domain_eval:
-            self.eval_rows["domain"] = self._rows(h.domain_eval, h.eval_split, h.max_eval_samples, h.seed + 1,
+            self.eval_sets["domain"] = self._sequences(h.domain_eval, h.eval_split, h.max_eval_samples, h.seed + 1,
                                                   h.subset, h.template)
         if h.general_eval:
-            self.eval_rows["general"] = self._rows(h.general_eval, h.eval_split, h.max_eval_samples, h.seed + 1,
+            self.eval_sets["general"] = self._sequences(h.general_eval, h.eval_split, h.max_eval_samples, h.seed + 1,
                                                    h.general_subset)
         self._ready = True
 
     def train_dataloader(self):
-        return DataLoader(_Sequences(self.train_rows), batch_size=self.hparams.batch_size, shuffle=False,
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=False,
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self):
         size = self.hparams.eval_batch_size or self.hparams.batch_size
-        return [DataLoader(_Sequences(rows), batch_size=size, num_workers=self.hparams.num_workers)
-                for rows in self.eval_rows.values()]
+        return [DataLoader(sequences, batch_size=size, num_workers=self.hparams.num_workers)
+                for sequences in self.eval_sets.values()]
 
     @property
     def eval_names(self) -> list[str]:
-        return list(self.eval_rows)
+        return list(self.eval_sets)

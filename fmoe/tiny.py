@@ -28,7 +28,10 @@ def tiny_config(family: str, **overrides):
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
     base = AutoConfig.for_model(family)
-    fields = {k: v for k, v in {**_TINY, **overrides}.items() if hasattr(base, k) or k in overrides}
+    alias = getattr(base, "attribute_map", {})  # e.g. num_local_experts -> num_experts: an override wins
+    overridden = {alias.get(k, k) for k in overrides}
+    tiny = {k: v for k, v in _TINY.items() if hasattr(base, k) and alias.get(k, k) not in overridden}
+    fields = {**tiny, **overrides}
     if fields.get("layer_types", 0) is None:
         fields.pop("layer_types")
     return AutoConfig.for_model(family, **fields)

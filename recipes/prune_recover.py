@@ -1,19 +1,20 @@
 """Calibrate -> prune -> recover -> evaluate -> export a transformers MoE (LightningCLI; every stage switchable).
 
-    python recipes/prune_recover.py                                   # embedded default: CPU, no network, minutes
+    python recipes/prune_recover.py                                   # the shipped toy MoE: CPU, no network, minutes
     python recipes/prune_recover.py --prune.amount 0.25 --prune.scope expert --recover.max_steps 50
     python recipes/prune_recover.py --config recipes/configs/qwen1.5-moe-a2.7b.yaml   # 8x80 GB, real checkpoint
     python recipes/prune_recover.py --help
 
 Stages: calibrate (a CalibrationModule fit that accumulates scores), prune (IntermediatePruning at its end),
-recover (LoRA via peft, merged back), evaluate (perplexity of each eval set before and after), export
-(fmoe.save_pretrained + results.json). A before/after table is printed at the end.
+recover (LoRA via peft, merged back), evaluate (perplexity of each eval set before and after, and exact-match
+accuracy of each `tasks` file), export (fmoe.save_pretrained + results.json). A before/after table is printed at
+the end. The default compresses fmoe's toy MoE (fmoe/assets/toy_moe) into an arithmetic specialist: calibrated and
+recovered on arithmetic word problems, measured on arithmetic, facts and general reading.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,11 +24,11 @@ from lightning.pytorch.cli import LightningCLI
 
 import fmoe
 from fmoe.data import TextDataModule
-from fmoe.embedded import ensure_embedded
+from fmoe import toy
+from fmoe.tasks import accuracy, load_tasks
 from fmoe.lightning import CalibrationModule, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery, evaluate
 
-EMBEDDED = Path(os.environ.get("FMOE_EMBEDDED_DIR", Path.home() / ".cache" / "fmoe" / "embedded"))
 
 
 @dataclass
@@ -58,9 +59,9 @@ class Recover:
     experts: bool = True  # adapt routed experts too (not only attention and shared experts)
 
 
-def calibration(model: str = "embedded", method: str = "fisher", dtype: str = "float32") -> CalibrationModule:
-    """Load the model to compress ("embedded" = the generated tiny default) and wrap it for calibration."""
-    path = ensure_embedded(EMBEDDED)["model"] if model == "embedded" else model
+def calibration(model: str = "toy", method: str = "fisher", dtype: str = "float32") -> CalibrationModule:
+    """Load the model to compress ("toy" = the shipped toy MoE) and wrap it for calibration."""
+    path = toy.TOY_DIR if model == "toy" else model
     return CalibrationModule(fmoe.from_pretrained(path, dtype=getattr(torch, dtype)), method=method)
 
 
@@ -70,10 +71,15 @@ class RecipeCLI(LightningCLI):
         parser.add_class_arguments(Prune, "prune")
         parser.add_class_arguments(Recover, "recover")
         parser.add_argument("--export_dir", default="runs/prune_recover/export")
-        embedded = ensure_embedded(EMBEDDED)
-        parser.set_defaults({"data.tokenizer": embedded["tokenizer"], "data.train": embedded["train"],
-                             "data.domain_eval": embedded["domain_eval"], "data.general_eval": embedded["general_eval"],
-                             "data.seq_len": 64, "data.n_samples": 64, "data.batch_size": 8,
+        files = toy.corpus_files()  # generated once into ~/.cache/fmoe (FMOE_CACHE)
+        parser.add_argument("--tasks", type=dict[str, str] | None, default=None,
+                            help="{name: jsonl of prompt/answer records}: exact-match accuracy per stage "
+                                 "(default: every toy corpus domain's test split for the toy model, none otherwise)")
+        parser.add_argument("--task_limit", type=int, default=100, help="records per task file")
+        parser.set_defaults({"data.tokenizer": str(toy.TOY_DIR), "data.train": str(files["arithmetic"]["train"]),
+                             "data.domain_eval": str(files["arithmetic"]["test"]),
+                             "data.general_eval": str(files["general"]["test"]),
+                             "data.seq_len": 80, "data.pack": False, "data.n_samples": 64, "data.batch_size": 8,
                              "trainer.max_epochs": 1, "trainer.logger": False, "trainer.enable_checkpointing": False,
                              "trainer.default_root_dir": "runs/prune_recover"})
 
@@ -91,6 +97,9 @@ def main(args=None) -> dict:
     quiet = dict(logger=False, enable_checkpointing=False, enable_model_summary=False)
     stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
     data.setup("fit")
+    tasks = cfg.tasks
+    if tasks is None:
+        tasks = {d: str(f["test"]) for d, f in toy.corpus_files().items()} if cfg.model.model == "toy" else {}
     rows = {}
 
     def record(stage, model):
@@ -98,6 +107,9 @@ def main(args=None) -> dict:
         row = {"params": params, "weight_MB": nbytes / 2**20}
         if stages.evaluate:
             row.update(evaluate(model, data, {**hw, **quiet}))
+            if trainer.is_global_zero:  # greedy generation, on one rank
+                for name, path in tasks.items():
+                    row[f"{name}_acc"] = accuracy(model, data.tokenizer, *load_tasks(path, cfg.task_limit))
         rows[stage] = row
 
     record("dense", module.model)
@@ -126,10 +138,12 @@ def main(args=None) -> dict:
 
 def print_table(rows: dict) -> None:
     columns = sorted({k for r in rows.values() for k in r}, key=lambda k: (k not in ("params", "weight_MB"), k))
-    print(f"\n{'stage':<11}" + "".join(f"{c:>14}" for c in columns))
+    widths = [max(len(c) + 2, 11) for c in columns]
+    print(f"\n{'stage':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
     for stage, row in rows.items():
-        cells = "".join(f"{row[c]:>14.3f}" if isinstance(row.get(c), float) else f"{row.get(c, '-'):>14}" for c in columns)
-        print(f"{stage:<11}{cells}")
+        cells = "".join(f"{row[c]:>{w}.3f}" if isinstance(row.get(c), float) else f"{row.get(c, '-'):>{w}}"
+                        for c, w in zip(columns, widths))
+        print(f"{stage:<10}{cells}")
 
 
 if __name__ == "__main__":

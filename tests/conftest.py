@@ -6,6 +6,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "FMOE_CACHE" not in os.environ:  # the generated toy corpus goes to a per-run directory, not ~/.cache
+    import tempfile
+
+    os.environ["FMOE_CACHE"] = tempfile.mkdtemp(prefix="fmoe-cache-")
 warnings.filterwarnings("ignore", message=".*RoPE scaling factor.*")
 
 from fmoe.tiny import tiny_model  # noqa: E402

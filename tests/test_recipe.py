@@ -7,25 +7,19 @@ import pytest
 import torch
 
 import fmoe
-from fmoe.data import TextDataModule, load_texts, tokenize_to_sequences
-from fmoe.embedded import ensure_embedded
+from fmoe.data import TextDataModule, _Sequences, load_texts, tokenize_to_sequences
+from fmoe import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    return ensure_embedded(tmp_path_factory.mktemp("embedded"))
-
-
-@pytest.fixture(scope="module")
-def recipe(embedded):
+def recipe():
     """The recipe module, imported once (LightningCLI registers its model factory once per process)."""
     spec = importlib.util.spec_from_file_location("prune_recover", ROOT / "recipes" / "prune_recover.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
-    module.EMBEDDED = Path(embedded["model"]).parent
     yield module
     sys.modules.pop(spec.name, None)
 
@@ -34,8 +28,9 @@ def test_recipe_default_end_to_end(tmp_path, recipe):
     export = tmp_path / "export"
     rows = recipe.main(["--export_dir", str(export), "--trainer.default_root_dir", str(tmp_path),
                         "--trainer.enable_progress_bar", "false", "--recover.max_steps", "40",
-                        "--recover.val_check_interval", "20"])
+                        "--recover.val_check_interval", "20", "--task_limit", "40"])
     assert list(rows) == ["dense", "pruned", "recovered"]
+    assert rows["dense"]["arithmetic_acc"] > 0.8 and {"facts_acc", "general_acc"} <= set(rows["pruned"])
     assert rows["pruned"]["weight_MB"] < 0.8 * rows["dense"]["weight_MB"]
     assert rows["recovered"]["domain_ppl"] < rows["pruned"]["domain_ppl"]  # recovery reduces held-out domain loss
     assert json.loads((export / "results.json").read_text()) == json.loads(json.dumps(rows))
@@ -50,29 +45,44 @@ def test_recipe_default_end_to_end(tmp_path, recipe):
 def test_recipe_prune_only(tmp_path, recipe):
     rows = recipe.main(["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
                         "--trainer.enable_progress_bar", "false", "--stages.recover", "false",
-                        "--prune.scope", "expert"])
-    assert list(rows) == ["dense", "pruned"]
+                        "--prune.scope", "expert", "--tasks", "{}"])
+    assert list(rows) == ["dense", "pruned"] and not any(k.endswith("_acc") for k in rows["dense"])
     from transformers import AutoModelForCausalLM
 
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "e")  # uniform: stock transformers loads it
-    assert stock.config.moe_intermediate_size == 32
+    assert stock.config.intermediate_size == 64  # half of the toy model's 128
 
 
-def test_data_module_reproducible_and_clear_errors(tmp_path, embedded):
-    dm = TextDataModule(embedded["tokenizer"], embedded["train"], embedded["domain_eval"], seq_len=32, n_samples=16)
+def test_data_module_reproducible_and_clear_errors(tmp_path):
+    files = toy.corpus_files()
+    train, test = str(files["arithmetic"]["train"]), str(files["arithmetic"]["test"])
+    dm = TextDataModule(str(toy.TOY_DIR), train, test, seq_len=32, n_samples=16)
     dm.setup()
-    again = TextDataModule(embedded["tokenizer"], embedded["train"], seq_len=32, n_samples=16)
+    again = TextDataModule(str(toy.TOY_DIR), train, seq_len=32, n_samples=16)
     again.setup()
-    assert torch.equal(dm.train_rows, again.train_rows) and dm.train_rows.shape == (16, 32)
+    assert torch.equal(dm.train_set.rows, again.train_set.rows) and dm.train_set.rows.shape == (16, 32)
     assert dm.eval_names == ["domain"]
     (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
     with pytest.raises(ValueError, match="no non-empty"):
         load_texts(str(tmp_path / "empty.jsonl"))
     with pytest.raises(KeyError, match="no field 'body'"):
-        load_texts(embedded["train"], text_field="body")
+        load_texts(train, text_field="body")
     with pytest.raises(FileNotFoundError):
         load_texts(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="too short"):
         tokenize_to_sequences(["one two"], dm.tokenizer, seq_len=64)
     (tmp_path / "qa.jsonl").write_text(json.dumps({"q": "2 + 2", "a": "4"}) + "\n")
     assert load_texts(str(tmp_path / "qa.jsonl"), template="{q} = {a}") == ["2 + 2 = 4"]
+
+
+def test_unpacked_documents_are_padded_and_masked_out_of_the_loss():
+    model, tokenizer, _ = toy.load()
+    texts = ["Q: where did Bo go ?\nA: #### the park", "Q: what is the job of Kasa ?\nA: #### doctor"]
+    rows, lengths = tokenize_to_sequences(texts, tokenizer, seq_len=32, pack=False)
+    assert rows.shape == (2, 32) and int(lengths.max()) < 32
+    item, n = _Sequences(rows, lengths)[0], int(lengths[0])
+    assert int(item["attention_mask"].sum()) == n and rows[0, n - 1] == tokenizer.eos_token_id
+    assert (item["labels"][n:] == -100).all() and torch.equal(item["labels"][:n], rows[0, :n])
+    alone = model(input_ids=rows[:1, :n], labels=rows[:1, :n]).loss  # the document by itself
+    padded = model(input_ids=rows[:1], attention_mask=item["attention_mask"][None], labels=item["labels"][None]).loss
+    assert torch.allclose(alone, padded, atol=1e-5)
