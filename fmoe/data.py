@@ -84,6 +84,32 @@ class _Sequences(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i], "attention_mask": mask, "labels": self.rows[i].masked_fill(mask == 0, -100)}
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning resumes mid-epoch: its state is how many batches of the current pass it has handed
+    out, and the first pass after `load_state_dict` skips them. For map-style datasets in a fixed order (no
+    shuffling): Lightning fetches no batch ahead from a loader with a length, so handed out == trained on.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._skip = self._taken = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._taken = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self._taken += 1
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"batches": self._taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        taken = int(state["batches"])
+        self._skip = taken if taken < len(self) else 0  # a finished pass resumes with the next one, whole
+
+
 class TextDataModule(L.LightningDataModule):
     """Calibration/training on `train`, validation on `domain_eval` and `general_eval` (perplexity of each).
 
@@ -136,7 +162,7 @@ class TextDataModule(L.LightningDataModule):
         self._ready = True
 
     def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=False,
+        return ResumableDataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=False,
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self):

@@ -3,7 +3,7 @@
     python tests/ddp_calibrate.py OUT_DIR ddp     # DDP, then IntermediatePruning on every rank
     python tests/ddp_calibrate.py OUT_DIR fsdp2   # ModelParallelStrategy: fully_shard per decoder layer
     python tests/ddp_calibrate.py OUT_DIR recover # DDP calibration + pruning, then LoRA recovery under DDP
-    python tests/ddp_calibrate.py OUT_DIR resume  # DDP: 1 epoch + checkpoint, then resume to 2 epochs
+    python tests/ddp_calibrate.py OUT_DIR resume  # DDP: stop mid-epoch 2 (step 3 of 4), resume to 2 epochs
     python tests/ddp_calibrate.py OUT_DIR activation  # DDP with a method that runs no backward
 """
 
@@ -15,20 +15,22 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 import fmoe
+from fmoe.data import ResumableDataLoader
 from fmoe.lightning import CalibrationModule, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery
 from fmoe.tiny import tiny_model
 from tests.test_lightning import sequences
 
 def resume(out: Path) -> None:
-    ckpt = L.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_epochs=1)
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_train_steps=1)
     common = dict(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
-                  enable_model_summary=False)
-    L.Trainer(max_epochs=1, callbacks=[ckpt], **common).fit(CalibrationModule(tiny_model("qwen3_moe")),
-                                                             DataLoader(sequences(), batch_size=2))
+                  enable_model_summary=False, max_epochs=2)
+    # 8 sequences, 2 ranks, batches of 2: 2 steps an epoch; stopping at step 3 interrupts the second epoch
+    L.Trainer(max_steps=3, callbacks=[ckpt], **common).fit(CalibrationModule(tiny_model("qwen3_moe")),
+                                                            ResumableDataLoader(sequences(), batch_size=2))
     resumed = CalibrationModule(tiny_model("qwen3_moe"))
-    trainer = L.Trainer(max_epochs=2, enable_checkpointing=False, **common)
-    trainer.fit(resumed, DataLoader(sequences(), batch_size=2), ckpt_path=out / "ckpt" / "last.ckpt")
+    trainer = L.Trainer(enable_checkpointing=False, **common)
+    trainer.fit(resumed, ResumableDataLoader(sequences(), batch_size=2), ckpt_path=out / "ckpt" / "last.ckpt")
     if trainer.is_global_zero:
         resumed.scores.save(out / "scores")
 

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import fmoe
+from fmoe.data import ResumableDataLoader
 from fmoe.lightning import CalibrationModule, FisherScoring, IntermediatePruning
 from fmoe.tiny import tiny_model
 from tests.conftest import make_batches
@@ -137,6 +138,26 @@ def test_resume_gives_the_same_scores(tmp_path):
     trainer(tmp_path, max_epochs=2).fit(resumed, DataLoader(data, batch_size=2), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     close(resumed.scores, full.scores, rtol=1e-5)
     assert resumed.scores.samples == 16
+
+
+@pytest.mark.parametrize("stop", [3, 5, 7])  # mid-epoch 1, the end of epoch 1, mid-epoch 2 (5 batches an epoch)
+def test_interrupted_calibration_resumes_to_the_same_scores(tmp_path, stop):
+    data = sequences(n=10)
+    full = CalibrationModule(tiny_model("mixtral"))
+    run = trainer(tmp_path, max_epochs=2)
+    run.fit(full, ResumableDataLoader(data, batch_size=2))
+    assert run.global_step == 10  # every calibration batch is a step
+
+    first = CalibrationModule(tiny_model("mixtral"))
+    ckpt = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    trainer(tmp_path, max_epochs=2, max_steps=stop, callbacks=[ckpt], enable_checkpointing=True).fit(
+        first, ResumableDataLoader(data, batch_size=2))
+    assert first.scores.samples == 2 * stop
+    resumed = CalibrationModule(tiny_model("mixtral"))
+    trainer(tmp_path, max_epochs=2).fit(resumed, ResumableDataLoader(data, batch_size=2),
+                                        ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.scores.samples == 20
+    assert all(torch.equal(resumed.scores.tensors[n], full.scores.tensors[n]) for n in full.scores.tensors)
 
 
 def test_lora_targets_attention_shared_and_routed_experts_not_routers():

@@ -3,10 +3,12 @@
     trainer = L.Trainer(max_epochs=1, callbacks=[IntermediatePruning(amount=0.5, scope="layer")])
     trainer.fit(CalibrationModule(model, method="fisher"), calibration_dataloader)
 
-No optimizer step and no weight gradient: the model's weights are frozen; for Fisher the only trainable parameters
+No weight update and no weight gradient: the model's weights are frozen; for Fisher the only trainable parameters
 are the all-ones masks on the experts' intermediate activations (DDP needs a parameter the forward uses). Each rank
 accumulates locally; at the end of the fit the sums are SUM-reduced once, so every rank holds the same scores (and
-computes the same plan).
+computes the same plan). Every batch counts as a trainer step (an optimizer over nothing is stepped), so
+`max_steps`, step-based `ModelCheckpoint`s and, with a resumable loader (`fmoe.data.ResumableDataLoader`, which
+TextDataModule uses), mid-epoch resume behave as in any fit.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class CalibrationModule(L.LightningModule):
         self._seconds = 0.0
 
     def configure_optimizers(self):
-        return None  # scoring only
+        # scoring only: an optimizer over a detached scalar, stepped once per batch so that batches count as steps
+        return torch.optim.SGD([torch.zeros(())], lr=0.0)
 
     def configure_model(self) -> None:
         """Under ModelParallelStrategy (FSDP2): shard each decoder layer, then the model; masks stay replicated."""
@@ -79,6 +82,7 @@ class CalibrationModule(L.LightningModule):
         start = time.perf_counter()
         self.model.eval()  # Lightning puts modules in train mode; scoring wants no dropout or router jitter
         loss = self.scorer.step(batch, backward=self.manual_backward)
+        self.optimizers().step()  # changes nothing; advances trainer.global_step
         self._seconds += time.perf_counter() - start
         batch_size = batch["input_ids"].shape[0]
         self.log_dict({"samples": float(self.scorer.samples), "tokens": float(self.scorer.tokens),
