@@ -172,4 +172,5 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def eval_names(self) -> list[str]:
-        return list(self.eval_sets)
+        return [name for name, source in (("domain", self.hparams.domain_eval), ("general", self.hparams.general_eval))
+                if source]

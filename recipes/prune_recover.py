@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 import fmoe
 from fmoe.data import TextDataModule
 from fmoe import toy
-from fmoe.tasks import accuracy, load_tasks
+from fmoe.tasks import load_tasks
 from fmoe.lightning import CalibrationModule, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery, evaluate
 
@@ -97,19 +97,17 @@ def main(args=None) -> dict:
     quiet = dict(logger=False, enable_checkpointing=False, enable_model_summary=False)
     stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
     data.setup("fit")
-    tasks = cfg.tasks
-    if tasks is None:
-        tasks = {d: str(f["test"]) for d, f in toy.corpus_files().items()} if cfg.model.model == "toy" else {}
+    paths = cfg.tasks
+    if paths is None:
+        paths = {d: str(f["test"]) for d, f in toy.corpus_files().items()} if cfg.model.model == "toy" else {}
+    tasks = {name: load_tasks(path, cfg.task_limit) for name, path in paths.items()}
     rows = {}
 
     def record(stage, model):
         params, nbytes = params_and_bytes(model)
         row = {"params": params, "weight_MB": nbytes / 2**20}
         if stages.evaluate:
-            row.update(evaluate(model, data, {**hw, **quiet}))
-            if trainer.is_global_zero:  # greedy generation, on one rank
-                for name, path in tasks.items():
-                    row[f"{name}_acc"] = accuracy(model, data.tokenizer, *load_tasks(path, cfg.task_limit))
+            row.update(evaluate(model, data, {**hw, **quiet}, tasks, data.tokenizer))
         rows[stage] = row
 
     record("dense", module.model)
@@ -122,7 +120,8 @@ def main(args=None) -> dict:
     model = module.model
     if stages.recover:
         recovery = LoRARecovery(model, r=recover_cfg.r, alpha=recover_cfg.alpha, lr=recover_cfg.lr,
-                                experts=recover_cfg.experts, eval_names=tuple(data.eval_names))
+                                experts=recover_cfg.experts, eval_names=tuple(data.eval_names), tasks=tasks,
+                                tokenizer=data.tokenizer)
         fit = L.Trainer(**hw, **quiet, max_steps=recover_cfg.max_steps, check_val_every_n_epoch=None,
                         val_check_interval=recover_cfg.val_check_interval)
         fit.fit(recovery, datamodule=data)

@@ -5,8 +5,11 @@
     python tests/ddp_calibrate.py OUT_DIR recover # DDP calibration + pruning, then LoRA recovery under DDP
     python tests/ddp_calibrate.py OUT_DIR resume  # DDP: stop mid-epoch 2 (step 3 of 4), resume to 2 epochs
     python tests/ddp_calibrate.py OUT_DIR activation  # DDP with a method that runs no backward
+    python tests/ddp_calibrate.py OUT_DIR accuracy    # DDP evaluation of the toy model: perplexity + exact match
 """
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,10 +38,25 @@ def resume(out: Path) -> None:
         resumed.scores.save(out / "scores")
 
 
+def accuracy(out: Path) -> None:
+    from fmoe import toy
+    from fmoe.data import TextDataModule
+    from fmoe.lightning.recovery import evaluate
+    from fmoe.tasks import load_tasks
+
+    model, tokenizer, config = toy.load()
+    test = str(toy.corpus_files(config)["arithmetic"]["test"])
+    data = TextDataModule(str(toy.TOY_DIR), test, test, seq_len=80, pack=False, n_samples=8, max_eval_samples=20)
+    kwargs = dict(accelerator="cpu", devices=2, strategy="ddp")
+    result = evaluate(model, data, kwargs, {"arithmetic": load_tasks(test, limit=21)}, tokenizer)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        (out / "result.json").write_text(json.dumps(result))
+
+
 if __name__ == "__main__":
     out, kind = Path(sys.argv[1]), sys.argv[2]
-    if kind == "resume":
-        resume(out)
+    if kind in ("resume", "accuracy"):
+        {"resume": resume, "accuracy": accuracy}[kind](out)
         sys.exit()
     module = CalibrationModule(tiny_model("qwen3_moe"), method="fisher" if kind != "activation" else "activation")
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out)

@@ -140,6 +140,28 @@ def test_resume_gives_the_same_scores(tmp_path):
     assert resumed.scores.samples == 16
 
 
+def test_task_accuracy_under_ddp_equals_one_process(tmp_path):
+    from fmoe import toy
+    from fmoe.data import TextDataModule
+    from fmoe.lightning.recovery import evaluate
+    from fmoe.tasks import accuracy, load_tasks
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_calibrate.py"), str(tmp_path), "accuracy"], check=True,
+                   env=env, timeout=300, cwd=tmp_path)
+    two = json.loads((tmp_path / "result.json").read_text())
+    model, tokenizer, config = toy.load()
+    test = str(toy.corpus_files(config)["arithmetic"]["test"])
+    tasks = {"arithmetic": load_tasks(test, limit=21)}  # 21 prompts: ranks answer 11 and 10
+    data = TextDataModule(str(toy.TOY_DIR), test, test, seq_len=80, pack=False, n_samples=8, max_eval_samples=20)
+    one = evaluate(model, data, {"accelerator": "cpu", "devices": 1}, tasks, tokenizer)
+    assert one["arithmetic_acc"] == pytest.approx(accuracy(model, tokenizer, *tasks["arithmetic"]))
+    assert two["arithmetic_acc"] == pytest.approx(one["arithmetic_acc"])
+    assert two["domain_ppl"] == pytest.approx(one["domain_ppl"], rel=1e-4)
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        evaluate(model, data, {"accelerator": "cpu", "devices": 1}, tasks)
+
+
 @pytest.mark.parametrize("stop", [3, 5, 7])  # mid-epoch 1, the end of epoch 1, mid-epoch 2 (5 batches an epoch)
 def test_interrupted_calibration_resumes_to_the_same_scores(tmp_path, stop):
     data = sequences(n=10)

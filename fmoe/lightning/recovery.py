@@ -11,9 +11,12 @@ import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import SumMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from ..experts import RaggedExperts, find_experts, up_name
+from ..tasks import exact_match
+
+Tasks = dict[str, tuple[list[str], list[str]]]  # {name: (prompts, answers)}, e.g. from fmoe.tasks.load_tasks
 
 
 _NOT_ADAPTED = ("lm_head", "gate", "router", "shared_expert_gate")  # output head and routers keep their weights
@@ -37,13 +40,20 @@ def lora_config(model: nn.Module, r: int = 16, alpha: int = 32, experts: bool = 
 
 class Evaluation(L.LightningModule):
     """Perplexity of a model on each eval loader, from summed token NLL and token counts (torchmetrics SumMetric,
-    SUM over ranks; no tokens x vocab tensor)."""
+    SUM over ranks; no tokens x vocab tensor), and with `tasks` the exact-match accuracy of greedy answers
+    (`<name>_acc`; each rank answers its share of the prompts, a MeanMetric averages over ranks). Generation runs
+    on the unwrapped model: fine under DDP, not under FSDP (ranks would run different numbers of forwards)."""
 
-    def __init__(self, model: nn.Module, eval_names: tuple[str, ...] = ("domain", "general")):
+    def __init__(self, model: nn.Module, eval_names: tuple[str, ...] = ("domain", "general"),
+                 tasks: Tasks | None = None, tokenizer=None):
         super().__init__()
         self.model, self.eval_names = model, list(eval_names)
         self.nll = nn.ModuleList([SumMetric() for _ in self.eval_names])
         self.tokens = nn.ModuleList([SumMetric() for _ in self.eval_names])
+        self.tasks, self.tokenizer = dict(tasks or {}), tokenizer
+        if self.tasks and tokenizer is None:
+            raise ValueError("task accuracy needs the tokenizer (tokenizer=...)")
+        self.hits = nn.ModuleList([MeanMetric() for _ in self.tasks])
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         ids = batch["input_ids"]
@@ -60,16 +70,25 @@ class Evaluation(L.LightningModule):
                 self.log(f"{name}_ppl", torch.exp(self.nll[i].compute() / tokens), prog_bar=True, sync_dist=False)
             self.nll[i].reset()
             self.tokens[i].reset()
+        if self.trainer.sanity_checking:
+            return  # greedy generation is the expensive part: not for Lightning's two-batch sanity check
+        rank, world = self.global_rank, self.trainer.world_size
+        for metric, (name, (prompts, answers)) in zip(self.hits, self.tasks.items()):
+            hits = exact_match(self.model, self.tokenizer, prompts[rank::world], answers[rank::world])
+            metric.update(torch.tensor(hits, dtype=torch.float32, device=self.device))
+            self.log(f"{name}_acc", metric.compute(), prog_bar=True, sync_dist=False)  # compute() syncs ranks
+            metric.reset()
 
 
 class LoRARecovery(Evaluation):
     """Fine-tune LoRA adapters on the (pruned) model; `validation_step` logs perplexity per eval loader."""
 
     def __init__(self, model: nn.Module, r: int = 16, alpha: int = 32, lr: float = 2e-4, weight_decay: float = 0.0,
-                 experts: bool = True, eval_names: tuple[str, ...] = ("domain", "general")):
+                 experts: bool = True, eval_names: tuple[str, ...] = ("domain", "general"),
+                 tasks: Tasks | None = None, tokenizer=None):
         from peft import get_peft_model
 
-        super().__init__(get_peft_model(model, lora_config(model, r, alpha, experts)), eval_names)
+        super().__init__(get_peft_model(model, lora_config(model, r, alpha, experts)), eval_names, tasks, tokenizer)
         self.lr, self.weight_decay = lr, weight_decay
 
     def on_fit_start(self):
@@ -90,12 +109,16 @@ class LoRARecovery(Evaluation):
         return self.model.merge_and_unload()
 
 
-def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None) -> dict[str, float]:
-    """{'<eval name>_ppl': perplexity} of `model` on the datamodule's eval loaders (a Trainer.validate run)."""
+def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None, tasks: Tasks | None = None,
+             tokenizer=None) -> dict[str, float]:
+    """{'<eval name>_ppl': perplexity} of `model` on the datamodule's eval loaders and {'<task>_acc': exact match}
+    of each task (a Trainer.validate run)."""
     names = tuple(datamodule.eval_names)
     if not names:
+        if tasks:
+            raise ValueError("task accuracy is computed in the validation loop: the datamodule needs an eval set")
         return {}
     kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False, **(trainer_kwargs or {})}
     runner = L.Trainer(**kwargs, enable_progress_bar=False)
-    results = runner.validate(Evaluation(model.eval(), names), datamodule=datamodule, verbose=False)
+    results = runner.validate(Evaluation(model.eval(), names, tasks, tokenizer), datamodule=datamodule, verbose=False)
     return {k.split("/")[0]: float(v) for r in results for k, v in r.items()}
