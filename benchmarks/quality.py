@@ -32,11 +32,6 @@ from fmoe.tasks import accuracy, load_tasks
 RANDOM_SEEDS = (0, 1, 2)
 
 
-def batches(tokenizer, texts: list[str], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
-    return [toy.collate(docs[i: i + batch_size], tokenizer.pad_token_id) for i in range(0, len(docs), batch_size)]
-
-
 def recovered(model, plan, train_batches, steps: int, r: int, lr: float):
     """Physically prune a copy of `model` with `plan`, LoRA-tune it on `train_batches` with Lightning, merge."""
     pruned = fmoe.prune(copy.deepcopy(model), plan)
@@ -63,8 +58,8 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
         return {d: round(accuracy(m, tokenizer, *tasks[d]), 4) for d in tasks}
 
     train_texts = [r["text"] for r in toy.read_jsonl(files[calibrate]["train"])]
-    calib = batches(tokenizer, train_texts[:n_calibration], batch_size)
-    lora_data = batches(tokenizer, train_texts[n_calibration: n_calibration + lora_steps * batch_size], batch_size)
+    calib = toy.batches(tokenizer, train_texts[:n_calibration], batch_size)
+    lora_data = toy.batches(tokenizer, train_texts[n_calibration: n_calibration + lora_steps * batch_size], batch_size)
     results = {"dense": acc(model), "calibrate": calibrate, "n_calibration": n_calibration, "split": split,
                "limit": limit, "lora": {"steps": lora_steps, "r": lora_r, "lr": lora_lr}, "sweep": [], "critical": []}
     print(f"dense {results['dense']}", flush=True)

@@ -98,6 +98,17 @@ def build_model(config: ToyConfig, tokenizer) -> nn.Module:
     )
 
 
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, EOS-terminated (how the toy model saw its documents)."""
+    return [ids + [tokenizer.eos_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def batches(tokenizer, texts: list[str], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of `texts` in order (calibration or fine-tuning data for fmoe.score / LoRA)."""
+    docs = encode(tokenizer, texts)
+    return [collate(docs[i: i + batch_size], tokenizer.pad_token_id) for i in range(0, len(docs), batch_size)]
+
+
 def collate(docs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad token lists to the longest; padding is masked out of attention and loss."""
     width = max(len(d) for d in docs)
@@ -129,8 +140,7 @@ def train(config: ToyConfig, out_dir: str | Path | None = None, log=print):
     files = corpus_files(config)
     train_rows = {d: read_jsonl(files[d]["train"]) for d in corpus.DOMAINS}
     tokenizer = train_tokenizer([r["text"] for rows in train_rows.values() for r in rows], config.vocab_size)
-    docs = {d: [tokenizer(r["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in rows]
-            for d, rows in train_rows.items()}
+    docs = {d: encode(tokenizer, [r["text"] for r in rows]) for d, rows in train_rows.items()}
     model = build_model(config, tokenizer).train()
     log(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tokenizer)}, "
         f"train docs {', '.join(f'{d} {len(v)}' for d, v in docs.items())}")

@@ -19,8 +19,7 @@ def setup():
     model, tokenizer, config = toy.load()
     files = toy.corpus_files(config)
     texts = [r["text"] for r in toy.read_jsonl(files["arithmetic"]["train"])[:256]]
-    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
-    batches = [toy.collate(docs[i: i + 16], tokenizer.pad_token_id) for i in range(0, len(docs), 16)]
+    batches = toy.batches(tokenizer, texts, batch_size=16)
     tasks = {"arithmetic": load_tasks(files["arithmetic"]["test"], 100), "facts": load_tasks(files["facts"]["test"])}
     scores = {m: fmoe.score(model, batches, m, progress=False) for m in ("fisher", "magnitude", "random")}
 
