@@ -86,3 +86,12 @@ def test_unpacked_documents_are_padded_and_masked_out_of_the_loss():
     alone = model(input_ids=rows[:1, :n], labels=rows[:1, :n]).loss  # the document by itself
     padded = model(input_ids=rows[:1], attention_mask=item["attention_mask"][None], labels=item["labels"][None]).loss
     assert torch.allclose(alone, padded, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_parses(recipe, config, capsys):
+    with pytest.raises(SystemExit) as stop:
+        recipe.main(["--config", str(config), "--print_config"])
+    assert stop.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "stages:" in printed and ("pack: true" in printed) == (config.stem != "default")
