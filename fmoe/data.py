@@ -60,7 +60,7 @@ def tokenize_to_sequences(texts: list[str], tokenizer, seq_len: int, pack: bool 
         if n == 0:
             raise ValueError(f"data too short: not one sequence of {seq_len} tokens when packed; lower seq_len")
         return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len), None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [None])[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("pack=False pads short documents, but the tokenizer has neither a pad nor an EOS token")
     rows = [(doc + eos)[:seq_len] for doc in ids]
@@ -155,15 +155,15 @@ class TextDataModule(L.LightningDataModule):
         self.eval_sets = {}
         if h.domain_eval:
             self.eval_sets["domain"] = self._sequences(h.domain_eval, h.eval_split, h.max_eval_samples, h.seed + 1,
-                                                  h.subset, h.template)
+                                                       h.subset, h.template)
         if h.general_eval:
             self.eval_sets["general"] = self._sequences(h.general_eval, h.eval_split, h.max_eval_samples, h.seed + 1,
-                                                   h.general_subset)
+                                                        h.general_subset)
         self._ready = True
 
     def train_dataloader(self):
         return ResumableDataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=self.hparams.num_workers)
+                                   num_workers=self.hparams.num_workers)
 
     def val_dataloader(self):
         size = self.hparams.eval_batch_size or self.hparams.batch_size

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import corpus
-from .tasks import accuracy
+from .tasks import accuracy, load_tasks
 
 TOY_DIR = Path(__file__).parent / "assets" / "toy_moe"
 TRAIN_CONFIG = "train_config.json"
@@ -123,8 +123,6 @@ def collate(docs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 def evaluate_accuracy(model, tokenizer, files: dict[str, dict[str, Path]], split: str = "val",
                       limit: int | None = None) -> dict[str, float]:
     """Exact-match accuracy per domain on one split."""
-    from .tasks import load_tasks
-
     return {d: accuracy(model, tokenizer, *load_tasks(files[d][split], limit)) for d in files}
 
 
