@@ -111,7 +111,9 @@ def experts_forward(
         _fused_up, _fused_down)
     start = 0
     for e, count in enumerate(counts):
-        if count == 0:
+        # with autograd on, an expert without tokens still runs (on none): its parameters then get a zero gradient,
+        # and DDP and FSDP2 need the same parameters in every rank's backward
+        if count == 0 and not torch.is_grad_enabled():
             continue
         tokens, slots = token_of[start : start + count], slot_of[start : start + count]
         start += count
@@ -199,6 +201,7 @@ def fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{expert_widths(module)}".encode())
         params = list(module.parameters())
         for p in (params[0], params[-1]):
+            p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shard: the same sample on every rank
             w = p.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).float()
             digest.update(w.numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -279,6 +279,12 @@ class Scorer:
         self.samples = self.tokens = 0
         self._stack: ExitStack | None = None
 
+    def use(self, model: nn.Module) -> None:
+        """Score through another module with the same experts (e.g. a sharded twin of the model); not attached."""
+        if self.is_attached:
+            raise RuntimeError("detach the scorer before switching models")
+        self.model, self.modules = model, find_experts(model)
+
     def attach(self, freeze: bool = True) -> None:
         """Install the hooks; with `freeze`, eval mode and no weight gradients (all restored by `detach`)."""
         if self.is_attached:

@@ -45,8 +45,9 @@ def load_tasks(path: str | Path, limit: int | None = None) -> tuple[list[str], l
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 48,
-             batch_size: int = 64) -> list[str]:
-    """Greedy completions (text after the prompt, up to EOS) of a batch of prompts, left-padded."""
+             batch_size: int = 64, synced: bool = False) -> list[str]:
+    """Greedy completions (text after the prompt, up to EOS) of a batch of prompts, left-padded. `synced`: keep
+    stepping until every rank is done (a sharded model's forward is a collective; needs equal prompt counts)."""
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
@@ -57,7 +58,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
             enc = tokenizer(prompts[start: start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 synced_gpus=synced)
             out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..scores import Scores
 from ..scoring import Scorer
+from .sharding import shard, unshard
 
 _STATE_KEY = "fmoe_scorer"
 
@@ -61,18 +62,10 @@ class CalibrationModule(L.LightningModule):
         return torch.optim.SGD([torch.zeros(())], lr=0.0)
 
     def configure_model(self) -> None:
-        """Under ModelParallelStrategy (FSDP2): shard each decoder layer, then the model; masks stay replicated."""
-        mesh = getattr(self, "device_mesh", None)
-        if mesh is None:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
-        layer_classes = set(getattr(self.model, "_no_split_modules", None) or [])
-        for module in self.model.modules():
-            if type(module).__name__ in layer_classes:
-                fully_shard(module, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        """Under ModelParallelStrategy (FSDP2) the fit runs a sharded twin (see fmoe.lightning.sharding); masks
+        stay replicated. `self.model` is the plain model again once the fit ends."""
+        shard(self, "model")
+        self.scorer.use(self.model)
 
     def on_fit_start(self) -> None:
         self.scorer.to(self.device)
@@ -94,9 +87,12 @@ class CalibrationModule(L.LightningModule):
     def on_train_end(self) -> None:
         self.scorer.detach()
         self.scores = sum_across_ranks(self.scorer, self.trainer.strategy)
+        unshard(self)  # weights are frozen: nothing to gather, the plain model is back for pruning
+        self.scorer.use(self.model)
 
     def on_exception(self, exception: BaseException) -> None:
         self.scorer.detach()
+        unshard(self, gather=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Called on every rank (only rank 0 writes): store the SUM over ranks, so any world size can resume it.

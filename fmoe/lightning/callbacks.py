@@ -14,6 +14,7 @@ from ..prune import prune, weight_bytes
 from ..scores import Scores
 from ..scoring import Scorer
 from .calibration import CalibrationModule, sum_across_ranks
+from .sharding import is_sharded, unshard
 
 
 def find_hf_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
@@ -121,10 +122,12 @@ class IntermediatePruning(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         scores = self._scores(trainer, pl_module)
+        unshard(pl_module)  # FSDP2 via fmoe's shard(): the plain model, with what the fit trained gathered into it
         model = pl_module.model if isinstance(pl_module, CalibrationModule) else find_hf_model(pl_module, self.model_attr)
-        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-            raise NotImplementedError("IntermediatePruning of a sharded (FSDP2) model is not supported yet: calibrate "
-                                      "with FSDP2, then save the scores and prune an unsharded copy")
+        if is_sharded(model):
+            raise TypeError("IntermediatePruning cannot slice a model sharded in place: under ModelParallelStrategy "
+                            "call fmoe.lightning.sharding.shard(self, '<model attribute>') in configure_model, "
+                            "which keeps the plain model to prune")
         before = weight_bytes(model)
         self.plan = make_plan(scores, self.amount, self.scope, multiple_of=self.multiple_of,
                               min_width=self.min_width, normalize=self.normalize, model=model)

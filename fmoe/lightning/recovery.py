@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from ..experts import RaggedExperts, find_experts, up_name
 from ..tasks import exact_match
+from .sharding import is_sharded, shard, unshard
 
 Tasks = dict[str, tuple[list[str], list[str]]]  # {name: (prompts, answers)}, e.g. from fmoe.tasks.load_tasks
 
@@ -41,8 +42,9 @@ def lora_config(model: nn.Module, r: int = 16, alpha: int = 32, experts: bool = 
 class Evaluation(L.LightningModule):
     """Perplexity of a model on each eval loader, from summed token NLL and token counts (torchmetrics SumMetric,
     SUM over ranks; no tokens x vocab tensor), and with `tasks` the exact-match accuracy of greedy answers
-    (`<name>_acc`; each rank answers its share of the prompts, a MeanMetric averages over ranks). Generation runs
-    on the unwrapped model: fine under DDP, not under FSDP (ranks would run different numbers of forwards)."""
+    (`<name>_acc`; each rank answers its share of the prompts, a MeanMetric averages over ranks). Under
+    ModelParallelStrategy (FSDP2) the model is sharded per decoder layer for the fit and generation runs in
+    lockstep across ranks."""
 
     def __init__(self, model: nn.Module, eval_names: tuple[str, ...] = ("domain", "general"),
                  tasks: Tasks | None = None, tokenizer=None):
@@ -54,6 +56,12 @@ class Evaluation(L.LightningModule):
         if self.tasks and tokenizer is None:
             raise ValueError("task accuracy needs the tokenizer (tokenizer=...)")
         self.hits = nn.ModuleList([MeanMetric() for _ in self.tasks])
+
+    def configure_model(self):
+        shard(self, "model")  # ModelParallelStrategy (FSDP2): a sharded twin runs the fit; see fmoe.lightning.sharding
+
+    def teardown(self, stage: str):
+        unshard(self)  # the plain model back, with what the fit trained
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         ids = batch["input_ids"]
@@ -72,9 +80,15 @@ class Evaluation(L.LightningModule):
             self.tokens[i].reset()
         if self.trainer.sanity_checking:
             return  # greedy generation is the expensive part: not for Lightning's two-batch sanity check
-        rank, world = self.global_rank, self.trainer.world_size
+        rank, world, sharded = self.global_rank, self.trainer.world_size, is_sharded(self.model)
         for metric, (name, (prompts, answers)) in zip(self.hits, self.tasks.items()):
-            hits = exact_match(self.model, self.tokenizer, prompts[rank::world], answers[rank::world])
+            mine = list(range(rank, len(prompts), world))
+            share = mine
+            if sharded:  # every forward is a collective: equal prompt counts (padding not counted), lockstep steps
+                per_rank = -(-len(prompts) // world)
+                share = (mine + [0] * per_rank)[:per_rank]
+            hits = exact_match(self.model, self.tokenizer, [prompts[i] for i in share], [answers[i] for i in share],
+                               synced=sharded)[: len(mine)]
             metric.update(torch.tensor(hits, dtype=torch.float32, device=self.device))
             self.log(f"{name}_acc", metric.compute(), prog_bar=True, sync_dist=False)  # compute() syncs ranks
             metric.reset()
