@@ -14,6 +14,7 @@ recovered on arithmetic word problems, measured on arithmetic, facts and general
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,6 +85,17 @@ class RecipeCLI(LightningCLI):
                              "trainer.default_root_dir": "runs/prune_recover"})
 
 
+def hardware(cfg) -> dict:
+    """The CLI's hardware settings for one stage's Trainer, with a strategy object of its own (a strategy belongs
+    to one Trainer; `ModelParallelStrategy` runs every stage under FSDP2, see fmoe.lightning.sharding)."""
+    hw = {k: cfg.trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "default_root_dir")}
+    strategy = hw["strategy"]
+    if not isinstance(strategy, (str, type(None))):  # a class_path/init_args Namespace from the config
+        module, _, name = strategy.class_path.rpartition(".")
+        hw["strategy"] = getattr(importlib.import_module(module), name)(**strategy.init_args.as_dict())
+    return {k: v for k, v in hw.items() if v is not None}
+
+
 def params_and_bytes(model) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()), fmoe.weight_bytes(model)
 
@@ -91,9 +103,6 @@ def params_and_bytes(model) -> tuple[int, int]:
 def main(args=None) -> dict:
     cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_kwargs={"overwrite": True})
     cfg, trainer, module, data = cli.config, cli.trainer, cli.model, cli.datamodule
-    # every stage's Trainer shares the CLI's hardware settings (a strategy object cannot be shared between Trainers)
-    hw = {k: cfg.trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "default_root_dir")}
-    hw = {k: v for k, v in hw.items() if v is not None}
     quiet = dict(logger=False, enable_checkpointing=False, enable_model_summary=False)
     stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
     data.setup("fit")
@@ -107,13 +116,13 @@ def main(args=None) -> dict:
         params, nbytes = params_and_bytes(model)
         row = {"params": params, "weight_MB": nbytes / 2**20}
         if stages.evaluate:
-            row.update(evaluate(model, data, {**hw, **quiet}, tasks, data.tokenizer))
+            row.update(evaluate(model, data, {**hardware(cfg), **quiet}, tasks, data.tokenizer))
         rows[stage] = row
 
     record("dense", module.model)
     if stages.calibrate:
         callbacks = [IntermediatePruning(**asdict(prune_cfg), save_dir=Path(cfg.export_dir).parent)] if stages.prune else []
-        calib = L.Trainer(**hw, **quiet, max_epochs=1, callbacks=callbacks)
+        calib = L.Trainer(**hardware(cfg), **quiet, max_epochs=1, callbacks=callbacks)
         calib.fit(module, datamodule=data)
         if stages.prune:
             record("pruned", module.model)
@@ -122,7 +131,7 @@ def main(args=None) -> dict:
         recovery = LoRARecovery(model, r=recover_cfg.r, alpha=recover_cfg.alpha, lr=recover_cfg.lr,
                                 experts=recover_cfg.experts, eval_names=tuple(data.eval_names), tasks=tasks,
                                 tokenizer=data.tokenizer)
-        fit = L.Trainer(**hw, **quiet, max_steps=recover_cfg.max_steps, check_val_every_n_epoch=None,
+        fit = L.Trainer(**hardware(cfg), **quiet, max_steps=recover_cfg.max_steps, check_val_every_n_epoch=None,
                         val_check_interval=recover_cfg.val_check_interval)
         fit.fit(recovery, datamodule=data)
         model = recovery.merged()

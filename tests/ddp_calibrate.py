@@ -1,13 +1,15 @@
 """2-process calibration on CPU (gloo), run by tests/test_lightning.py:
 
     python tests/ddp_calibrate.py OUT_DIR ddp     # DDP, then IntermediatePruning on every rank
-    python tests/ddp_calibrate.py OUT_DIR fsdp2   # ModelParallelStrategy: fully_shard per decoder layer
+    python tests/ddp_calibrate.py OUT_DIR fsdp2   # ModelParallelStrategy: fully_shard per decoder layer, then pruning
+    python tests/ddp_calibrate.py OUT_DIR fsdp2_lora SCOPE  # FSDP2 calibration + pruning, LoRA under DDP and FSDP2
     python tests/ddp_calibrate.py OUT_DIR recover # DDP calibration + pruning, then LoRA recovery under DDP
     python tests/ddp_calibrate.py OUT_DIR resume  # DDP: stop mid-epoch 2 (step 3 of 4), resume to 2 epochs
     python tests/ddp_calibrate.py OUT_DIR activation  # DDP with a method that runs no backward
-    python tests/ddp_calibrate.py OUT_DIR accuracy    # DDP evaluation of the toy model: perplexity + exact match
+    python tests/ddp_calibrate.py OUT_DIR accuracy STRATEGY  # evaluation of the toy model: perplexity + exact match
 """
 
+import copy
 import json
 import os
 import sys
@@ -21,8 +23,10 @@ import fmoe
 from fmoe.data import ResumableDataLoader
 from fmoe.lightning import CalibrationModule, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery
+from fmoe.lightning.sharding import is_sharded
 from fmoe.tiny import tiny_model
 from tests.test_lightning import sequences
+
 
 def resume(out: Path) -> None:
     ckpt = L.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_train_steps=1)
@@ -38,7 +42,46 @@ def resume(out: Path) -> None:
         resumed.scores.save(out / "scores")
 
 
-def accuracy(out: Path) -> None:
+def fsdp2() -> ModelParallelStrategy:
+    return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+
+
+class Sharded(L.Callback):
+    """Records whether the fit ran a sharded model."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.sharded = is_sharded(pl_module.model)
+
+
+def lora_under_both_strategies(out: Path, scope: str) -> None:
+    """FSDP2 calibration + pruning, then the same LoRA run (same seed, data, steps) under DDP and under FSDP2."""
+    module = CalibrationModule(tiny_model("qwen3_moe"))
+    pruning = IntermediatePruning(amount=0.5, scope=scope, multiple_of=4, save_dir=out)
+    quiet = dict(accelerator="cpu", devices=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                 enable_model_summary=False)
+    trainer = L.Trainer(strategy=fsdp2(), max_epochs=1, callbacks=[pruning], **quiet)
+    trainer.fit(module, DataLoader(sequences(), batch_size=2))
+    pruning.plan.save(out / f"plan_rank{trainer.global_rank}.json")
+    pruned = module.model
+    results = {"pruned_is_sharded": is_sharded(pruned)}
+    held_out = DataLoader(sequences(n=8, seed=4, padded=False), batch_size=4)
+    for name, strategy in (("ddp", lambda: "ddp"), ("fsdp2", fsdp2)):
+        L.seed_everything(0)  # the same adapter initialisation in both runs
+        recovery = LoRARecovery(copy.deepcopy(pruned), r=4, alpha=8, lr=1e-2, eval_names=("domain",))
+        probe = Sharded()
+        fit = L.Trainer(strategy=strategy(), max_epochs=2, callbacks=[probe], **quiet)
+        before = fit.validate(recovery, held_out, verbose=False)[0]["domain_ppl"]
+        fit.fit(recovery, DataLoader(sequences(n=16, seed=3, padded=False), batch_size=2), held_out)
+        after = L.Trainer(strategy=strategy(), **quiet).validate(recovery, held_out, verbose=False)[0]["domain_ppl"]
+        merged = recovery.merged()
+        results[name] = {"before": before, "after": after, "sharded_fit": probe.sharded}
+        if trainer.is_global_zero:
+            fmoe.save_pretrained(merged, out / name)
+    if trainer.is_global_zero:
+        (out / "lora.json").write_text(json.dumps(results))
+
+
+def accuracy(out: Path, strategy: str) -> None:
     from fmoe import toy
     from fmoe.data import TextDataModule
     from fmoe.lightning.recovery import evaluate
@@ -47,7 +90,7 @@ def accuracy(out: Path) -> None:
     model, tokenizer, config = toy.load()
     test = str(toy.corpus_files(config)["arithmetic"]["test"])
     data = TextDataModule(str(toy.TOY_DIR), test, test, seq_len=80, pack=False, n_samples=8, max_eval_samples=20)
-    kwargs = dict(accelerator="cpu", devices=2, strategy="ddp")
+    kwargs = dict(accelerator="cpu", devices=2, strategy=fsdp2() if strategy == "fsdp2" else strategy)
     result = evaluate(model, data, kwargs, {"arithmetic": load_tasks(test, limit=21)}, tokenizer)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         (out / "result.json").write_text(json.dumps(result))
@@ -55,15 +98,14 @@ def accuracy(out: Path) -> None:
 
 if __name__ == "__main__":
     out, kind = Path(sys.argv[1]), sys.argv[2]
-    if kind in ("resume", "accuracy"):
-        {"resume": resume, "accuracy": accuracy}[kind](out)
+    if kind in ("resume", "accuracy", "fsdp2_lora"):
+        {"resume": resume, "accuracy": accuracy, "fsdp2_lora": lora_under_both_strategies}[kind](out, *sys.argv[3:])
         sys.exit()
     module = CalibrationModule(tiny_model("qwen3_moe"), method="fisher" if kind != "activation" else "activation")
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out)
-    strategy = "ddp" if kind != "fsdp2" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[pruning] if kind != "fsdp2" else [], default_root_dir=out)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=fsdp2() if kind == "fsdp2" else "ddp", max_epochs=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[pruning], default_root_dir=out)
     trainer.fit(module, DataLoader(sequences(), batch_size=2))
     if kind == "recover":
         recovery = LoRARecovery(module.model, r=4, alpha=8, lr=1e-2, eval_names=("domain",))
@@ -78,7 +120,5 @@ if __name__ == "__main__":
         if fit.is_global_zero:
             fmoe.save_pretrained(merged, out / "recovered")
             (out / "ppl.txt").write_text(f"{before} {after}")
-    elif kind in ("ddp", "activation"):
-        pruning.plan.save(out / f"plan_rank{trainer.global_rank}.json")  # every rank must reach the same plan
-    elif trainer.is_global_zero:
-        module.scores.save(out / "scores")
+    else:  # every rank must reach the same plan (IntermediatePruning saved rank 0's scores to OUT_DIR/scores)
+        pruning.plan.save(out / f"plan_rank{trainer.global_rank}.json")

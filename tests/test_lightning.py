@@ -33,6 +33,12 @@ def trainer(tmp_path, **kw):
     return L.Trainer(**kw)
 
 
+def run_two_processes(tmp_path, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_calibrate.py"), str(tmp_path), *args], check=True,
+                   env=env, timeout=300, cwd=tmp_path)
+
+
 def close(a: fmoe.Scores, b: fmoe.Scores, rtol=1e-4):
     assert a.tensors.keys() == b.tensors.keys()
     for n in a.tensors:
@@ -92,9 +98,7 @@ def test_fisher_scoring_callback_on_a_users_module(tmp_path, accumulate):
 
 
 def test_lora_recovery_under_ddp_reduces_held_out_loss(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_calibrate.py"), str(tmp_path), "recover"], check=True,
-                   env=env, timeout=300, cwd=tmp_path)
+    run_two_processes(tmp_path, "recover")
     before, after = map(float, (tmp_path / "ppl.txt").read_text().split())
     assert after < before
     model = fmoe.from_pretrained(tmp_path / "recovered")  # merged: plain (ragged) experts, no adapters
@@ -111,9 +115,7 @@ def test_bad_arguments_are_clear():
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2", "resume", "activation"])
 def test_two_processes_equal_one_process(tmp_path, kind):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_calibrate.py"), str(tmp_path), kind], check=True,
-                   env=env, timeout=300, cwd=tmp_path)
+    run_two_processes(tmp_path, kind)
     model = tiny_model("qwen3_moe")
     data = sequences()
     epochs = 2 if kind == "resume" else 1  # resume: 1 epoch, checkpoint, resume to 2 == the same batches twice
@@ -121,9 +123,29 @@ def test_two_processes_equal_one_process(tmp_path, kind):
     expected = fmoe.score(model, batches, method="activation" if kind == "activation" else "fisher")
     close(fmoe.Scores.load(tmp_path / "scores"), expected)
     assert fmoe.Scores.load(tmp_path / "scores").samples == 8 * epochs  # each sample once per epoch, SUM-reduced
-    if kind in ("ddp", "activation"):
+    if kind in ("ddp", "activation", "fsdp2"):
         plans = [json.loads((tmp_path / f"plan_rank{r}.json").read_text()) for r in (0, 1)]
         assert plans[0] == plans[1]
+
+
+
+@pytest.mark.parametrize("scope", ["layer", "expert"])  # ragged experts (per-expert Linears) / fused (peft parameters)
+def test_fsdp2_calibration_prunes_and_lora_under_fsdp2_equals_ddp(tmp_path, scope):
+    run_two_processes(tmp_path, "fsdp2_lora", scope)
+    result = json.loads((tmp_path / "lora.json").read_text())
+    assert not result["pruned_is_sharded"]  # IntermediatePruning got the plain model back and pruned it
+    plans = [fmoe.PruningPlan.load(tmp_path / f"plan_rank{r}.json") for r in (0, 1)]
+    assert plans[0].to_dict() == plans[1].to_dict()
+    assert plans[0].is_uniform() == (scope == "expert")
+    assert result["fsdp2"]["sharded_fit"] and not result["ddp"]["sharded_fit"]
+    for strategy in ("ddp", "fsdp2"):
+        assert result[strategy]["after"] < result[strategy]["before"]
+    assert result["fsdp2"]["before"] == pytest.approx(result["ddp"]["before"], rel=1e-5)
+    # the same adapters, data and steps: FSDP2's reduce-scatter and DDP's all-reduce give the same merged model
+    ddp, fsdp = (fmoe.from_pretrained(tmp_path / s).state_dict() for s in ("ddp", "fsdp2"))
+    assert ddp.keys() == fsdp.keys()
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-6)
 
 
 def test_resume_gives_the_same_scores(tmp_path):
@@ -140,15 +162,14 @@ def test_resume_gives_the_same_scores(tmp_path):
     assert resumed.scores.samples == 16
 
 
-def test_task_accuracy_under_ddp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_task_accuracy_on_two_processes_equals_one_process(tmp_path, strategy):
     from fmoe import toy
     from fmoe.data import TextDataModule
     from fmoe.lightning.recovery import evaluate
     from fmoe.tasks import accuracy, load_tasks
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_calibrate.py"), str(tmp_path), "accuracy"], check=True,
-                   env=env, timeout=300, cwd=tmp_path)
+    run_two_processes(tmp_path, "accuracy", strategy)  # fsdp2: sharded model, lockstep generation, padded shares
     two = json.loads((tmp_path / "result.json").read_text())
     model, tokenizer, config = toy.load()
     test = str(toy.corpus_files(config)["arithmetic"]["test"])

@@ -53,6 +53,26 @@ def test_recipe_prune_only(tmp_path, recipe):
     assert stock.config.intermediate_size == 64  # half of the toy model's 128
 
 
+def test_recipe_under_fsdp2_on_two_processes(tmp_path):
+    """Every stage under ModelParallelStrategy (a fresh strategy per stage): calibrate, prune, LoRA, export."""
+    import subprocess
+
+    export = tmp_path / "export"
+    subprocess.run([sys.executable, str(ROOT / "recipes" / "prune_recover.py"), "--export_dir", str(export),
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                    "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+                    "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1",
+                    "--recover.max_steps", "6", "--recover.val_check_interval", "3", "--task_limit", "20",
+                    "--data.n_samples", "16"], check=True, timeout=600, cwd=tmp_path)
+    rows = json.loads((export / "results.json").read_text())
+    assert list(rows) == ["dense", "pruned", "recovered"]
+    assert rows["recovered"]["domain_ppl"] < rows["pruned"]["domain_ppl"]
+    model = fmoe.from_pretrained(export)
+    widths = {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()}
+    assert widths == fmoe.PruningPlan.load(tmp_path / "plan.json").kept_widths()
+
+
 def test_data_module_reproducible_and_clear_errors(tmp_path):
     files = toy.corpus_files()
     train, test = str(files["arithmetic"]["train"]), str(files["arithmetic"]["test"])
