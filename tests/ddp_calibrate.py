@@ -3,6 +3,7 @@
     python tests/ddp_calibrate.py OUT_DIR ddp     # DDP, then IntermediatePruning on every rank
     python tests/ddp_calibrate.py OUT_DIR fsdp2   # ModelParallelStrategy: fully_shard per decoder layer, then pruning
     python tests/ddp_calibrate.py OUT_DIR fsdp2_lora SCOPE  # FSDP2 calibration + pruning, LoRA under DDP and FSDP2
+    python tests/ddp_calibrate.py OUT_DIR user    # FisherScoring + pruning in a user's training, DDP and FSDP2
     python tests/ddp_calibrate.py OUT_DIR recover # DDP calibration + pruning, then LoRA recovery under DDP
     python tests/ddp_calibrate.py OUT_DIR resume  # DDP: stop mid-epoch 2 (step 3 of 4), resume to 2 epochs
     python tests/ddp_calibrate.py OUT_DIR activation  # DDP with a method that runs no backward
@@ -21,11 +22,11 @@ from torch.utils.data import DataLoader
 
 import fmoe
 from fmoe.data import ResumableDataLoader
-from fmoe.lightning import CalibrationModule, IntermediatePruning
+from fmoe.lightning import CalibrationModule, FisherScoring, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery
 from fmoe.lightning.sharding import is_sharded
 from fmoe.tiny import tiny_model
-from tests.test_lightning import sequences
+from tests.test_lightning import UserModule, sequences
 
 
 def resume(out: Path) -> None:
@@ -81,6 +82,21 @@ def lora_under_both_strategies(out: Path, scope: str) -> None:
         (out / "lora.json").write_text(json.dumps(results))
 
 
+def user_training(out: Path) -> None:
+    """FisherScoring and IntermediatePruning in a user's own training fit (lr > 0), under DDP and under FSDP2."""
+    for name, strategy in (("ddp", lambda: "ddp"), ("fsdp2", fsdp2)):
+        user = UserModule(tiny_model("olmoe"), lr=0.05)
+        pruning, probe = IntermediatePruning(amount=0.5, scope="expert", save_dir=out / name), Sharded()
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy(), max_epochs=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[FisherScoring(), pruning, probe])
+        trainer.fit(user, DataLoader(sequences(padded=False), batch_size=2))
+        pruning.plan.save(out / name / f"plan_rank{trainer.global_rank}.json")
+        if trainer.is_global_zero:
+            fmoe.save_pretrained(user.model, out / name / "model")
+            (out / name / "sharded.json").write_text(json.dumps(probe.sharded))
+
+
 def accuracy(out: Path, strategy: str) -> None:
     from fmoe import toy
     from fmoe.data import TextDataModule
@@ -98,8 +114,9 @@ def accuracy(out: Path, strategy: str) -> None:
 
 if __name__ == "__main__":
     out, kind = Path(sys.argv[1]), sys.argv[2]
-    if kind in ("resume", "accuracy", "fsdp2_lora"):
-        {"resume": resume, "accuracy": accuracy, "fsdp2_lora": lora_under_both_strategies}[kind](out, *sys.argv[3:])
+    stages = {"resume": resume, "accuracy": accuracy, "fsdp2_lora": lora_under_both_strategies, "user": user_training}
+    if kind in stages:
+        stages[kind](out, *sys.argv[3:])
         sys.exit()
     module = CalibrationModule(tiny_model("qwen3_moe"), method="fisher" if kind != "activation" else "activation")
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out)

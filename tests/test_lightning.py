@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 import fmoe
 from fmoe.data import ResumableDataLoader
 from fmoe.lightning import CalibrationModule, FisherScoring, IntermediatePruning
+from fmoe.lightning.sharding import shard
 from fmoe.tiny import tiny_model
 from tests.conftest import make_batches
 
@@ -81,6 +82,9 @@ class UserModule(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
+    def configure_model(self):  # for ModelParallelStrategy (FSDP2); nothing under other strategies
+        shard(self, "model")
+
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_fisher_scoring_callback_on_a_users_module(tmp_path, accumulate):
@@ -95,6 +99,19 @@ def test_fisher_scoring_callback_on_a_users_module(tmp_path, accumulate):
     assert all(isinstance(m, torch.nn.Module) and fmoe.experts.expert_widths(m) == [16] * 4
                for m in fmoe.find_experts(model).values())
     assert model.config.intermediate_size == 16
+
+
+def test_fisher_scoring_on_a_users_training_under_fsdp2_equals_ddp(tmp_path):
+    run_two_processes(tmp_path, "user")
+    assert [json.loads((tmp_path / s / "sharded.json").read_text()) for s in ("ddp", "fsdp2")] == [False, True]
+    ddp, fsdp = (fmoe.Scores.load(tmp_path / s / "scores") for s in ("ddp", "fsdp2"))
+    close(fsdp, ddp, rtol=1e-4)
+    assert fsdp.fingerprint == ddp.fingerprint  # the same trained weights at the end of both fits
+    for strategy in ("ddp", "fsdp2"):
+        plans = [fmoe.PruningPlan.load(tmp_path / strategy / f"plan_rank{r}.json") for r in (0, 1)]
+        assert plans[0].to_dict() == plans[1].to_dict() and plans[0].is_uniform()
+    trained = fmoe.from_pretrained(tmp_path / "fsdp2" / "model")
+    assert trained.config.intermediate_size == 16 and fmoe.fingerprint(trained) != fmoe.fingerprint(tiny_model("olmoe"))
 
 
 def test_lora_recovery_under_ddp_reduces_held_out_loss(tmp_path):

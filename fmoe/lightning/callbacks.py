@@ -8,7 +8,7 @@ import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..experts import find_experts
+from ..experts import find_experts, fingerprint
 from ..plan import SCOPES, make_plan
 from ..prune import prune, weight_bytes
 from ..scores import Scores
@@ -43,6 +43,9 @@ class FisherScoring(L.Callback):
     B^2 (times accumulate_grad_batches^2) to match `fmoe.score`. Rankings within a scope are unaffected by a
     constant factor. Hooks are off during validation. Not handled: fp16 GradScaler (scaled gradients), gradient
     checkpointing (recomputed forwards would call the hooks twice).
+
+    Under ModelParallelStrategy (FSDP2), shard the model with `fmoe.lightning.sharding.shard(self, "model")` in
+    your `configure_model`: the fit then runs a sharded twin and IntermediatePruning gets the plain model back.
     """
 
     def __init__(self, model_attr: str | None = None, loss_reduction: str = "mean_of_sequences"):
@@ -86,6 +89,7 @@ class FisherScoring(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.scorer.detach()
+        self.scorer.fingerprint = fingerprint(self.scorer.model)  # their fit changed the weights: name the result
         self.scores = sum_across_ranks(self.scorer, trainer.strategy)
 
     def on_exception(self, trainer, pl_module, exception):
