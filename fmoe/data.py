@@ -13,7 +13,8 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 
@@ -161,14 +162,27 @@ class TextDataModule(L.LightningDataModule):
                                                         h.general_subset)
         self._ready = True
 
+    def _even(self, dataset: Dataset, name: str) -> Dataset:
+        """The dataset cut to a multiple of the world size: Lightning's DistributedSampler would otherwise repeat
+        samples to even out the ranks, and scores and perplexities would count them twice."""
+        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        usable = len(dataset) - len(dataset) % world
+        if usable == len(dataset):
+            return dataset
+        if usable == 0:
+            raise ValueError(f"the {name} set has {len(dataset)} sequences, fewer than the {world} processes")
+        rank_zero_warn(f"the {name} set's {len(dataset)} sequences do not split evenly over {world} processes: "
+                       f"using the first {usable}, so that no sequence is counted twice")
+        return Subset(dataset, range(usable))
+
     def train_dataloader(self):
-        return ResumableDataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=False,
-                                   num_workers=self.hparams.num_workers)
+        return ResumableDataLoader(self._even(self.train_set, "train"), batch_size=self.hparams.batch_size,
+                                   shuffle=False, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self):
         size = self.hparams.eval_batch_size or self.hparams.batch_size
-        return [DataLoader(sequences, batch_size=size, num_workers=self.hparams.num_workers)
-                for sequences in self.eval_sets.values()]
+        return [DataLoader(self._even(sequences, name), batch_size=size, num_workers=self.hparams.num_workers)
+                for name, sequences in self.eval_sets.items()]
 
     @property
     def eval_names(self) -> list[str]:

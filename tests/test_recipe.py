@@ -95,6 +95,27 @@ def test_data_module_reproducible_and_clear_errors(tmp_path):
     assert load_texts(str(tmp_path / "qa.jsonl"), template="{q} = {a}") == ["2 + 2 = 4"]
 
 
+def test_data_splits_evenly_over_processes():
+    """No sequence is repeated to even out ranks (Lightning's DistributedSampler would count it twice)."""
+    from types import SimpleNamespace
+
+    files = toy.corpus_files()
+    train, test = str(files["arithmetic"]["train"]), str(files["arithmetic"]["test"])
+    dm = TextDataModule(str(toy.TOY_DIR), train, test, seq_len=80, pack=False, n_samples=16, max_eval_samples=10)
+    dm.setup()
+    dm.trainer = SimpleNamespace(world_size=3)
+    with pytest.warns(UserWarning, match="using the first 15"):
+        loader = dm.train_dataloader()
+    assert len(loader.dataset) == 15 and torch.equal(loader.dataset[14]["input_ids"], dm.train_set[14]["input_ids"])
+    with pytest.warns(UserWarning, match="using the first 9"):
+        assert [len(v.dataset) for v in dm.val_dataloader()] == [9]
+    dm.trainer = SimpleNamespace(world_size=2)
+    assert dm.train_dataloader().dataset is dm.train_set
+    dm.trainer = SimpleNamespace(world_size=32)
+    with pytest.raises(ValueError, match="fewer than the 32 processes"):
+        dm.train_dataloader()
+
+
 def test_unpacked_documents_are_padded_and_masked_out_of_the_loss():
     model, tokenizer, _ = toy.load()
     texts = ["Q: where did Bo go ?\nA: #### the park", "Q: what is the job of Kasa ?\nA: #### doctor"]
