@@ -14,6 +14,7 @@ recovered on arithmetic word problems, measured on arithmetic, facts and general
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 from dataclasses import asdict, dataclass
@@ -90,9 +91,11 @@ def hardware(cfg) -> dict:
     to one Trainer; `ModelParallelStrategy` runs every stage under FSDP2, see fmoe.lightning.sharding)."""
     hw = {k: cfg.trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "default_root_dir")}
     strategy = hw["strategy"]
-    if not isinstance(strategy, (str, type(None))):  # a class_path/init_args Namespace from the config
+    if hasattr(strategy, "class_path"):  # a class_path/init_args Namespace from the config
         module, _, name = strategy.class_path.rpartition(".")
         hw["strategy"] = getattr(importlib.import_module(module), name)(**strategy.init_args.as_dict())
+    elif not isinstance(strategy, (str, type(None))):  # a Strategy object given to main()
+        hw["strategy"] = copy.deepcopy(strategy)
     return {k: v for k, v in hw.items() if v is not None}
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 import fmoe
 from fmoe.data import ResumableDataLoader
 from fmoe.lightning import CalibrationModule, FisherScoring, IntermediatePruning
-from fmoe.lightning.sharding import shard
+from fmoe.lightning.sharding import shard, unshard
 from fmoe.tiny import tiny_model
 from tests.conftest import make_batches
 
@@ -85,6 +85,9 @@ class UserModule(L.LightningModule):
     def configure_model(self):  # for ModelParallelStrategy (FSDP2); nothing under other strategies
         shard(self, "model")
 
+    def teardown(self, stage):
+        unshard(self, self.trainer)
+
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_fisher_scoring_callback_on_a_users_module(tmp_path, accumulate):
@@ -110,8 +113,53 @@ def test_fisher_scoring_on_a_users_training_under_fsdp2_equals_ddp(tmp_path):
     for strategy in ("ddp", "fsdp2"):
         plans = [fmoe.PruningPlan.load(tmp_path / strategy / f"plan_rank{r}.json") for r in (0, 1)]
         assert plans[0].to_dict() == plans[1].to_dict() and plans[0].is_uniform()
-    trained = fmoe.from_pretrained(tmp_path / "fsdp2" / "model")
-    assert trained.config.intermediate_size == 16 and fmoe.fingerprint(trained) != fmoe.fingerprint(tiny_model("olmoe"))
+    # the user's trained weights were gathered back before pruning: both runs end with the same model
+    ddp_model, fsdp_model = (fmoe.from_pretrained(tmp_path / s / "model") for s in ("ddp", "fsdp2"))
+    assert fsdp_model.config.intermediate_size == 16
+    fsdp_weights, initial = fsdp_model.state_dict(), tiny_model("olmoe").state_dict()
+    for key, value in ddp_model.state_dict().items():
+        torch.testing.assert_close(fsdp_weights[key], value, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(fsdp_weights["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+
+
+def test_sharded_runs_leave_the_plain_model_and_restart_cleanly(tmp_path):
+    """One process under ModelParallelStrategy: validation writes nothing back (even in bf16), a failed run leaves
+    the plain model, and a later run under another strategy does not shard with the old mesh."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from fmoe.lightning.recovery import Evaluation
+
+    class Failing(Evaluation):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            raise RuntimeError("boom")
+
+    model = tiny_model("qwen3_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = DataLoader(sequences(), batch_size=4)
+    seen = []
+
+    class Probe(L.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            seen.append(fmoe.lightning.sharding.is_sharded(pl_module.model))
+
+    environ = dict(os.environ)  # Lightning sets MASTER_PORT & co. for the process group it starts here
+    try:
+        evaluation = Evaluation(model, ("domain",))  # the same module in both runs
+        for strategy, precision in ((ModelParallelStrategy(1, 1), "bf16-true"), ("auto", "32-true")):
+            trainer(tmp_path, strategy=strategy, precision=precision, callbacks=[Probe()]).validate(
+                evaluation, loader, verbose=False)
+            assert evaluation.model is model
+        failing = Failing(model, ("domain",))
+        with pytest.raises(RuntimeError, match="boom"):
+            trainer(tmp_path, strategy=ModelParallelStrategy(1, 1), callbacks=[Probe()]).validate(failing, loader)
+        assert failing.model is model  # the exception put the plain model back
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+    assert seen == [True, False, True]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # validation wrote nothing back
 
 
 def test_lora_recovery_under_ddp_reduces_held_out_loss(tmp_path):

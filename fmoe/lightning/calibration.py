@@ -21,7 +21,7 @@ from torch import nn
 
 from ..scores import Scores
 from ..scoring import Scorer
-from .sharding import shard, unshard
+from .sharding import RestoreOnException, shard, unshard
 
 _STATE_KEY = "fmoe_scorer"
 
@@ -64,8 +64,12 @@ class CalibrationModule(L.LightningModule):
     def configure_model(self) -> None:
         """Under ModelParallelStrategy (FSDP2) the fit runs a sharded twin (see fmoe.lightning.sharding); masks
         stay replicated. `self.model` is the plain model again once the fit ends."""
+        self.scorer.detach()  # left attached by an interrupted run
         shard(self, "model")
         self.scorer.use(self.model)
+
+    def configure_callbacks(self):
+        return [RestoreOnException()]
 
     def on_fit_start(self) -> None:
         self.scorer.to(self.device)
@@ -87,12 +91,11 @@ class CalibrationModule(L.LightningModule):
     def on_train_end(self) -> None:
         self.scorer.detach()
         self.scores = sum_across_ranks(self.scorer, self.trainer.strategy)
-        unshard(self)  # weights are frozen: nothing to gather, the plain model is back for pruning
-        self.scorer.use(self.model)
+        self.teardown("fit")  # weights are frozen: nothing to gather; the plain model is back for pruning
 
-    def on_exception(self, exception: BaseException) -> None:
-        self.scorer.detach()
-        unshard(self, gather=False)
+    def teardown(self, stage: str) -> None:
+        unshard(self)
+        self.scorer.use(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Called on every rank (only rank 0 writes): store the SUM over ranks, so any world size can resume it.

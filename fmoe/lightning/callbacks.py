@@ -44,8 +44,9 @@ class FisherScoring(L.Callback):
     constant factor. Hooks are off during validation. Not handled: fp16 GradScaler (scaled gradients), gradient
     checkpointing (recomputed forwards would call the hooks twice).
 
-    Under ModelParallelStrategy (FSDP2), shard the model with `fmoe.lightning.sharding.shard(self, "model")` in
-    your `configure_model`: the fit then runs a sharded twin and IntermediatePruning gets the plain model back.
+    Under ModelParallelStrategy (FSDP2), call `fmoe.lightning.sharding.shard(self, "model")` in your
+    `configure_model` and `unshard(self, self.trainer)` in your `teardown`: the fit runs a sharded twin, and
+    the plain model (with what the fit trained) is back afterwards; IntermediatePruning brings it back itself.
     """
 
     def __init__(self, model_attr: str | None = None, loss_reduction: str = "mean_of_sequences"):
@@ -91,6 +92,7 @@ class FisherScoring(L.Callback):
         self.scorer.detach()
         self.scorer.fingerprint = fingerprint(self.scorer.model)  # their fit changed the weights: name the result
         self.scores = sum_across_ranks(self.scorer, trainer.strategy)
+        self.scorer = None  # let go of the (possibly sharded) model the fit ran
 
     def on_exception(self, trainer, pl_module, exception):
         if self.scorer is not None:
@@ -126,7 +128,7 @@ class IntermediatePruning(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         scores = self._scores(trainer, pl_module)
-        unshard(pl_module)  # FSDP2 via fmoe's shard(): the plain model, with what the fit trained gathered into it
+        unshard(pl_module, trainer)  # FSDP2 via fmoe's shard(): the plain model, with what the fit trained
         model = pl_module.model if isinstance(pl_module, CalibrationModule) else find_hf_model(pl_module, self.model_attr)
         if is_sharded(model):
             raise TypeError("IntermediatePruning cannot slice a model sharded in place: under ModelParallelStrategy "

@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from ..experts import RaggedExperts, find_experts, up_name
 from ..tasks import exact_match
-from .sharding import is_sharded, shard, unshard
+from .sharding import RestoreOnException, is_sharded, shard, unshard
 
 Tasks = dict[str, tuple[list[str], list[str]]]  # {name: (prompts, answers)}, e.g. from fmoe.tasks.load_tasks
 
@@ -61,7 +61,10 @@ class Evaluation(L.LightningModule):
         shard(self, "model")  # ModelParallelStrategy (FSDP2): a sharded twin runs the fit; see fmoe.lightning.sharding
 
     def teardown(self, stage: str):
-        unshard(self)  # the plain model back, with what the fit trained
+        unshard(self, self.trainer)  # the plain model back, with what a fit trained
+
+    def configure_callbacks(self):
+        return [RestoreOnException()]
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         ids = batch["input_ids"]

@@ -5,8 +5,13 @@ copy whose parameters start as views of the original's (no copy is made) and are
 one unit per decoder layer (`_no_split_modules`) plus the root; peft's adapters sit inside the decoder layers, so
 they never get units of their own. The original keeps its class, its CPU storage and its identity, so the next
 stage can prune it, evaluate it, wrap it in peft or export it as if no sharding had happened. `unshard(self,
-"model")` at the end of the fit copies back what the fit trained (gathered full tensors of trainable parameters)
-and puts the original back.
+trainer)` at the end of a fit copies what the fit's optimizers trained (gathered full tensors) into the original
+and puts it back; after validation nothing is copied. Buffers are never copied back.
+
+    def configure_model(self):          # a user's LightningModule
+        shard(self, "model")
+    def teardown(self, stage):
+        unshard(self, self.trainer)
 
 Cost: every process holds the model in host memory for the whole run (it loaded it there to shard it), so host
 RAM must fit world size x model bytes; GPU memory holds only the shards.
@@ -16,27 +21,26 @@ from __future__ import annotations
 
 import copy
 
+import lightning.pytorch as L
 import torch
 from torch import nn
 
 _ORIGINAL = "_fmoe_unsharded"  # stored in the owner's __dict__: not a submodule, so never moved to the GPU
 
 
-def mesh_of(owner: nn.Module):
-    """The data-parallel device mesh Lightning's ModelParallelStrategy gives a LightningModule, or None."""
-    try:
-        mesh = getattr(owner, "device_mesh", None)
-    except RuntimeError:  # no trainer attached
-        return None
-    if mesh is None:
-        return None
+def mesh_of(owner: L.LightningModule):
+    """The data-parallel device mesh when `owner` runs under ModelParallelStrategy, else None."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = owner._trainer  # None outside a Trainer run
+    if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+        return None  # a mesh left on the module by an earlier FSDP2 run does not count
+    mesh = trainer.strategy.device_mesh
     return mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def sharded_copy(model: nn.Module, mesh) -> nn.Module:
@@ -47,9 +51,10 @@ def sharded_copy(model: nn.Module, mesh) -> nn.Module:
     # by freshly allocated local shards, so no full second copy ever exists
     memo = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters()}
     twin = copy.deepcopy(model, memo)
-    layer_classes = set(getattr(_hf_model(twin), "_no_split_modules", None) or [])
+    base = twin.get_base_model() if callable(getattr(twin, "get_base_model", None)) else twin  # inside peft
+    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
     if not layer_classes:
-        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard by")
+        raise ValueError(f"{type(base).__name__} names no decoder layer class (_no_split_modules) to shard by")
     for module in twin.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh)
@@ -57,42 +62,48 @@ def sharded_copy(model: nn.Module, mesh) -> nn.Module:
     return twin
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 @torch.no_grad()
-def copy_back(original: nn.Module, twin: nn.Module) -> None:
-    """Gather every trainable parameter of the sharded twin and write it into the original (same names)."""
-    from torch.distributed.tensor import DTensor
-
+def copy_back(original: nn.Module, twin: nn.Module, params: set[int]) -> None:
+    """Gather the twin's parameters whose ids are in `params` and write them into the original (same names).
+    A collective: every rank must call it with the same set."""
     target = dict(original.named_parameters())
     for name, p in twin.named_parameters():
-        if not p.requires_grad:
-            continue  # frozen: the twin's shards still hold the original's values
-        full = p.full_tensor() if isinstance(p, DTensor) else p  # a collective: every rank takes the same path
-        target[name].copy_(full.to(target[name].device, target[name].dtype))
+        if id(p) in params:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            target[name].copy_(full.to(target[name].device, target[name].dtype))
 
 
 def shard(owner: nn.Module, attr: str = "model") -> None:
-    """Replace `owner.<attr>` by its sharded twin when a device mesh is set (ModelParallelStrategy); else nothing."""
+    """Replace `owner.<attr>` by its sharded twin when the Trainer runs ModelParallelStrategy; else nothing."""
+    unshard(owner)  # a twin left by an interrupted run: start again from the original
     mesh = mesh_of(owner)
-    if mesh is None or _ORIGINAL in owner.__dict__:
+    if mesh is None:
         return
     original = getattr(owner, attr)
     setattr(owner, attr, sharded_copy(original, mesh))
     owner.__dict__[_ORIGINAL] = (attr, original)
 
 
-def unshard(owner: nn.Module, gather: bool = True) -> None:
-    """Undo `shard`: copy trained parameters back into the original (a collective, unless `gather=False`, as after
-    an exception) and put the original back in place."""
+def unshard(owner: nn.Module, trainer: L.Trainer | None = None) -> None:
+    """Undo `shard`: put the original back. With the `trainer` of a fit, first copy the parameters its optimizers
+    trained into the original (a collective); without one (validation, an exception) nothing is copied."""
     saved = owner.__dict__.pop(_ORIGINAL, None)
     if saved is None:
         return
     attr, original = saved
-    if gather:
-        copy_back(original, getattr(owner, attr))
+    if trainer is not None and trainer.state.fn == "fit":
+        trained = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups
+                   for p in group["params"]}
+        copy_back(original, getattr(owner, attr), trained)
     setattr(owner, attr, original)
+
+
+class RestoreOnException(L.Callback):
+    """LightningModules get no `on_exception` hook: this callback (from their `configure_callbacks`) puts the
+    plain model back and detaches a scorer when a run fails."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        scorer = getattr(pl_module, "scorer", None)
+        if scorer is not None:
+            scorer.detach()
+        unshard(pl_module)
