@@ -66,6 +66,17 @@ def test_calibration_fit_equals_core_scores_then_prunes(tmp_path):
     close(fmoe.Scores.load(tmp_path / "out" / "scores"), expected)
 
 
+def test_bf16_mixed_calibration_keeps_the_fp32_plan(tmp_path):
+    scores = {}
+    for precision in ("32-true", "bf16-mixed"):
+        module = CalibrationModule(tiny_model("qwen3_moe"))
+        trainer(tmp_path, precision=precision).fit(module, DataLoader(sequences(), batch_size=4))
+        scores[precision] = module.scores
+    close(scores["bf16-mixed"], scores["32-true"], rtol=0.1)  # autocast forward/backward, float32 sums
+    plans = [fmoe.make_plan(s, 0.5, "layer", multiple_of=4).to_dict()["keep"] for s in scores.values()]
+    assert plans[0] == plans[1]
+
+
 class UserModule(L.LightningModule):
     """A LightningModule as a user writes one: their model, their loss, their optimizer."""
 
@@ -176,6 +187,12 @@ def test_bad_arguments_are_clear():
         IntermediatePruning(amount=1.0)
     with pytest.raises(ValueError, match="valid: expert, layer, global"):
         IntermediatePruning(scope="model")
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(TypeError, match="ModelParallelStrategy"):  # before any calibration batch runs
+        IntermediatePruning().setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2", "resume", "activation"])

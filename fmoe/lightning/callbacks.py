@@ -118,6 +118,11 @@ class IntermediatePruning(L.Callback):
         self.normalize, self.save_dir, self.verbose, self.model_attr = normalize, save_dir, verbose, model_attr
         self.plan = None
 
+    def setup(self, trainer, pl_module, stage):
+        if type(trainer.strategy).__name__ == "FSDPStrategy":  # checked before a calibration run is spent
+            raise TypeError("IntermediatePruning needs the model's own parameters, which FSDP1 flattens: use "
+                            "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2) or DDP")
+
     def _scores(self, trainer, pl_module) -> Scores:
         if isinstance(pl_module, CalibrationModule) and pl_module.scores is not None:
             return pl_module.scores
