@@ -5,7 +5,7 @@
     python tests/ddp_calibrate.py OUT_DIR fsdp2_lora SCOPE  # FSDP2 calibration + pruning, LoRA under DDP and FSDP2
     python tests/ddp_calibrate.py OUT_DIR user    # FisherScoring + pruning in a user's training, DDP and FSDP2
     python tests/ddp_calibrate.py OUT_DIR recover # DDP calibration + pruning, then LoRA recovery under DDP
-    python tests/ddp_calibrate.py OUT_DIR resume  # DDP: stop mid-epoch 2 (step 3 of 4), resume to 2 epochs
+    python tests/ddp_calibrate.py OUT_DIR resume [fsdp2]  # stop mid-epoch 2 (step 3 of 4), resume to 2 epochs
     python tests/ddp_calibrate.py OUT_DIR activation  # DDP with a method that runs no backward
     python tests/ddp_calibrate.py OUT_DIR accuracy STRATEGY  # evaluation of the toy model: perplexity + exact match
 """
@@ -29,15 +29,16 @@ from fmoe.tiny import tiny_model
 from tests.test_lightning import UserModule, sequences
 
 
-def resume(out: Path) -> None:
+def resume(out: Path, strategy: str = "ddp") -> None:
     ckpt = L.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_train_steps=1)
-    common = dict(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, max_epochs=2)
+    common = dict(accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  max_epochs=2)
+    make = fsdp2 if strategy == "fsdp2" else lambda: strategy
     # 8 sequences, 2 ranks, batches of 2: 2 steps an epoch; stopping at step 3 interrupts the second epoch
-    L.Trainer(max_steps=3, callbacks=[ckpt], **common).fit(CalibrationModule(tiny_model("qwen3_moe")),
-                                                            ResumableDataLoader(sequences(), batch_size=2))
+    L.Trainer(max_steps=3, callbacks=[ckpt], strategy=make(), **common).fit(
+        CalibrationModule(tiny_model("qwen3_moe")), ResumableDataLoader(sequences(), batch_size=2))
     resumed = CalibrationModule(tiny_model("qwen3_moe"))
-    trainer = L.Trainer(enable_checkpointing=False, **common)
+    trainer = L.Trainer(enable_checkpointing=False, strategy=make(), **common)
     trainer.fit(resumed, ResumableDataLoader(sequences(), batch_size=2), ckpt_path=out / "ckpt" / "last.ckpt")
     if trainer.is_global_zero:
         resumed.scores.save(out / "scores")

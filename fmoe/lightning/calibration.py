@@ -6,9 +6,10 @@
 No weight update and no weight gradient: the model's weights are frozen; for Fisher the only trainable parameters
 are the all-ones masks on the experts' intermediate activations (DDP needs a parameter the forward uses). Each rank
 accumulates locally; at the end of the fit the sums are SUM-reduced once, so every rank holds the same scores (and
-computes the same plan). Every batch counts as a trainer step (an optimizer over nothing is stepped), so
+computes the same plan). Every batch counts as a trainer step (an optimizer over a frozen scalar is stepped), so
 `max_steps`, step-based `ModelCheckpoint`s and, with a resumable loader (`fmoe.data.ResumableDataLoader`, which
-TextDataModule uses), mid-epoch resume behave as in any fit.
+TextDataModule uses), mid-epoch resume behave as in any fit. Checkpoints hold the summed scores, not the frozen
+weights, except under ModelParallelStrategy (FSDP2), whose distributed checkpoints only load whole modules.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..scores import Scores
 from ..scoring import Scorer
-from .sharding import RestoreOnException, shard, unshard
+from .sharding import RestoreOnException, is_sharded, shard, unshard
 
 _STATE_KEY = "fmoe_scorer"
 
@@ -54,12 +55,15 @@ class CalibrationModule(L.LightningModule):
         self.masks = nn.ParameterList(masks.values())  # registered so DDP and device moves see them
         if not masks:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
             self.ddp_anchor = nn.Parameter(torch.zeros(()))
+        # what the no-op optimizer steps: frozen, so DDP ignores it, but a registered parameter, which distributed
+        # checkpoints (FSDP2) need to name the optimizer's state
+        self.step_anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
         self.scores: Scores | None = None
         self._seconds = 0.0
 
     def configure_optimizers(self):
-        # scoring only: an optimizer over a detached scalar, stepped once per batch so that batches count as steps
-        return torch.optim.SGD([torch.zeros(())], lr=0.0)
+        # scoring only: an optimizer over a frozen scalar, stepped once per batch so that batches count as steps
+        return torch.optim.SGD([self.step_anchor], lr=0.0)
 
     def configure_model(self) -> None:
         """Under ModelParallelStrategy (FSDP2) the fit runs a sharded twin (see fmoe.lightning.sharding); masks
@@ -100,7 +104,8 @@ class CalibrationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Called on every rank (only rank 0 writes): store the SUM over ranks, so any world size can resume it.
         state, samples, tokens = reduced_state(self.scorer, self.trainer.strategy)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
+        if not is_sharded(self.model):  # a distributed (FSDP2) checkpoint cannot be loaded without the weights
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
         checkpoint[_STATE_KEY] = {"state": {k: t.cpu() for k, t in state.items()}, "samples": samples,
                                   "tokens": tokens, "method": self.method, "fingerprint": self.scorer.fingerprint}
 
