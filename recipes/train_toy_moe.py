@@ -1,27 +1,11 @@
-"""Train the toy domain-specialist MoE (tokenizer + OLMoE from scratch) on the generated corpus, on CPU.
+"""Train the toy domain-specialist MoE on the generated corpus, on CPU (fmoe.recipes.train_toy_moe).
 
     python recipes/train_toy_moe.py                                   # the shipped model: fmoe/assets/toy_moe
     python recipes/train_toy_moe.py --toy.steps 200 --out_dir /tmp/toy   # a quick CPU-sized run
-    python recipes/train_toy_moe.py --help
-
-Seeded and offline: the corpus is fmoe.corpus (arithmetic, facts, general), the tokenizer a byte-level BPE trained
-on it, the model transformers' OLMoE (8 routed experts, top-2). Prints loss and per-domain validation accuracy as
-it trains; writes safetensors weights, tokenizer and train_config.json (the config and final val/test accuracy).
+    python recipes/train_toy_moe.py --help                            # the same as `fmoe train-toy ...`
 """
 
-from __future__ import annotations
-
-import torch
-from jsonargparse import auto_cli
-
-from fmoe.toy import TOY_DIR, ToyConfig, train
-
-
-def main(toy: ToyConfig = ToyConfig(), out_dir: str = str(TOY_DIR), threads: int = 2) -> None:
-    """Train with `toy` and save to `out_dir`."""
-    torch.set_num_threads(threads)
-    train(toy, out_dir, log=lambda msg: print(msg, flush=True))
-
+from fmoe.recipes.train_toy_moe import cli
 
 if __name__ == "__main__":
-    auto_cli(main)
+    cli()

@@ -1,0 +1,39 @@
+"""The `fmoe` command: each subcommand is a recipe's CLI (fmoe/recipes), with the same arguments and configs.
+
+    fmoe prune-recover                                            # the toy MoE, CPU, about a minute
+    fmoe prune-recover --config recipes/configs/mixtral-8x7b.yaml # 8 GPUs, FSDP2
+    fmoe train-toy --toy.steps 200 --out_dir /tmp/toy
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+COMMANDS = {  # name: (module, function taking the remaining arguments, what it does)
+    "prune-recover": ("fmoe.recipes.prune_recover", "main", "calibrate -> prune -> recover -> evaluate -> export"),
+    "train-toy": ("fmoe.recipes.train_toy_moe", "cli", "train the toy MoE on the generated corpus (CPU)"),
+}
+
+
+def usage() -> str:
+    lines = [f"  {name:<15}{help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "usage: fmoe COMMAND [--help | ARGS]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if argv[0] not in COMMANDS:
+        raise SystemExit(f"fmoe: unknown command {argv[0]!r}; valid: {', '.join(COMMANDS)}\n\n{usage()}")
+    module, function, _ = COMMANDS[argv[0]]
+    # the arguments go in explicitly while sys.argv stays whole: DDP/FSDP2 relaunch `fmoe COMMAND ...` as is
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    getattr(importlib.import_module(module), function)(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Calibrate -> prune -> recover -> evaluate -> export a transformers MoE (LightningCLI; every stage switchable).
+
+    fmoe prune-recover                                   # the shipped toy MoE: CPU, no network, about a minute
+    fmoe prune-recover --prune.amount 0.25 --prune.scope expert --recover.max_steps 50
+    fmoe prune-recover --config recipes/configs/qwen1.5-moe-a2.7b.yaml   # 8x80 GB, real checkpoint
+    fmoe prune-recover --help                            # or: python recipes/prune_recover.py ...
+
+Stages: calibrate (a CalibrationModule fit that accumulates scores), prune (IntermediatePruning at its end),
+recover (LoRA via peft, merged back), evaluate (perplexity of each eval set before and after, and exact-match
+accuracy of each `tasks` file), export (fmoe.save_pretrained + results.json). A before/after table is printed at
+the end. The default compresses fmoe's toy MoE (fmoe/assets/toy_moe) into an arithmetic specialist: calibrated and
+recovered on arithmetic word problems, measured on arithmetic, facts and general reading.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+import fmoe
+from fmoe.data import TextDataModule
+from fmoe import toy
+from fmoe.tasks import load_tasks
+from fmoe.lightning import CalibrationModule, IntermediatePruning
+from fmoe.lightning.recovery import LoRARecovery, evaluate
+
+
+
+@dataclass
+class Stages:
+    calibrate: bool = True
+    prune: bool = True
+    recover: bool = True
+    evaluate: bool = True
+    export: bool = True
+
+
+@dataclass
+class Prune:
+    amount: float = 0.5  # share of routed intermediate dims removed
+    scope: str = "layer"  # expert | layer | global
+    multiple_of: int = 16
+    min_width: int | None = None
+    normalize: str = "mean"
+
+
+@dataclass
+class Recover:
+    r: int = 16
+    alpha: int = 32
+    lr: float = 2e-4
+    max_steps: int = 60
+    val_check_interval: int = 30
+    experts: bool = True  # adapt routed experts too (not only attention and shared experts)
+
+
+def calibration(model: str = "toy", method: str = "fisher", dtype: str = "float32") -> CalibrationModule:
+    """Load the model to compress ("toy" = the shipped toy MoE) and wrap it for calibration."""
+    path = toy.TOY_DIR if model == "toy" else model
+    return CalibrationModule(fmoe.from_pretrained(path, dtype=getattr(torch, dtype)), method=method)
+
+
+class RecipeCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.add_class_arguments(Stages, "stages")
+        parser.add_class_arguments(Prune, "prune")
+        parser.add_class_arguments(Recover, "recover")
+        parser.add_argument("--export_dir", default="runs/prune_recover/export")
+        files = toy.corpus_files()  # generated once into ~/.cache/fmoe (FMOE_CACHE)
+        parser.add_argument("--tasks", type=dict[str, str] | None, default=None,
+                            help="{name: jsonl of prompt/answer records}: exact-match accuracy per stage "
+                                 "(default: every toy corpus domain's test split for the toy model, none otherwise)")
+        parser.add_argument("--task_limit", type=int, default=100, help="records per task file")
+        parser.set_defaults({"data.tokenizer": str(toy.TOY_DIR), "data.train": str(files["arithmetic"]["train"]),
+                             "data.domain_eval": str(files["arithmetic"]["test"]),
+                             "data.general_eval": str(files["general"]["test"]),
+                             "data.seq_len": 80, "data.pack": False, "data.n_samples": 64, "data.batch_size": 8,
+                             "trainer.max_epochs": 1, "trainer.logger": False, "trainer.enable_checkpointing": False,
+                             "trainer.default_root_dir": "runs/prune_recover"})
+
+
+def hardware(cfg) -> dict:
+    """The CLI's hardware settings for one stage's Trainer, with a strategy object of its own (a strategy belongs
+    to one Trainer; `ModelParallelStrategy` runs every stage under FSDP2, see fmoe.lightning.sharding)."""
+    hw = {k: cfg.trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "default_root_dir")}
+    strategy = hw["strategy"]
+    if hasattr(strategy, "class_path"):  # a class_path/init_args Namespace from the config
+        module, _, name = strategy.class_path.rpartition(".")
+        hw["strategy"] = getattr(importlib.import_module(module), name)(**strategy.init_args.as_dict())
+    elif not isinstance(strategy, (str, type(None))):  # a Strategy object given to main()
+        hw["strategy"] = copy.deepcopy(strategy)
+    return {k: v for k, v in hw.items() if v is not None}
+
+
+def params_and_bytes(model) -> tuple[int, int]:
+    return sum(p.numel() for p in model.parameters()), fmoe.weight_bytes(model)
+
+
+def main(args=None) -> dict:
+    cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_kwargs={"overwrite": True})
+    cfg, trainer, module, data = cli.config, cli.trainer, cli.model, cli.datamodule
+    quiet = dict(logger=False, enable_checkpointing=False, enable_model_summary=False)
+    stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
+    data.setup("fit")
+    paths = cfg.tasks
+    if paths is None:
+        paths = {d: str(f["test"]) for d, f in toy.corpus_files().items()} if cfg.model.model == "toy" else {}
+    tasks = {name: load_tasks(path, cfg.task_limit) for name, path in paths.items()}
+    rows = {}
+
+    def record(stage, model):
+        params, nbytes = params_and_bytes(model)
+        row = {"params": params, "weight_MB": nbytes / 2**20}
+        if stages.evaluate:
+            row.update(evaluate(model, data, {**hardware(cfg), **quiet}, tasks, data.tokenizer))
+        rows[stage] = row
+
+    record("dense", module.model)
+    if stages.calibrate:
+        callbacks = [IntermediatePruning(**asdict(prune_cfg), save_dir=Path(cfg.export_dir).parent)] if stages.prune else []
+        calib = L.Trainer(**hardware(cfg), **quiet, max_epochs=1, callbacks=callbacks)
+        calib.fit(module, datamodule=data)
+        if stages.prune:
+            record("pruned", module.model)
+    model = module.model
+    if stages.recover:
+        recovery = LoRARecovery(model, r=recover_cfg.r, alpha=recover_cfg.alpha, lr=recover_cfg.lr,
+                                experts=recover_cfg.experts, eval_names=tuple(data.eval_names), tasks=tasks,
+                                tokenizer=data.tokenizer)
+        fit = L.Trainer(**hardware(cfg), **quiet, max_steps=recover_cfg.max_steps, check_val_every_n_epoch=None,
+                        val_check_interval=recover_cfg.val_check_interval)
+        fit.fit(recovery, datamodule=data)
+        model = recovery.merged()
+        record("recovered", model)
+    if stages.export and trainer.is_global_zero:
+        out = fmoe.save_pretrained(model, cfg.export_dir, tokenizer=data.tokenizer)
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
+    if trainer.is_global_zero:
+        print_table(rows)
+    return rows
+
+
+def print_table(rows: dict) -> None:
+    columns = sorted({k for r in rows.values() for k in r}, key=lambda k: (k not in ("params", "weight_MB"), k))
+    widths = [max(len(c) + 2, 11) for c in columns]
+    print(f"\n{'stage':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
+    for stage, row in rows.items():
+        cells = "".join(f"{row[c]:>{w}.3f}" if isinstance(row.get(c), float) else f"{row.get(c, '-'):>{w}}"
+                        for c, w in zip(columns, widths))
+        print(f"{stage:<10}{cells}")
+
+
+if __name__ == "__main__":
+    main()
