@@ -165,7 +165,7 @@ class TextDataModule(L.LightningDataModule):
     def _even(self, dataset: Dataset, name: str) -> Dataset:
         """The dataset cut to a multiple of the world size: Lightning's DistributedSampler would otherwise repeat
         samples to even out the ranks, and scores and perplexities would count them twice."""
-        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        world = self.trainer.world_size if self.trainer is not None else 1
         usable = len(dataset) - len(dataset) % world
         if usable == len(dataset):
             return dataset
