@@ -165,7 +165,8 @@ class TextDataModule(L.LightningDataModule):
     def _even(self, dataset: Dataset, name: str) -> Dataset:
         """The dataset cut to a multiple of the world size: Lightning's DistributedSampler would otherwise repeat
         samples to even out the ranks, and scores and perplexities would count them twice."""
-        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        world = (sampler or {}).get("num_replicas", 1)  # data-parallel ranks (tensor-parallel ones share data)
         usable = len(dataset) - len(dataset) % world
         if usable == len(dataset):
             return dataset

@@ -110,10 +110,11 @@ def experts_forward(
     project_up, project_down = (module.project_up, module.project_down) if isinstance(module, RaggedExperts) else (
         _fused_up, _fused_down)
     start = 0
+    ragged = isinstance(module, RaggedExperts)
     for e, count in enumerate(counts):
-        # with autograd on, an expert without tokens still runs (on none): its parameters then get a zero gradient,
-        # and DDP and FSDP2 need the same parameters in every rank's backward
-        if count == 0 and not torch.is_grad_enabled():
+        # a ragged expert with trainable parameters (e.g. LoRA) still runs without tokens when autograd is on: its
+        # parameters then get a zero gradient, and DDP and FSDP2 need the same parameters in every rank's backward
+        if count == 0 and not (ragged and torch.is_grad_enabled() and module.trains(e)):
             continue
         tokens, slots = token_of[start : start + count], slot_of[start : start + count]
         start += count
@@ -166,6 +167,10 @@ class RaggedExperts(nn.Module):
 
     def _apply_gate(self, y: torch.Tensor) -> torch.Tensor:
         return self._gate_fn(self, y)
+
+    def trains(self, e: int) -> bool:
+        """Does expert e have a parameter that requires a gradient (its weights, or adapters on them)?"""
+        return any(p.requires_grad for layer in (self.up[e], self.down[e]) for p in layer.parameters())
 
     def project_up(self, module, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.up[e](x)

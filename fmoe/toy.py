@@ -186,7 +186,7 @@ def load(directory: str | Path = TOY_DIR, dtype: torch.dtype = torch.float32):
     directory = Path(directory)
     if not (directory / TRAIN_CONFIG).is_file():
         raise FileNotFoundError(f"{directory} holds no trained toy model ({TRAIN_CONFIG} missing); "
-                                "make one with `fmoe train-toy`")
+                                "make one with `fmoe train-toy --out_dir DIR`")
     info = json.loads((directory / TRAIN_CONFIG).read_text())
     model = from_pretrained(directory, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(directory), ToyConfig(**info["config"])

@@ -164,6 +164,11 @@ def test_sharded_runs_leave_the_plain_model_and_restart_cleanly(tmp_path):
         with pytest.raises(RuntimeError, match="boom"):
             trainer(tmp_path, strategy=ModelParallelStrategy(1, 1), callbacks=[Probe()]).validate(failing, loader)
         assert failing.model is model  # the exception put the plain model back
+        ckpt = L.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+        single_file = ModelParallelStrategy(1, 1, save_distributed_checkpoint=False)
+        with pytest.raises(ValueError, match="save_distributed_checkpoint=True"):
+            trainer(tmp_path, strategy=single_file, callbacks=[ckpt], enable_checkpointing=True).fit(
+                CalibrationModule(model), loader)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -279,6 +284,8 @@ def test_interrupted_calibration_resumes_to_the_same_scores(tmp_path, stop):
     trainer(tmp_path, max_epochs=2, max_steps=stop, callbacks=[ckpt], enable_checkpointing=True).fit(
         first, ResumableDataLoader(data, batch_size=2))
     assert first.scores.samples == 2 * stop
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    assert saved and not any(k.startswith("model.") for k in saved)  # the scores, not the frozen weights
     resumed = CalibrationModule(tiny_model("mixtral"))
     trainer(tmp_path, max_epochs=2).fit(resumed, ResumableDataLoader(data, batch_size=2),
                                         ckpt_path=tmp_path / "ckpt" / "last.ckpt")

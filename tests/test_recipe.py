@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,8 +54,13 @@ def test_recipe_under_fsdp2_on_two_processes(tmp_path):
     import subprocess
 
     export = tmp_path / "export"
-    fmoe_command = str(Path(sys.executable).parent / "fmoe")  # the console script; DDP/FSDP2 relaunch it as is
-    subprocess.run([fmoe_command, "prune-recover", "--export_dir", str(export),
+    import shutil
+    import sysconfig
+
+    # the console script (DDP/FSDP2 relaunch it as is); `python -m fmoe` where it is not installed
+    script = shutil.which("fmoe", path=os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")]))
+    command = [script] if script else [sys.executable, "-m", "fmoe"]
+    subprocess.run([*command, "prune-recover", "--export_dir", str(export),
                     "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
                     "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                     "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
@@ -78,6 +84,9 @@ def test_fmoe_command_and_recipe_scripts(capsys):
     assert "prune-recover" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown command 'prune'; valid: prune-recover, train-toy"):
         cli.main(["prune"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train-toy", "--print_config"])
+    assert stop.value.code in (0, None) and "toy:" in capsys.readouterr().out
     for script in ("prune_recover.py", "train_toy_moe.py"):  # the thin scripts in recipes/ reach the same CLIs
         out = subprocess.run([sys.executable, str(ROOT / "recipes" / script), "--print_config"], check=True,
                              capture_output=True, text=True, timeout=120).stdout
@@ -114,15 +123,15 @@ def test_data_splits_evenly_over_processes():
     train, test = str(files["arithmetic"]["train"]), str(files["arithmetic"]["test"])
     dm = TextDataModule(str(toy.TOY_DIR), train, test, seq_len=80, pack=False, n_samples=16, max_eval_samples=10)
     dm.setup()
-    dm.trainer = SimpleNamespace(world_size=3)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 3}))
     with pytest.warns(UserWarning, match="using the first 15"):
         loader = dm.train_dataloader()
     assert len(loader.dataset) == 15 and torch.equal(loader.dataset[14]["input_ids"], dm.train_set[14]["input_ids"])
     with pytest.warns(UserWarning, match="using the first 9"):
         assert [len(v.dataset) for v in dm.val_dataloader()] == [9]
-    dm.trainer = SimpleNamespace(world_size=2)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2}))
     assert dm.train_dataloader().dataset is dm.train_set
-    dm.trainer = SimpleNamespace(world_size=32)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 32}))
     with pytest.raises(ValueError, match="fewer than the 32 processes"):
         dm.train_dataloader()
 

@@ -103,6 +103,9 @@ class CalibrationModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Called on every rank (only rank 0 writes): store the SUM over ranks, so any world size can resume it.
+        if is_sharded(self.model) and not getattr(self.trainer.strategy, "_save_distributed_checkpoint", True):
+            raise ValueError("a calibration under ModelParallelStrategy resumes from distributed checkpoints only: "
+                             "leave save_distributed_checkpoint=True")
         state, samples, tokens = reduced_state(self.scorer, self.trainer.strategy)
         if not is_sharded(self.model):  # a distributed (FSDP2) checkpoint cannot be loaded without the weights
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
