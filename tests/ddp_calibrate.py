@@ -29,16 +29,21 @@ from fmoe.tiny import tiny_model
 from tests.test_lightning import UserModule, sequences
 
 
+def two_cpus(**kwargs) -> L.Trainer:
+    """A quiet Trainer over 2 CPU processes (gloo)."""
+    quiet = dict(accelerator="cpu", devices=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                 enable_model_summary=False)
+    return L.Trainer(**{**quiet, **kwargs})
+
+
 def resume(out: Path, strategy: str = "ddp") -> None:
     ckpt = L.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_train_steps=1)
-    common = dict(accelerator="cpu", devices=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                  max_epochs=2)
     make = fsdp2 if strategy == "fsdp2" else lambda: strategy
     # 8 sequences, 2 ranks, batches of 2: 2 steps an epoch; stopping at step 3 interrupts the second epoch
-    L.Trainer(max_steps=3, callbacks=[ckpt], strategy=make(), **common).fit(
+    two_cpus(max_epochs=2, max_steps=3, callbacks=[ckpt], enable_checkpointing=True, strategy=make()).fit(
         CalibrationModule(tiny_model("qwen3_moe")), ResumableDataLoader(sequences(), batch_size=2))
     resumed = CalibrationModule(tiny_model("qwen3_moe"))
-    trainer = L.Trainer(enable_checkpointing=False, strategy=make(), **common)
+    trainer = two_cpus(max_epochs=2, strategy=make())
     trainer.fit(resumed, ResumableDataLoader(sequences(), batch_size=2), ckpt_path=out / "ckpt" / "last.ckpt")
     if trainer.is_global_zero:
         resumed.scores.save(out / "scores")
@@ -59,9 +64,7 @@ def lora_under_both_strategies(out: Path, scope: str) -> None:
     """FSDP2 calibration + pruning, then the same LoRA run (same seed, data, steps) under DDP and under FSDP2."""
     module = CalibrationModule(tiny_model("qwen3_moe"))
     pruning = IntermediatePruning(amount=0.5, scope=scope, multiple_of=4, save_dir=out)
-    quiet = dict(accelerator="cpu", devices=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                 enable_model_summary=False)
-    trainer = L.Trainer(strategy=fsdp2(), max_epochs=1, callbacks=[pruning], **quiet)
+    trainer = two_cpus(strategy=fsdp2(), max_epochs=1, callbacks=[pruning])
     trainer.fit(module, DataLoader(sequences(), batch_size=2))
     pruning.plan.save(out / f"plan_rank{trainer.global_rank}.json")
     pruned = module.model
@@ -71,10 +74,10 @@ def lora_under_both_strategies(out: Path, scope: str) -> None:
         L.seed_everything(0)  # the same adapter initialisation in both runs
         recovery = LoRARecovery(copy.deepcopy(pruned), r=4, alpha=8, lr=1e-2, eval_names=("domain",))
         probe = Sharded()
-        fit = L.Trainer(strategy=strategy(), max_epochs=2, callbacks=[probe], **quiet)
+        fit = two_cpus(strategy=strategy(), max_epochs=2, callbacks=[probe])
         before = fit.validate(recovery, held_out, verbose=False)[0]["domain_ppl"]
         fit.fit(recovery, DataLoader(sequences(n=16, seed=3, padded=False), batch_size=2), held_out)
-        after = L.Trainer(strategy=strategy(), **quiet).validate(recovery, held_out, verbose=False)[0]["domain_ppl"]
+        after = two_cpus(strategy=strategy()).validate(recovery, held_out, verbose=False)[0]["domain_ppl"]
         merged = recovery.merged()
         results[name] = {"before": before, "after": after, "sharded_fit": probe.sharded}
         if trainer.is_global_zero:
@@ -88,9 +91,7 @@ def user_training(out: Path) -> None:
     for name, strategy in (("ddp", lambda: "ddp"), ("fsdp2", fsdp2)):
         user = UserModule(tiny_model("olmoe"), lr=0.05)
         pruning, probe = IntermediatePruning(amount=0.5, scope="expert", save_dir=out / name), Sharded()
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy(), max_epochs=2, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[FisherScoring(), pruning, probe])
+        trainer = two_cpus(strategy=strategy(), max_epochs=2, callbacks=[FisherScoring(), pruning, probe])
         trainer.fit(user, DataLoader(sequences(padded=False), batch_size=2))
         pruning.plan.save(out / name / f"plan_rank{trainer.global_rank}.json")
         if trainer.is_global_zero:
@@ -121,16 +122,14 @@ if __name__ == "__main__":
         sys.exit()
     module = CalibrationModule(tiny_model("qwen3_moe"), method="fisher" if kind != "activation" else "activation")
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=fsdp2() if kind == "fsdp2" else "ddp", max_epochs=1,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[pruning], default_root_dir=out)
+    trainer = two_cpus(strategy=fsdp2() if kind == "fsdp2" else "ddp", max_epochs=1, callbacks=[pruning],
+                       default_root_dir=out)
     trainer.fit(module, DataLoader(sequences(), batch_size=2))
     if kind == "recover":
         recovery = LoRARecovery(module.model, r=4, alpha=8, lr=1e-2, eval_names=("domain",))
         train = DataLoader(sequences(n=16, seed=3, padded=False), batch_size=2)
         held_out = DataLoader(sequences(n=8, seed=4, padded=False), batch_size=4)
-        fit = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        fit = two_cpus(strategy="ddp", max_epochs=3)
         before = fit.validate(recovery, held_out, verbose=False)[0]["domain_ppl"]
         fit.fit(recovery, train, held_out)
         after = fit.validate(recovery, held_out, verbose=False)[0]["domain_ppl"]

@@ -32,7 +32,6 @@ from fmoe.lightning import CalibrationModule, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery, evaluate
 
 
-
 @dataclass
 class Stages:
     calibrate: bool = True
