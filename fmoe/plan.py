@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,9 +57,39 @@ class PruningPlan:
 
 
 def round_width(width: float, full: int, multiple_of: int, min_width: int) -> int:
-    """Nearest multiple of `multiple_of`, at least `min_width`, at most the full width."""
-    rounded = multiple_of * round(width / multiple_of)
+    """Nearest multiple of `multiple_of` (halves up), at least `min_width`, at most the full width."""
+    rounded = multiple_of * math.floor(width / multiple_of + 0.5)
     return int(min(full, max(rounded, min_width)))
+
+
+def allocate(targets: list[float], fulls: list[int], budget: int, multiple_of: int, min_width: int) -> list[int]:
+    """Widths (multiples of `multiple_of`, or the full width) for experts that want `targets` dims, summing to
+    `budget` within one unit: each starts at its target rounded down, then units go to the largest remainders
+    (or, when `min_width` pushed the total over budget, come off the smallest), ties by expert order."""
+    m = multiple_of
+    lowest = [min(min_width, f) for f in fulls]
+    widths = [min(f, max(lo, m * math.floor(t / m))) for t, f, lo in zip(targets, fulls, lowest)]
+    remainders = [t / m - math.floor(t / m) for t in targets]
+    units = round((budget - sum(widths)) / m)
+    grow = units > 0
+    order = sorted(range(len(targets)), key=lambda i: -remainders[i] if grow else remainders[i])  # stable: ties by i
+    while units != 0:
+        moved = False
+        for i in order:
+            if units == 0:
+                break
+            smaller = m * (math.ceil(widths[i] / m) - 1)  # one unit down (from a full width that is not a multiple)
+            if grow and widths[i] < fulls[i]:
+                widths[i] = min(fulls[i], widths[i] + m)
+            elif not grow and smaller >= lowest[i]:
+                widths[i] = smaller
+            else:
+                continue
+            units += -1 if grow else 1
+            moved = True
+        if not moved:  # every expert at its full width or at min_width: the closest the bounds allow
+            break
+    return widths
 
 
 def _ranked(values: torch.Tensor) -> torch.Tensor:
@@ -81,8 +112,10 @@ def make_plan(
     "layer": dims compete across the experts of a layer; "global": across all layers, after dividing each layer's
     scores by their mean when normalize="mean" (normalize="none" compares raw scores, meaningful for Fisher,
     which is in loss units). Widths are then rounded to a multiple of `multiple_of` (grouped_mm needs aligned
-    strides), never below `min_width` (default: multiple_of). With `model`, the plan is checked against it
-    (scores of another model are refused).
+    strides), never below `min_width` (default: multiple_of, and a multiple of it). The budget is kept: expert
+    scope rounds each expert to the nearest unit; layer and global scope hand out units by largest remainder, so
+    each layer (or the whole model) keeps round(dims x (1 - ratio)) within one unit. With `model`, the plan is
+    checked against it (scores of another model are refused); non-finite scores are refused.
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
@@ -93,17 +126,24 @@ def make_plan(
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
     min_width = multiple_of if min_width is None else min_width
-    if min_width < 1:
-        raise ValueError(f"min_width must be >= 1, got {min_width}")
+    if min_width < 1 or min_width % multiple_of:
+        raise ValueError(f"min_width must be a positive multiple of multiple_of={multiple_of}, got {min_width}")
+    for name, t in scores.tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"scores of {name} hold {int((~torch.isfinite(t)).sum())} non-finite values "
+                             f"({scores.method}): rescore rather than plan from them")
 
     tensors = {name: t.double() for name, t in scores.tensors.items()}
     if scope == "global" and normalize == "mean":
         tensors = {name: t / t.mean().clamp_min(1e-300) for name, t in tensors.items()}
 
-    # Target kept count per expert, before rounding.
-    targets: dict[str, list[float]] = {}
+    # Kept width of every expert: its target count, rounded to units of multiple_of within the group's budget.
+    widths: dict[str, list[int]] = {}
     if scope == "expert":
-        targets = {name: [t.shape[1] * (1 - ratio)] * t.shape[0] for name, t in tensors.items()}
+        for name, t in tensors.items():
+            full = t.shape[1]
+            width = full if ratio == 0 else round_width(full * (1 - ratio), full, multiple_of, min(min_width, full))
+            widths[name] = [width] * t.shape[0]
     else:
         groups = [list(tensors)] if scope == "global" else [[name] for name in tensors]
         for names in groups:
@@ -111,23 +151,22 @@ def make_plan(
             n_keep = round(flat.numel() * (1 - ratio))
             chosen = torch.zeros(flat.numel(), dtype=torch.bool)
             chosen[_ranked(flat)[:n_keep]] = True
-            offset = 0
+            targets, fulls, offset = [], [], 0
             for n in names:
                 size = tensors[n].numel()
-                targets[n] = chosen[offset : offset + size].view_as(tensors[n]).sum(1).tolist()
+                targets += chosen[offset : offset + size].view_as(tensors[n]).sum(1).tolist()
+                fulls += [tensors[n].shape[1]] * tensors[n].shape[0]
                 offset += size
+            allocated = fulls if ratio == 0 else allocate(targets, fulls, n_keep, multiple_of, min_width)
+            for n in names:
+                widths[n], allocated = allocated[: tensors[n].shape[0]], allocated[tensors[n].shape[0]:]
 
-    keep = {}
-    for name, t in tensors.items():
-        full = t.shape[1]
-        keep[name] = []
-        for e, target in enumerate(targets[name]):
-            width = full if ratio == 0 else round_width(target, full, multiple_of, min(min_width, full))
-            keep[name].append(torch.sort(_ranked(t[e])[:width]).values)
+    keep = {name: [torch.sort(_ranked(t[e])[:w]).values for e, w in enumerate(widths[name])]
+            for name, t in tensors.items()}
     meta = dict(ratio=ratio, scope=scope, method=scores.method, multiple_of=multiple_of, min_width=min_width,
                 normalize=normalize)
-    widths = {name: [t.shape[1]] * t.shape[0] for name, t in tensors.items()}
-    plan = PruningPlan(keep=keep, widths=widths, fingerprint=scores.fingerprint, meta=meta)
+    full_widths = {name: [t.shape[1]] * t.shape[0] for name, t in tensors.items()}
+    plan = PruningPlan(keep=keep, widths=full_widths, fingerprint=scores.fingerprint, meta=meta)
     if model is not None:
         from .prune import check_plan
 

@@ -78,3 +78,48 @@ def test_json_roundtrip(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not an fmoe pruning plan"):
         fmoe.PruningPlan.load(tmp_path / "bad.json")
+
+
+def qwen_shaped_scores(seed=0):
+    """Scores at Qwen1.5-MoE-A2.7B shape: 24 layers x 60 experts x 1408 dims, skewed as real importance is."""
+    gen = torch.Generator().manual_seed(seed)
+    return Scores({f"layers.{i}.experts": torch.rand(60, 1408, generator=gen, dtype=torch.float64).float() ** 4
+                   for i in range(24)}, "fisher", "abc")
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+@pytest.mark.parametrize("multiple_of", [16, 64])
+def test_plans_remove_what_was_asked(ratio, multiple_of):
+    scores = qwen_shaped_scores()
+    kept = round(60 * 1408 * (1 - ratio))  # per layer
+    for scope in ("layer", "global"):
+        plan = fmoe.make_plan(scores, ratio, scope, multiple_of=multiple_of)
+        widths = plan.kept_widths()
+        assert all(w % multiple_of == 0 and multiple_of <= w <= 1408 for ws in widths.values() for w in ws)
+        totals = [sum(ws) for ws in widths.values()]
+        if scope == "layer":  # every layer within one unit of its budget
+            assert all(abs(t - kept) <= multiple_of for t in totals), totals
+        else:  # the whole model within one unit
+            assert abs(sum(totals) - 24 * kept) <= multiple_of
+        assert abs(plan.removed_fraction() - ratio) <= multiple_of / 1408
+    plan = fmoe.make_plan(scores, ratio, "expert", multiple_of=multiple_of)
+    assert plan.is_uniform()
+    assert all(abs(w - 1408 * (1 - ratio)) <= multiple_of / 2 for ws in plan.kept_widths().values() for w in ws)
+
+
+def test_budget_is_kept_when_min_width_lifts_experts():
+    scores = fake_scores(experts=8, width=64)
+    for name in scores.tensors:
+        scores.tensors[name][:4] *= 1e-6  # half the experts would keep nothing; min_width lifts them
+    plan = fmoe.make_plan(scores, 0.75, "layer", multiple_of=8, min_width=8)
+    for ws in plan.kept_widths().values():
+        assert sum(ws) == 128 and min(ws) == 8  # the lifted dims come off the other experts
+
+
+def test_min_width_must_be_a_multiple_and_scores_finite():
+    with pytest.raises(ValueError, match="min_width must be a positive multiple of multiple_of=16"):
+        fmoe.make_plan(fake_scores(), 0.5, multiple_of=16, min_width=24)
+    scores = fake_scores()
+    scores.tensors["layers.1.experts"][2, 5] = float("nan")
+    with pytest.raises(ValueError, match="layers.1.experts hold 1 non-finite"):
+        fmoe.make_plan(scores, 0.5)
