@@ -103,3 +103,58 @@ def test_unaligned_uniform_export_runs_after_loading(tmp_path):
     with pytest.warns(UserWarning, match="batched_mm"):
         loaded = fmoe.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(run(loaded, ids), run(model, ids))
+
+
+@pytest.mark.parametrize("scope", ["expert", "layer"])  # stock and fused formats
+def test_truncated_weights_are_a_clear_error_naming_the_file(tmp_path, scope):
+    fmoe.save_pretrained(pruned("qwen3_moe", scope), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cannot read .*model\.safetensors.*truncated or corrupt"):
+        fmoe.from_pretrained(tmp_path / "m")
+
+
+def test_wrong_module_names_in_the_widths_field_are_a_clear_error(tmp_path):
+    fmoe.save_pretrained(pruned("olmoe", "layer"), tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    widths = config["fmoe_expert_widths"]
+    config["fmoe_expert_widths"] = {name.replace("layers", "blocks"): ws for name, ws in widths.items()}
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: fmoe_expert_widths names .*'model\.blocks\.0\.mlp\.experts'"):
+        fmoe.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("scope", ["expert", "layer"])
+def test_saving_leaves_the_callers_config_unchanged(tmp_path, scope):
+    model = pruned("qwen3_moe", scope).to(torch.bfloat16)
+    before = model.config.to_dict()
+    fmoe.save_pretrained(model, tmp_path / "m")
+    assert model.config.to_dict() == before
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["fmoe_format"] in ("stock", "fused")
+
+
+def test_replacing_a_checkpoint_keeps_a_whole_one_at_the_path_at_every_instant(tmp_path, monkeypatch):
+    """Every rename the swap makes is watched: after each one, the path holds a complete checkpoint."""
+    import os
+
+    import fmoe.io
+
+    path = tmp_path / "m"
+    fmoe.save_pretrained(pruned("olmoe", "expert"), path)
+    states = []
+
+    def watched(rename):
+        def call(*args, **kwargs):
+            result = rename(*args, **kwargs)
+            states.append(json.loads((path / "config.json").read_text())["fmoe_format"]
+                          if (path / "config.json").is_file() and (path / "model.safetensors").is_file() else None)
+            return result
+        return call
+
+    monkeypatch.setattr(fmoe.io.os, "replace", watched(os.replace))
+    monkeypatch.setattr(fmoe.io, "exchange", watched(fmoe.io.exchange))
+    fmoe.save_pretrained(pruned("olmoe", "layer"), path)
+    assert states and None not in states  # never a moment without a checkpoint
+    assert states[-1] == "fused"  # the new one (ragged) is in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
