@@ -16,9 +16,11 @@ from contextlib import contextmanager
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from .experts import IntermediateHook, RaggedExperts, expert_widths, experts_forward, find_experts
+from .experts import (HOOKS_ATTR, IntermediateHook, RaggedExperts, attached_hooks, expert_widths, experts_forward,
+                      find_experts)
 
 IMPLEMENTATION = "fmoe"
+_PREVIOUS = "_fmoe_previous_implementation"  # on the model: [implementation to restore, open experts_hooks blocks]
 
 # model_type: (config field of the routed expert width, shared experts sized from that field)
 FAMILIES: dict[str, tuple[str, bool]] = {
@@ -37,7 +39,7 @@ FAMILIES: dict[str, tuple[str, bool]] = {
 
 
 def _fmoe_experts(self, hidden_states, top_k_index, top_k_weights):
-    return experts_forward(self, hidden_states, top_k_index, top_k_weights, getattr(self, "_fmoe_hook", None))
+    return experts_forward(self, hidden_states, top_k_index, top_k_weights, attached_hooks(self))
 
 
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _fmoe_experts)
@@ -51,23 +53,51 @@ def width_field(model_type: str) -> str | None:
 
 @contextmanager
 def experts_hooks(model: nn.Module, hooks: dict[str, IntermediateHook]) -> Iterator[None]:
-    """Run `model` with fmoe's experts forward, calling hooks[name] on each expert's intermediate activation."""
+    """Run `model` with fmoe's experts forward, calling hooks[name] on each expert's intermediate activation.
+
+    Blocks nest and compose: each hook sees what the previous one returned. Hooks that edit the model (those with
+    `edits_model = True`, e.g. the masks of `fmoe.masked`) run before those that measure it, whenever either was
+    attached, so a scorer always sees the masked activation. Leaving a block removes its own hooks only, in any
+    order; the model's previous experts implementation comes back when the last block closes.
+    """
     modules = find_experts(model)
     unknown = set(hooks) - set(modules)
     if unknown:
         raise KeyError(f"no routed experts module named {sorted(unknown)}")
-    previous = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") else None
-    if previous is not None:
+    switch = hasattr(model, "get_experts_implementation")
+    if switch:
+        previous = model.__dict__.setdefault(_PREVIOUS, [model.get_experts_implementation(), 0])
+        if previous[1] == 0:
+            previous[0] = model.get_experts_implementation()
+        previous[1] += 1
         model.set_experts_implementation(IMPLEMENTATION)
     for name, hook in hooks.items():
-        modules[name]._fmoe_hook = hook
+        stack = modules[name].__dict__.setdefault(HOOKS_ATTR, [])
+        edits = sum(getattr(h, "edits_model", False) for h in stack)  # edits stay ahead of measurements
+        stack.insert(edits if getattr(hook, "edits_model", False) else len(stack), hook)
     try:
         yield
     finally:
-        for name in hooks:
-            modules[name].__dict__.pop("_fmoe_hook", None)
-        if previous is not None:
-            model.set_experts_implementation(previous)
+        for name, hook in hooks.items():
+            stack = attached_hooks(modules[name])
+            for i in range(len(stack) - 1, -1, -1):
+                if stack[i] is hook:
+                    del stack[i]
+                    break
+            if not stack:
+                modules[name].__dict__.pop(HOOKS_ATTR, None)
+        if switch:
+            previous = model.__dict__[_PREVIOUS]
+            previous[1] -= 1
+            if previous[1] == 0:
+                model.__dict__.pop(_PREVIOUS)
+                if model.get_experts_implementation().get("") == IMPLEMENTATION:  # unless another was chosen meanwhile
+                    model.set_experts_implementation(previous[0])
+
+
+def has_hooks(model: nn.Module) -> bool:
+    """Are fmoe hooks attached to any routed experts module (inside `fmoe.masked` or a scoring pass)?"""
+    return any(attached_hooks(m) for m in find_experts(model).values())
 
 
 def ensure_aligned_implementation(model: nn.Module) -> None:

@@ -14,6 +14,11 @@ from torch import nn
 
 # hook(expert_index, token_index[S], slot_index[S], h[S, I], routing_weight[S]) -> h'[S, I]
 IntermediateHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+HOOKS_ATTR = "_fmoe_hooks"  # a module's attached hooks, outermost first (see fmoe.compat.experts_hooks)
+
+
+def attached_hooks(module: nn.Module) -> list[IntermediateHook]:
+    return module.__dict__.get(HOOKS_ATTR, [])
 
 _UP_NAMES = ("gate_up_proj", "up_proj")
 
@@ -97,9 +102,10 @@ def experts_forward(
     hidden_states: torch.Tensor,  # [T, H] (batch and sequence flattened, row-major)
     top_k_index: torch.Tensor,  # [T, K]
     top_k_weights: torch.Tensor,  # [T, K]
-    hook: IntermediateHook | None = None,
+    hooks: list[IntermediateHook] = (),
 ) -> torch.Tensor:
-    """Routed experts output [T, H], looping over the experts hit; `hook` sees each expert's intermediate h."""
+    """Routed experts output [T, H], looping over the experts hit; each of `hooks` in turn sees (and may replace)
+    each expert's intermediate h, the first hook the activation itself."""
     n_tokens, k = top_k_index.shape
     n_exp = num_experts(module)
     flat = top_k_index.reshape(-1)  # [T*K]
@@ -121,7 +127,7 @@ def experts_forward(
         y = project_up(module, e, hidden_states[tokens])  # [S, 2I] (gated) or [S, I]
         h = module._apply_gate(y) if module.has_gate else module.act_fn(y)  # [S, I]
         weights = top_k_weights[tokens, slots]  # [S]
-        if hook is not None:
+        for hook in hooks:
             h = hook(e, tokens, slots, h, weights)
         o = project_down(module, e, h)  # [S, H]
         if getattr(module, "has_post_expert_norm", False):
@@ -179,7 +185,7 @@ class RaggedExperts(nn.Module):
         return self.down[e](h)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        return experts_forward(self, hidden_states, top_k_index, top_k_weights, getattr(self, "_fmoe_hook", None))
+        return experts_forward(self, hidden_states, top_k_index, top_k_weights, attached_hooks(self))
 
     def extra_repr(self) -> str:
         return f"{self.stock_class}, widths={self.widths}"

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .compat import ensure_aligned_implementation, experts_hooks, width_field
-from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, slice_expert
+from .compat import ensure_aligned_implementation, experts_hooks, has_hooks, width_field
+from .experts import RaggedExperts, attached_hooks, expert_widths, find_experts, fingerprint, slice_expert
 from .plan import PruningPlan
 
 WIDTHS_FIELD = "fmoe_expert_widths"  # config field: {module name: [width per expert]} of a pruned model
@@ -77,27 +77,47 @@ def apply_widths(model: nn.Module, keep: dict[str, list[torch.Tensor]]) -> nn.Mo
 @torch.no_grad()
 def prune(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """Physically remove the dims `plan` drops (in place); returns the model."""
+    if has_hooks(model):
+        raise RuntimeError("cannot prune a model while fmoe hooks are attached (inside fmoe.masked or a scoring "
+                           "pass): their masks and sums have the old widths; prune after the block ends")
     check_plan(model, plan)
     return apply_widths(model, plan.keep)
 
 
+class DimMask:
+    """A hook that zeroes the dims outside a plan: h * mask[e], mask[e] a [I_e] 0/1 vector per expert."""
+
+    edits_model = True  # runs before measuring hooks (see fmoe.compat.experts_hooks)
+
+    def __init__(self, masks: list[torch.Tensor]):
+        self.masks = masks
+
+    def __call__(self, e, tokens, slots, h, weights):
+        return h * self.masks[e].to(h.dtype)
+
+
+def active_mask(module: nn.Module) -> torch.Tensor | None:
+    """[E, I] product of the `fmoe.masked` blocks open on a (uniform) experts module, or None if there are none."""
+    masks = [torch.stack(hook.masks) for hook in attached_hooks(module) if isinstance(hook, DimMask)]
+    return torch.stack(masks).prod(0) if masks else None
+
+
 @contextmanager
 def masked(model: nn.Module, keep: PruningPlan | dict[str, list[torch.Tensor]]) -> Iterator[nn.Module]:
-    """Run `model` with every dim outside `keep` zeroed in the intermediate activation (no weight changes)."""
+    """Run `model` with every dim outside `keep` zeroed in the intermediate activation (no weight changes).
+
+    Blocks nest (the masks multiply), and scoring inside a block scores the masked model: masked dims score 0.
+    """
     if isinstance(keep, PruningPlan):
         check_plan(model, keep)
         keep = keep.keep
     modules = find_experts(model)
-    masks = {}
+    hooks = {}
     for name, keeps in keep.items():
         device = next(modules[name].parameters()).device
-        masks[name] = [torch.zeros(w, device=device).index_fill_(0, k.to(device), 1.0)
-                       for w, k in zip(expert_widths(modules[name]), keeps, strict=True)]  # [I_e] per expert
-
-    def hook_for(mask):
-        return lambda e, tokens, slots, h, weights: h * mask[e].to(h.dtype)
-
-    with experts_hooks(model, {name: hook_for(m) for name, m in masks.items()}):
+        hooks[name] = DimMask([torch.zeros(w, device=device).index_fill_(0, k.to(device), 1.0)
+                               for w, k in zip(expert_widths(modules[name]), keeps, strict=True)])  # [I_e] each
+    with experts_hooks(model, hooks):
         yield model
 
 

@@ -10,63 +10,32 @@ Methods (higher = keep):
 - router:     sum over routed tokens of routing weight x |h_j|.
 - magnitude:  ||gate_j|| * ||up_j|| * ||down_j|| from the weights alone (no data).
 - random:     seeded uniform noise (a baseline).
-All accumulate in float32 whatever the model dtype; padding tokens never contribute.
+Sums accumulate in float64 (returned as float32) whatever the model dtype; padding tokens never contribute. Inside
+`fmoe.masked` every method scores the masked model: masked dims score 0.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .compat import experts_hooks
 from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, num_experts, up_name
+from .loss import Batch, prepare_batch, sequence_nll
+from .prune import active_mask
 from .scores import Scores
 
 
-@dataclass
-class Batch:
-    """A causal-LM batch made explicit: padding mask, labels (-100 = unsupervised) and position ids."""
-
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T] (1 = token, 0 = padding; left or right)
-    labels: torch.Tensor  # [B, T]
-    position_ids: torch.Tensor  # [B, T], counted over real tokens so padding does not shift positions
-
-
-def prepare_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> Batch:
-    if "input_ids" not in batch:
-        raise KeyError(f"a calibration batch needs 'input_ids'; got keys {sorted(batch)}")
-    input_ids = torch.as_tensor(batch["input_ids"])
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(f"input_ids must be an integer [batch, seq] tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask).reshape(input_ids.shape)
-    labels = batch.get("labels")
-    labels = input_ids.masked_fill(mask == 0, -100) if labels is None else torch.as_tensor(labels).reshape(input_ids.shape)
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return Batch(*(t.to(device) for t in (input_ids, mask.long(), labels.long(), position_ids)))
-
-
 def sequence_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_n [B], supervised token count [B]): L_n is what the HF model returns as `.loss` for sequence n alone."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False).logits
-    # A target counts only if it and the position predicting it are real tokens (padding never counts, whatever
-    # the labels say; left padding must not predict the first token).
-    real = (batch.attention_mask[:, :-1] == 1) & (batch.attention_mask[:, 1:] == 1)
-    targets = batch.labels[:, 1:].masked_fill(~real, -100)  # [B, T-1]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    counts = (targets != -100).sum(1)
-    return nll.sum(1) / counts.clamp(min=1), counts
+    """(L_n [B], supervised token count [B]): L_n is what the HF model returns as `.loss` for sequence n alone
+    (0, still in the graph, for a sequence with nothing supervised)."""
+    nll, counts = sequence_nll(model, batch)
+    return nll / counts.clamp(min=1), counts
 
 
 def _check_scorable(modules: dict[str, nn.Module]) -> None:
@@ -75,8 +44,8 @@ def _check_scorable(modules: dict[str, nn.Module]) -> None:
         raise ValueError(f"cannot score ragged (non-uniformly pruned) experts {ragged[:3]}: score before pruning")
 
 
-def _zeros(modules: dict[str, nn.Module], device) -> dict[str, torch.Tensor]:
-    return {n: torch.zeros(num_experts(m), expert_widths(m)[0], device=device) for n, m in modules.items()}
+def _zeros(modules: dict[str, nn.Module], device, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    return {n: torch.zeros(num_experts(m), expert_widths(m)[0], device=device, dtype=dtype) for n, m in modules.items()}
 
 
 @contextmanager
@@ -106,15 +75,24 @@ class _Context:
 
 
 class Fisher:
+    """Per-sequence mask gradients squared and summed. A step's sums are held apart until `end_step` has seen that
+    every one is finite (a flag on the device, read once per step), then added to the float64 totals."""
+
     needs_grad = True
 
     def __init__(self, modules, device):
         self.sums = _zeros(modules, device)
+        self.pending = _zeros(modules, device, torch.float32)
+        self.finite = torch.ones(len(modules), dtype=torch.bool, device=device)  # per module, this step
+        self.names = list(modules)
+        # dL_n/dm is the hooks' gradient times this: undoes a loss that is not the plain sum of sequence losses
+        # (a user's mean over the batch, gradient accumulation) and a GradScaler's loss scaling
+        self.gradient_scale = 1.0
         # m = 1 leaves the forward unchanged; Parameters so that DDP sees a trainable parameter the forward uses
-        self.masks = {n: nn.Parameter(torch.ones_like(t)) for n, t in self.sums.items()}
+        self.masks = {n: nn.Parameter(torch.ones(t.shape, device=device)) for n, t in self.sums.items()}
 
     def hook(self, name: str, ctx: _Context):
-        mask = self.masks[name]
+        mask, index = self.masks[name], self.names.index(name)
 
         def on_intermediate(e, tokens, slots, h, weights):
             h_masked = h * mask[e].to(h.dtype)  # m = 1: same values, and a graph that reaches h
@@ -122,18 +100,29 @@ class Fisher:
 
             def on_grad(g):  # g = dL/dh for this expert's tokens [S, I]
                 prod = torch.where(valid[:, None], saved.float() * g.float(), 0.0)
-                if not torch.isfinite(prod).all():
-                    raise FloatingPointError(f"non-finite gradient in {name} expert {e}: Fisher scores would be poisoned")
                 per_sample = torch.zeros(ctx.batch_size, prod.shape[1], device=prod.device)
                 per_sample.index_add_(0, samples, prod)  # dL_n/dm_j  [B, I]
-                self.sums[name][e] += per_sample.square().sum(0)
+                increment = (per_sample * self.gradient_scale).square().sum(0)  # [I]
+                self.pending[name][e] += increment
+                self.finite[index] &= torch.isfinite(increment).all()
 
             h_masked.register_hook(on_grad)
             return h_masked
 
         return on_intermediate
 
-    def after_backward(self):
+    def bad_module(self) -> str | None:
+        """The first module whose gradients this step were not finite (a host sync: for error messages)."""
+        bad = (~self.finite).nonzero()
+        return self.names[int(bad[0])] if bad.numel() else None
+
+    def end_step(self, commit: bool) -> None:
+        """Add this step's sums to the totals (or drop them), and start the next step."""
+        for name, t in self.pending.items():
+            if commit:
+                self.sums[name] += t
+            t.zero_()
+        self.finite.fill_(True)
         for m in self.masks.values():
             m.grad = None
 
@@ -142,6 +131,8 @@ class Fisher:
 
     def to(self, device):
         self.sums = {n: t.to(device) for n, t in self.sums.items()}
+        self.pending = {n: t.to(device) for n, t in self.pending.items()}
+        self.finite = self.finite.to(device)
 
     def result(self):
         return self.sums
@@ -152,7 +143,7 @@ class Activation:
 
     def __init__(self, modules, device, weighted=False):
         self.sums = _zeros(modules, device)
-        self.counts = {n: torch.zeros(t.shape[0], 1, device=device) for n, t in self.sums.items()}
+        self.counts = {n: torch.zeros(t.shape[0], 1, device=device, dtype=torch.float64) for n, t in self.sums.items()}
         self.weighted = weighted
 
     def hook(self, name, ctx):
@@ -166,9 +157,6 @@ class Activation:
             return h
 
         return on_intermediate
-
-    def after_backward(self):
-        pass
 
     def state(self):
         return {**{f"sum/{n}": t for n, t in self.sums.items()}, **{f"count/{n}": t for n, t in self.counts.items()}}
@@ -198,6 +186,15 @@ def _per_dim(module: nn.Module, up: torch.Tensor, down: torch.Tensor, reduce) ->
     gate_idx, up_idx = _gate_up_index(width, module)
     parts = [up_h[:, gate_idx]] + ([up_h[:, up_idx]] if up_idx is not None else []) + [down_h]
     return torch.stack(parts, dim=-1)
+
+
+def _masked_zero(modules, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Data-free scores of the model as `fmoe.masked` blocks open on it run it: masked dims score 0."""
+    out = {}
+    for name, t in tensors.items():
+        mask = active_mask(modules[name])
+        out[name] = t if mask is None else t * mask.to(t.device, t.dtype)
+    return out
 
 
 def _magnitude(modules) -> dict[str, torch.Tensor]:
@@ -231,6 +228,9 @@ def _grad_abs(model, modules, batches, progress) -> tuple[dict, int, int]:
                 continue
             _check_finite(loss, "grad_abs")
             grads = torch.autograd.grad(loss.sum(), params)
+            if not all(torch.isfinite(g).all() for g in grads):
+                raise FloatingPointError("non-finite weight gradient while scoring with 'grad_abs': scores would be "
+                                         "poisoned")
             for i, (name, m) in enumerate(modules.items()):
                 hidden = grads[2 * i + 1].shape[2 if m.is_transposed else 1]  # down: [E, H, I] or [E, I, H]
                 per_dim = _per_dim(m, grads[2 * i].abs().float(), grads[2 * i + 1].abs().float(),
@@ -324,10 +324,14 @@ class Scorer:
         self.acc.to(self.device)
         return self
 
-    def step(self, raw: Mapping[str, torch.Tensor], backward=None) -> torch.Tensor | None:
-        """Score one batch; returns the summed per-sequence loss (fisher) or None.
+    def step(self, raw: Mapping[str, torch.Tensor], backward=None, sync: Callable | None = None,
+             skip_non_finite: bool = False) -> torch.Tensor | None:
+        """Score one batch; returns the summed per-sequence loss (fisher), or None (other methods, or a batch whose
+        gradients overflowed and were dropped under `skip_non_finite`; see `end_step`).
 
-        `backward(loss)` defaults to `loss.backward()`; Lightning passes `manual_backward` (DDP needs it).
+        `backward(loss)` defaults to `loss.backward()`; Lightning passes `manual_backward` (DDP needs it). Every
+        call runs the same backward whatever the batch holds (a batch with nothing supervised adds zeros), and
+        `sync(flags)` (a SUM over ranks) makes every rank raise on a non-finite loss or gradient at the same step.
         """
         batch = self.observe(raw)
         if not self.acc.needs_grad:
@@ -337,15 +341,34 @@ class Scorer:
             self.count(batch.input_ids.shape[0], int(batch.attention_mask.sum()))
             return None
         losses, counts = sequence_losses(self.model, batch)
-        losses = losses[counts > 0]
-        if losses.numel() == 0:
-            return None
-        _check_finite(losses, self.method)
         total = losses.sum()
         (backward or torch.Tensor.backward)(total)  # one backward; per-sample terms are separated in the hooks
-        self.acc.after_backward()
-        self.count(losses.numel(), int(counts.sum()))
+        if not self.end_step(torch.isfinite(losses).all(), sync, skip_non_finite):
+            return None
+        self.count(*(int(v) for v in torch.stack([(counts > 0).sum(), counts.sum()]).tolist()))
         return total.detach()
+
+    def end_step(self, loss_ok: torch.Tensor | bool = True, sync: Callable | None = None,
+                 skip_non_finite: bool = False) -> bool:
+        """After a backward: keep the step's Fisher sums if the loss and every gradient were finite on every rank
+        (one host sync). Otherwise drop them and raise; with `skip_non_finite` (fp16 loss scaling, whose scaled
+        gradients can overflow) a finite loss with non-finite gradients returns False instead."""
+        flags = torch.stack([~torch.as_tensor(loss_ok, device=self.device), ~self.acc.finite.all()]).float()
+        ranks = sync(flags.clone()) if sync is not None else flags  # [ranks with a bad loss, with a bad gradient]
+        if not bool((ranks > 0).any()):
+            self.acc.end_step(commit=True)
+            return True
+        bad_module = self.acc.bad_module()
+        self.acc.end_step(commit=False)
+        if skip_non_finite and ranks[0] == 0:
+            return False
+        if flags[0] > 0:
+            cause = f"non-finite calibration loss while scoring with {self.method!r}"
+        elif bad_module is not None:
+            cause = f"non-finite gradient in {bad_module}"
+        else:
+            cause = f"non-finite loss or gradient on {int(ranks.max())} other rank(s)"
+        raise FloatingPointError(f"{cause}: Fisher scores would be poisoned (under fp16, use bf16 or fp32)")
 
     def count(self, samples: int, tokens: int) -> None:
         self.samples += samples
@@ -392,9 +415,9 @@ def score(
     meta = {"model_type": getattr(model.config, "model_type", None)}
     fp = fingerprint(model)
     if method == "magnitude":
-        return Scores(_magnitude(modules), method, fp, meta=meta)
+        return Scores(_masked_zero(modules, _magnitude(modules)), method, fp, meta=meta)
     if method == "random":
-        return Scores(_random(modules, seed), method, fp, meta={**meta, "seed": seed})
+        return Scores(_masked_zero(modules, _random(modules, seed)), method, fp, meta={**meta, "seed": seed})
     if batches is None:
         raise ValueError(f"method {method!r} needs calibration batches")
     progress = sys.stderr.isatty() if progress is None else progress

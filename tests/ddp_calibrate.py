@@ -8,6 +8,7 @@
     python tests/ddp_calibrate.py OUT_DIR resume [fsdp2]  # stop mid-epoch 2 (step 3 of 4), resume to 2 epochs
     python tests/ddp_calibrate.py OUT_DIR activation  # DDP with a method that runs no backward
     python tests/ddp_calibrate.py OUT_DIR accuracy STRATEGY  # evaluation of the toy model: perplexity + exact match
+    python tests/ddp_calibrate.py OUT_DIR ranks   # TP=2 scores, an unsupervised rank, uneven data, a NaN on one rank
 """
 
 import copy
@@ -114,9 +115,57 @@ def accuracy(out: Path, strategy: str) -> None:
         (out / "result.json").write_text(json.dumps(result))
 
 
+def ranks(out: Path) -> None:
+    """Runs that used to double-count, hang or split the ranks; each rank records how each ended."""
+    import torch
+
+    outcome = {}
+    # tensor_parallel_size=2: both ranks see the same batches; scores are summed over data-parallel ranks only
+    module = CalibrationModule(tiny_model("qwen3_moe"))
+    trainer = two_cpus(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2), max_epochs=1)
+    trainer.fit(module, DataLoader(sequences(), batch_size=4))
+    rank = trainer.global_rank
+    if rank == 0:
+        module.scores.save(out / "tp_scores")
+    # rank 1's sequences (odd indices under DistributedSampler) have no supervised token: it still joins the backward
+    data = [{**row, "labels": row["input_ids"].masked_fill(row["attention_mask"] == 0, -100)} for row in sequences()]
+    for i in range(1, len(data), 2):
+        data[i]["labels"] = torch.full_like(data[i]["input_ids"], -100)
+    module = CalibrationModule(tiny_model("qwen3_moe"))
+    two_cpus(strategy="ddp", max_epochs=1).fit(module, DataLoader(data, batch_size=2))
+    if rank == 0:
+        module.scores.save(out / "unsupervised_scores")
+    # 7 sequences over 2 ranks: DistributedSampler would repeat one; refused on both ranks before any batch
+    try:
+        two_cpus(strategy="ddp", max_epochs=1).fit(CalibrationModule(tiny_model("qwen3_moe")),
+                                                   DataLoader(sequences()[:7], batch_size=2))
+        outcome["uneven"] = "finished"
+    except Exception as err:
+        outcome["uneven"] = f"{type(err).__name__}: {err}"
+    # a NaN gradient on rank 1 only, at its second batch: both ranks stop at the same step with the same error
+    model = tiny_model("qwen3_moe")
+    calls = []
+
+    def poison(module, grad_output):
+        calls.append(1)
+        return (grad_output[0] * float("nan"),) if rank == 1 and len(calls) == 2 else None
+
+    model.lm_head.register_full_backward_pre_hook(poison)
+    module = CalibrationModule(model)
+    run = two_cpus(strategy="ddp", max_epochs=1)
+    try:
+        run.fit(module, DataLoader(sequences(), batch_size=2))
+        outcome["non_finite"] = "finished"
+    except Exception as err:
+        outcome["non_finite"] = f"{type(err).__name__}: {err}"
+    outcome["non_finite_step"] = module.scorer.samples
+    (out / f"outcome_rank{rank}.json").write_text(json.dumps(outcome))
+
+
 if __name__ == "__main__":
     out, kind = Path(sys.argv[1]), sys.argv[2]
-    stages = {"resume": resume, "accuracy": accuracy, "fsdp2_lora": lora_under_both_strategies, "user": user_training}
+    stages = {"resume": resume, "accuracy": accuracy, "fsdp2_lora": lora_under_both_strategies, "user": user_training,
+              "ranks": ranks}
     if kind in stages:
         stages[kind](out, *sys.argv[3:])
         sys.exit()

@@ -34,16 +34,18 @@ def trainer(tmp_path, **kw):
     return L.Trainer(**kw)
 
 
-def run_two_processes(tmp_path, *args):
+def run_two_processes(tmp_path, *args, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_calibrate.py"), str(tmp_path), *args], check=True,
-                   env=env, timeout=300, cwd=tmp_path)
+                   env=env, timeout=timeout, cwd=tmp_path)
 
 
-def close(a: fmoe.Scores, b: fmoe.Scores, rtol=1e-4):
+def close(a: fmoe.Scores, b: fmoe.Scores, rtol=1e-4, of_max=0.0):
+    """Scores equal to rtol, with an absolute tolerance of 1e-10 plus `of_max` x each module's largest score."""
     assert a.tensors.keys() == b.tensors.keys()
     for n in a.tensors:
-        torch.testing.assert_close(a.tensors[n], b.tensors[n], rtol=rtol, atol=1e-10)
+        atol = 1e-10 + of_max * float(b.tensors[n].max())
+        torch.testing.assert_close(a.tensors[n], b.tensors[n], rtol=rtol, atol=atol)
 
 
 def test_calibration_fit_equals_core_scores_then_prunes(tmp_path):
@@ -309,3 +311,102 @@ def test_lora_targets_attention_shared_and_routed_experts_not_routers():
     assert all(any(f"layers.1.mlp.experts.{kind}.{e}" in n for n in adapted) for kind in ("up", "down") for e in range(4))
     assert any("shared_expert.up_proj" in n for n in adapted) and any("self_attn.q_proj" in n for n in adapted)
     assert not any(n.endswith(("mlp.gate", "lm_head", "shared_expert_gate")) for n in adapted)
+
+
+def test_fisher_scoring_keeps_its_precision_in_a_long_accumulated_fit(tmp_path):
+    """128 batches of 32 with accumulate_grad_batches=8: per-batch increments are tiny next to the running sums."""
+    model = tiny_model("olmoe")
+    data = sequences(n=4096, padded=False)
+    expected = fmoe.score(model, [torch.utils.data.default_collate(data[i:i + 32]) for i in range(0, 4096, 32)])
+    scoring = FisherScoring()
+    trainer(tmp_path, callbacks=[scoring], accumulate_grad_batches=8).fit(UserModule(model),
+                                                                          DataLoader(data, batch_size=32))
+    assert scoring.scores.samples == 4096
+    close(scoring.scores, expected, rtol=1e-4)
+
+
+def fp16_on_cpu(init_scale: float, growth_interval: int = 1):
+    """Lightning turns precision="16-mixed" into bf16 on CPU; the plugin itself runs fp16 autocast with a real
+    GradScaler, whose scale here grows after every step (growth_interval=1), so it changes mid-run."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval)
+    return MixedPrecision("16-mixed", "cpu", scaler=scaler), scaler
+
+
+def test_fp16_grad_scaler_does_not_scale_the_scores(tmp_path):
+    """Scores under a GradScaler whose scale changes (2^16 and up: scaled gradients overflow, the batch runs again
+    at a lower scale) equal those of the same fp16 run at a constant scale of 1, in calibration and in a user's fit."""
+    data = sequences(n=16, padded=False)
+    for run in ("calibration", "user"):
+        scores = {}
+        for init, growth in ((1.0, 10**6), (2.0**16, 1)):
+            plugin, scaler = fp16_on_cpu(init, growth)
+            if run == "calibration":
+                module = CalibrationModule(tiny_model("qwen3_moe"))
+                trainer(tmp_path, plugins=[plugin]).fit(module, DataLoader(data, batch_size=4))
+                scores[init] = module.scores
+            else:
+                scoring = FisherScoring()
+                trainer(tmp_path, plugins=[plugin], callbacks=[scoring]).fit(
+                    UserModule(tiny_model("qwen3_moe")), DataLoader(data, batch_size=4))
+                scores[init] = scoring.scores
+            assert (scaler.get_scale() == 1.0) == (init == 1.0)
+        assert scores[2.0**16].samples == 16  # every batch counted once
+        close(scores[2.0**16], scores[1.0], rtol=0.05, of_max=0.002)
+
+
+def test_calibration_gives_the_model_back_as_it_came(tmp_path):
+    model = tiny_model("mixtral").train()
+    model.model.embed_tokens.weight.requires_grad_(False)  # the user's own choice of frozen parameters
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    module = CalibrationModule(model)
+    assert all(p.requires_grad == flags[n] for n, p in model.named_parameters())  # constructing changes nothing
+    trainer(tmp_path).fit(module, DataLoader(sequences(), batch_size=4))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+    class Failing(CalibrationModule):
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path).fit(Failing(model), DataLoader(sequences(), batch_size=4))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_a_sampler_that_would_repeat_samples_is_refused():
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    from fmoe.lightning.calibration import refuse_repeated_samples
+
+    def loader(n, **kw):
+        data = sequences(n=n)
+        return DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=0, **kw))
+
+    with pytest.raises(ValueError, match="7 samples, not a multiple of the 2 data-parallel ranks"):
+        refuse_repeated_samples(SimpleNamespace(train_dataloader=loader(7)))
+    refuse_repeated_samples(SimpleNamespace(train_dataloader=loader(8)))  # even: nothing repeated
+    refuse_repeated_samples(SimpleNamespace(train_dataloader=loader(7, drop_last=True)))  # dropped, not repeated
+
+
+def test_ranks_agree_on_errors_and_count_each_sample_once(tmp_path):
+    """2 processes: tensor parallel ranks are not summed, a rank with nothing supervised still joins the backward,
+    an uneven sampler is refused on both ranks, and a non-finite gradient on one rank stops both at the same step."""
+    run_two_processes(tmp_path, "ranks", timeout=180)
+    data = sequences()
+    one = fmoe.score(tiny_model("qwen3_moe"), [torch.utils.data.default_collate(data[i:i + 4]) for i in (0, 4)])
+    tp = fmoe.Scores.load(tmp_path / "tp_scores")
+    assert tp.samples == 8
+    close(tp, one)
+    half = fmoe.Scores.load(tmp_path / "unsupervised_scores")  # rank 1's sequences had no supervised token
+    only_even = fmoe.score(tiny_model("qwen3_moe"), [torch.utils.data.default_collate(data[i:i + 4:2]) for i in (0, 4)])
+    assert half.samples == 4
+    close(half, only_even)
+    outcomes = [json.loads((tmp_path / f"outcome_rank{r}.json").read_text()) for r in (0, 1)]
+    for outcome in outcomes:
+        assert outcome["uneven"].startswith("ValueError") and "not a multiple" in outcome["uneven"]
+        assert outcome["non_finite"].startswith("FloatingPointError")
+    assert outcomes[0]["non_finite_step"] == outcomes[1]["non_finite_step"]
+    assert "other rank" in outcomes[0]["non_finite"] and "non-finite gradient in" in outcomes[1]["non_finite"]

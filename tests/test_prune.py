@@ -119,3 +119,46 @@ def test_masked_works_on_ragged_models():
     first_only = {n: [torch.arange(1) for _ in ws] for n, ws in everything.items()}
     with fmoe.masked(model, first_only):
         assert not torch.allclose(logits(model, probe), plain, atol=1e-4)
+
+
+def test_masks_nest_and_restore_the_outer_mask_and_implementation():
+    model = tiny_model("olmoe")
+    probe = make_batches(n_batches=1, batch_size=2, seed=1, pad="right")[0]
+    outer = fmoe.make_plan(fmoe.score(model, method="random", seed=1), 0.25, "expert", multiple_of=8, model=model)
+    inner = fmoe.make_plan(fmoe.score(model, method="random", seed=2), 0.5, "layer", multiple_of=1, model=model)
+    both = {n: [k[torch.isin(k, j)] for k, j in zip(outer.keep[n], inner.keep[n])] for n in outer.keep}
+    implementation = model.get_experts_implementation()
+    dense = logits(model, probe)
+    with fmoe.masked(model, both):
+        expected_both = logits(model, probe)
+    with fmoe.masked(model, outer):
+        expected_outer = logits(model, probe)
+        with fmoe.masked(model, inner):
+            torch.testing.assert_close(logits(model, probe), expected_both)  # the masks multiply
+        torch.testing.assert_close(logits(model, probe), expected_outer)  # the outer mask is back
+        with pytest.raises(RuntimeError, match="cannot prune .*fmoe.masked"):
+            fmoe.prune(model, inner)
+    assert not torch.allclose(expected_outer, dense)
+    torch.testing.assert_close(logits(model, probe), dense)
+    assert model.get_experts_implementation() == implementation
+
+
+def test_hook_blocks_may_close_out_of_order():
+    from fmoe.scoring import Scorer
+
+    model = tiny_model("qwen3_moe")
+    batches = make_batches(n_batches=1)
+    plan = fmoe.make_plan(fmoe.score(model, method="random"), 0.5, "expert", multiple_of=8, model=model)
+    with fmoe.masked(model, plan):
+        expected = fmoe.score(model, batches, "activation")
+    scorer = Scorer(model, "activation")
+    mask = fmoe.masked(model, plan)
+    mask.__enter__()
+    scorer.attach()  # a Lightning scorer attached inside the mask, the mask closing first
+    mask.__exit__(None, None, None)
+    with fmoe.masked(model, plan):
+        scorer.step(batches[0])
+    scorer.detach()
+    for name, t in scorer.result().tensors.items():
+        torch.testing.assert_close(t, expected.tensors[name])
+    assert not fmoe.compat.has_hooks(model)

@@ -66,12 +66,23 @@ def test_bf16_model_scores_accumulate_in_float32():
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() and t.sum() > 0 for t in scores.tensors.values())
 
 
-def test_non_finite_gradient_stops_scoring():
+def test_non_finite_loss_stops_scoring():
     model = tiny_model("mixtral")
     with torch.no_grad():
         model.lm_head.weight[5, 0] = float("inf")
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    with pytest.raises(FloatingPointError, match="non-finite calibration loss"):
         fmoe.score(model, make_batches(n_batches=1))
+
+
+def test_non_finite_gradient_stops_scoring_with_a_finite_loss():
+    model = tiny_model("mixtral")
+    losses = []
+    model.register_forward_hook(lambda m, args, out: losses.append(out.logits.detach()))
+    # the loss stays finite; only the gradient flowing back from the head is poisoned
+    model.lm_head.register_full_backward_pre_hook(lambda m, grad_output: (grad_output[0] * float("nan"),))
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient in model\.layers\.\d\.mlp\.experts"):
+        fmoe.score(model, make_batches(n_batches=1))
+    assert losses and all(torch.isfinite(x).all() for x in losses)
 
 
 def slow_grad_abs(model, sequences):
@@ -115,11 +126,23 @@ def test_activation_and_router_ignore_padding(model):
 
 def test_router_weighs_activation_by_routing_weight(model):
     batches = make_batches(n_batches=1)
-    act = fmoe.score(model, batches, method="activation")
     router = fmoe.score(model, batches, method="router")
-    for name in act.tensors:
-        # routing weights are in (0, 1]: router sum <= activation sum = mean * count, and both see the same dims
-        assert ((router.tensors[name] > 0) == (act.tensors[name] > 0)).all()
+    modules = fmoe.find_experts(model)
+    expected = {n: torch.zeros(4, 32, dtype=torch.float64) for n in modules}
+    valid = batches[0]["attention_mask"].reshape(-1).bool()
+
+    def record(name):
+        def hook(e, tokens, slots, h, weights):  # sum over real routed tokens of weight x |h|
+            keep = valid[tokens]
+            expected[name][e] += (weights[keep, None] * h[keep].abs()).double().sum(0)
+            return h
+        return hook
+
+    with torch.no_grad(), experts_hooks(model, {n: record(n) for n in modules}):
+        model(**batches[0])
+    for name, t in expected.items():
+        assert t.sum() > 0
+        torch.testing.assert_close(router.tensors[name].double(), t, rtol=1e-5, atol=1e-7)
 
 
 def test_data_free_methods_are_deterministic():
@@ -168,3 +191,25 @@ def test_padding_never_counts_even_when_labels_supervise_it(model):
     assert a.tokens == b.tokens
     for name in a.tensors:
         torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=2e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", fmoe.METHODS)
+def test_scoring_inside_a_mask_scores_the_masked_model(method):
+    model = tiny_model("qwen3_moe")
+    batches = make_batches(n_batches=1)
+    plan = fmoe.make_plan(fmoe.score(model, method="random", seed=1), 0.5, "expert", multiple_of=8, model=model)
+    with fmoe.masked(model, plan):
+        inside = fmoe.score(model, batches, method)
+    outside = fmoe.score(model, batches, method)
+    for name, keeps in plan.keep.items():
+        kept = torch.zeros(4, 32, dtype=torch.bool)
+        for e, k in enumerate(keeps):
+            kept[e, k] = True
+        assert (inside.tensors[name][~kept] == 0).all()  # masked dims score 0
+        assert (outside.tensors[name][~kept] != 0).any()
+    if method == "fisher":  # the kept dims score as in the pruned model, which the mask stands for
+        pruned = fmoe.prune(tiny_model("qwen3_moe"), plan)
+        reference = fmoe.score(pruned, batches, method)
+        for name, keeps in plan.keep.items():
+            got = torch.stack([inside.tensors[name][e, k] for e, k in enumerate(keeps)])
+            torch.testing.assert_close(got, reference.tensors[name], rtol=2e-3, atol=1e-9)

@@ -27,11 +27,35 @@ from .sharding import RestoreOnException, is_sharded, shard, unshard
 _STATE_KEY = "fmoe_scorer"
 
 
+def data_parallel_group(strategy):
+    """The process group that holds different data: the data-parallel mesh dimension under ModelParallelStrategy
+    (tensor-parallel ranks see the same batches), else None (every rank)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(strategy, ModelParallelStrategy):
+        return None
+    mesh = strategy.device_mesh
+    return mesh["data_parallel"].get_group() if "data_parallel" in (mesh.mesh_dim_names or ()) else None
+
+
+def data_parallel_rank(strategy) -> int:
+    return (getattr(strategy, "distributed_sampler_kwargs", None) or {}).get("rank", 0)
+
+
+def sum_over_data(tensor: torch.Tensor, strategy) -> torch.Tensor:
+    """SUM of `tensor` over the ranks that saw different data; a collective, so every rank must call it."""
+    group = data_parallel_group(strategy)
+    if group is None:
+        return strategy.reduce(tensor, reduce_op="sum")
+    torch.distributed.all_reduce(tensor, group=group)
+    return tensor
+
+
 def reduced_state(scorer: Scorer, strategy) -> tuple[dict[str, torch.Tensor], int, int]:
-    """(state, samples, tokens) SUM-reduced over ranks; a collective, so every rank must call it."""
-    state = {k: strategy.reduce(t.detach().clone(), reduce_op="sum") for k, t in scorer.state().items()}
+    """(state, samples, tokens) SUM-reduced over data-parallel ranks; a collective, so every rank must call it."""
+    state = {k: sum_over_data(t.detach().clone(), strategy) for k, t in scorer.state().items()}
     counts = torch.tensor([scorer.samples, scorer.tokens], dtype=torch.float64, device=scorer.device)
-    counts = strategy.reduce(counts, reduce_op="sum")
+    counts = sum_over_data(counts, strategy)
     return state, int(counts[0]), int(counts[1])
 
 
@@ -41,6 +65,36 @@ def sum_across_ranks(scorer: Scorer, strategy) -> Scores:
     return scorer.result()
 
 
+def loss_scale(trainer) -> float:
+    """The factor by which a GradScaler (fp16 mixed precision) multiplied the loss of this step; 1 without one."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+def sync_flags(trainer):
+    """A SUM over every rank, for the per-step finiteness flags (every rank raises at the same step)."""
+    return lambda flags: trainer.strategy.reduce(flags, reduce_op="sum")
+
+
+def refuse_repeated_samples(trainer) -> None:
+    """A DistributedSampler over a dataset that does not split evenly repeats samples to even out the ranks, and
+    scores would count them twice: refuse before the first batch (the condition is the same on every rank)."""
+    from torch.utils.data import DistributedSampler
+
+    loaders = trainer.train_dataloader
+    loaders = loaders.values() if isinstance(loaders, dict) else loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    for loader in loaders:
+        for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+            if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
+                n, ranks = len(sampler.dataset), sampler.num_replicas
+                if n % ranks:
+                    raise ValueError(
+                        f"the calibration set has {n} samples, not a multiple of the {ranks} data-parallel ranks: "
+                        "DistributedSampler would repeat samples and scores would count them twice. Use a multiple "
+                        f"of {ranks} samples (fmoe.data.TextDataModule cuts its sets to one), or a sampler with "
+                        "drop_last=True")
+
+
 class CalibrationModule(L.LightningModule):
     def __init__(self, model: nn.Module, method: str = "fisher"):
         super().__init__()
@@ -48,8 +102,6 @@ class CalibrationModule(L.LightningModule):
         self.method = method
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints carry the scorer state, not the (frozen, unchanged) weights
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         self.scorer = Scorer(model, method)
         masks = getattr(self.scorer.acc, "masks", {})
         self.masks = nn.ParameterList(masks.values())  # registered so DDP and device moves see them
@@ -66,9 +118,14 @@ class CalibrationModule(L.LightningModule):
         return torch.optim.SGD([self.step_anchor], lr=0.0)
 
     def configure_model(self) -> None:
-        """Under ModelParallelStrategy (FSDP2) the fit runs a sharded twin (see fmoe.lightning.sharding); masks
-        stay replicated. `self.model` is the plain model again once the fit ends."""
+        """Freeze the model for the fit (DDP must see only the masks as trainable; the user's requires_grad flags
+        come back when the fit ends). Under ModelParallelStrategy (FSDP2) the fit runs a sharded twin (see
+        fmoe.lightning.sharding); masks stay replicated. `self.model` is the plain model again once the fit ends."""
         self.scorer.detach()  # left attached by an interrupted run
+        self.restore_model()
+        self._user_flags = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
         shard(self, "model")
         self.scorer.use(self.model)
 
@@ -79,10 +136,14 @@ class CalibrationModule(L.LightningModule):
         self.scorer.to(self.device)
         self.scorer.attach(freeze=True)
 
+    def on_train_start(self) -> None:
+        refuse_repeated_samples(self.trainer)
+
     def training_step(self, batch, batch_idx):
         start = time.perf_counter()
         self.model.eval()  # Lightning puts modules in train mode; scoring wants no dropout or router jitter
-        loss = self.scorer.step(batch, backward=self.manual_backward)
+        loss = self._score(batch)
+        self.step_anchor.grad = torch.zeros_like(self.step_anchor)  # a GradScaler's step checks some gradient
         self.optimizers().step()  # changes nothing; advances trainer.global_step
         self._seconds += time.perf_counter() - start
         batch_size = batch["input_ids"].shape[0]
@@ -92,6 +153,22 @@ class CalibrationModule(L.LightningModule):
             self.log("calibration_loss", loss / batch_size, prog_bar=True, batch_size=batch_size)
         return loss
 
+    def _score(self, batch) -> torch.Tensor | None:
+        """One scoring step. Under fp16 loss scaling a batch whose scaled gradients overflow (on any rank) runs
+        again at half the scale, as a GradScaler backs off, so no batch is lost or counted twice."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fisher = self.scorer.acc.needs_grad
+        while True:
+            if fisher:  # the GradScaler multiplied the loss by S; S changes during the run
+                self.scorer.acc.gradient_scale = 1.0 / loss_scale(self.trainer)
+            loss = self.scorer.step(batch, backward=self.manual_backward, sync=sync_flags(self.trainer),
+                                    skip_non_finite=scaler is not None)
+            if loss is not None or not fisher:
+                return loss
+            if scaler.get_scale() < 2.0**-24:
+                raise FloatingPointError("gradients overflow fp16 at every loss scale: use bf16 or fp32")
+            scaler.update(scaler.get_scale() / 2)
+
     def on_train_end(self) -> None:
         self.scorer.detach()
         self.scores = sum_across_ranks(self.scorer, self.trainer.strategy)
@@ -100,6 +177,14 @@ class CalibrationModule(L.LightningModule):
     def teardown(self, stage: str) -> None:
         unshard(self)
         self.scorer.use(self.model)
+        self.restore_model()
+
+    def restore_model(self) -> None:
+        """The plain model with the requires_grad flags it had before the fit (after a fit, or a failed one)."""
+        flags = self.__dict__.pop("_user_flags", None)
+        if flags is not None:
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(flags.get(name, p.requires_grad))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Called on every rank (only rank 0 writes): store the SUM over ranks, so any world size can resume it.
@@ -119,5 +204,5 @@ class CalibrationModule(L.LightningModule):
         if saved["method"] != self.method or saved["fingerprint"] != self.scorer.fingerprint:
             raise ValueError(f"checkpoint is a {saved['method']!r} calibration of model {saved['fingerprint']}, "
                              f"this run is {self.method!r} on {self.scorer.fingerprint}")
-        if self.global_rank == 0:  # the saved sums already cover every rank; the others restart from zero
+        if data_parallel_rank(self.trainer.strategy) == 0:  # the saved sums cover every rank; others start at 0
             self.scorer.load_state(saved["state"], saved["samples"], saved["tokens"])

@@ -13,7 +13,7 @@ from ..plan import SCOPES, make_plan
 from ..prune import prune, weight_bytes
 from ..scores import Scores
 from ..scoring import Scorer
-from .calibration import CalibrationModule, sum_across_ranks
+from .calibration import CalibrationModule, loss_scale, refuse_repeated_samples, sum_across_ranks, sync_flags
 from .sharding import is_sharded, unshard
 
 
@@ -39,10 +39,13 @@ class FisherScoring(L.Callback):
     Batches must be dicts with `input_ids` (and `attention_mask` if padded). The callback's hooks see
     g = dL/dh of the user's loss L. With HF's default loss (mean over all supervised tokens of the batch) the
     per-sequence term is (tokens_n / tokens_batch) * dL_n/dm; with `loss_reduction="mean_of_sequences"`
-    (L = mean over sequences of their mean, or equal-length packed sequences) it is dL_n/dm / B and is rescaled by
-    B^2 (times accumulate_grad_batches^2) to match `fmoe.score`. Rankings within a scope are unaffected by a
-    constant factor. Hooks are off during validation. Not handled: fp16 GradScaler (scaled gradients), gradient
-    checkpointing (recomputed forwards would call the hooks twice).
+    (L = mean over sequences of their mean, or equal-length packed sequences) it is dL_n/dm / B, and each
+    per-sequence gradient is multiplied by B (times accumulate_grad_batches) before it is squared, to match
+    `fmoe.score`. Rankings within a scope are unaffected by a constant factor. Under fp16 mixed precision the
+    GradScaler's scale of each step is divided out, and a step whose gradients overflow (the scaler skips it) adds
+    nothing; otherwise a non-finite gradient stops the fit on every rank at the same step. A DistributedSampler that
+    would repeat samples is refused. Hooks are off during validation. Not handled: gradient checkpointing
+    (recomputed forwards would call the hooks twice).
 
     Under ModelParallelStrategy (FSDP2), call `fmoe.lightning.sharding.shard(self, "model")` in your
     `configure_model` and `unshard(self, self.trainer)` in your `teardown`: the fit runs a sharded twin, and
@@ -58,6 +61,7 @@ class FisherScoring(L.Callback):
         self._resume_after_validation = False
 
     def on_train_start(self, trainer, pl_module):
+        refuse_repeated_samples(trainer)
         model = find_hf_model(pl_module, self.model_attr)
         self.scorer = Scorer(model, "fisher").to(pl_module.device)
         self.scorer.attach(freeze=False)  # their weights keep training
@@ -75,18 +79,17 @@ class FisherScoring(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if not isinstance(batch, dict) or "input_ids" not in batch:
             raise TypeError("FisherScoring needs dict batches with 'input_ids' (and 'attention_mask' if padded)")
-        self._sums_before = {k: t.clone() for k, t in self.scorer.state().items()}
         prepared = self.scorer.observe(batch)
-        self._batch_size = prepared.input_ids.shape[0]
-        self.scorer.count(self._batch_size, int(prepared.attention_mask.sum()))
+        self._counts = (prepared.input_ids.shape[0], int(prepared.attention_mask.sum()))
+        # their loss is the mean over B sequences, divided by Lightning by accumulate_grad_batches (k), and
+        # multiplied by a GradScaler's scale S: dL_n/dm = g * B * k / S, scaled before squaring and summing
+        per_sequence = self._counts[0] * trainer.accumulate_grad_batches if self.loss_reduction == "mean_of_sequences" else 1
+        self.scorer.acc.gradient_scale = per_sequence / loss_scale(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.loss_reduction == "mean_of_sequences":
-            # Their loss is mean over B sequences, divided by Lightning by accumulate_grad_batches (k): undo both.
-            scale = (self._batch_size * trainer.accumulate_grad_batches) ** 2
-            for key, t in self.scorer.state().items():
-                t.copy_(self._sums_before[key] + (t - self._sums_before[key]) * scale)
-        self.scorer.acc.after_backward()  # their backward also filled the masks' .grad
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if self.scorer.end_step(sync=sync_flags(trainer), skip_non_finite=scaled):
+            self.scorer.count(*self._counts)
 
     def on_train_end(self, trainer, pl_module):
         self.scorer.detach()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
 from ..experts import RaggedExperts, find_experts, up_name
+from ..loss import mean_nll, prepare_batch, sequence_nll
 from ..tasks import exact_match
 from .sharding import RestoreOnException, is_sharded, shard, unshard
 
@@ -67,12 +67,9 @@ class Evaluation(L.LightningModule):
         return [RestoreOnException()]
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        ids = batch["input_ids"]
-        logits = self.model(input_ids=ids, attention_mask=batch.get("attention_mask")).logits
-        targets = batch.get("labels", ids)[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum")
-        self.nll[dataloader_idx].update(nll)
-        self.tokens[dataloader_idx].update((targets != -100).sum())
+        nll, counts = sequence_nll(self.model, prepare_batch(batch, self.device))
+        self.nll[dataloader_idx].update(nll.sum())
+        self.tokens[dataloader_idx].update(counts.sum())
 
     def on_validation_epoch_end(self):
         for i, name in enumerate(self.eval_names[: len(self.nll)]):
@@ -112,9 +109,8 @@ class LoRARecovery(Evaluation):
         self.model.train()  # a model coming from calibration or evaluation is in eval mode
 
     def training_step(self, batch, batch_idx):
-        ids = batch["input_ids"]
-        loss = self.model(input_ids=ids, attention_mask=batch.get("attention_mask"), labels=batch.get("labels", ids)).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=ids.shape[0])
+        loss, _ = mean_nll(self.model, prepare_batch(batch, self.device))  # HF's .loss, padding never supervised
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def configure_optimizers(self):
@@ -135,7 +131,8 @@ def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None, t
         if tasks:
             raise ValueError("task accuracy is computed in the validation loop: the datamodule needs an eval set")
         return {}
-    kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False, **(trainer_kwargs or {})}
-    runner = L.Trainer(**kwargs, enable_progress_bar=False)
+    kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+              "enable_progress_bar": False, **(trainer_kwargs or {})}
+    runner = L.Trainer(**kwargs)
     results = runner.validate(Evaluation(model.eval(), names, tasks, tokenizer), datamodule=datamodule, verbose=False)
     return {k.split("/")[0]: float(v) for r in results for k, v in r.items()}

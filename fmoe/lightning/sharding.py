@@ -100,10 +100,13 @@ def unshard(owner: nn.Module, trainer: L.Trainer | None = None) -> None:
 
 class RestoreOnException(L.Callback):
     """LightningModules get no `on_exception` hook: this callback (from their `configure_callbacks`) puts the
-    plain model back and detaches a scorer when a run fails."""
+    plain model back, detaches a scorer and restores the model's flags when a run fails."""
 
     def on_exception(self, trainer, pl_module, exception):
         scorer = getattr(pl_module, "scorer", None)
         if scorer is not None:
             scorer.detach()
         unshard(pl_module)
+        restore = getattr(pl_module, "restore_model", None)
+        if restore is not None:  # CalibrationModule: the user's requires_grad flags
+            restore()
