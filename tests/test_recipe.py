@@ -3,6 +3,7 @@ import os
 import sys
 from pathlib import Path
 
+import lightning.pytorch
 import pytest
 import torch
 
@@ -156,3 +157,44 @@ def test_every_config_parses(recipe, config, capsys):
     assert stop.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "stages:" in printed and ("pack: true" in printed) == (config.stem != "default")
+
+
+STAGES_SEEN = []
+
+
+class Recorder(lightning.pytorch.Callback):
+    """Records, for every Trainer a recipe stage runs, the options a user passed with --trainer.*."""
+
+    def __init__(self, tag: str = ""):
+        self.tag = tag
+
+    def setup(self, trainer, pl_module, stage):
+        from lightning.pytorch.callbacks import Timer
+        from lightning.pytorch.loggers import CSVLogger
+
+        STAGES_SEEN.append({"fn": stage, "module": type(pl_module).__name__, "tag": self.tag,
+                            "accumulate": trainer.accumulate_grad_batches, "clip": trainer.gradient_clip_val,
+                            "timer": any(isinstance(c, Timer) for c in trainer.callbacks),
+                            "csv": isinstance(trainer.logger, CSVLogger), "recorder": id(self)})
+
+
+def test_recipe_honours_every_trainer_option(tmp_path, recipe):
+    STAGES_SEEN.clear()
+    rows = recipe.main(["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
+                        "--trainer.enable_progress_bar", "false", "--tasks", "{}", "--data.n_samples", "16",
+                        "--recover.max_steps", "4", "--recover.val_check_interval", "2",
+                        "--trainer.accumulate_grad_batches", "2", "--trainer.gradient_clip_val", "0.5",
+                        "--trainer.max_time", "00:01:00:00",
+                        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                        "--trainer.logger.save_dir", str(tmp_path / "logs"),
+                        "--trainer.callbacks+=tests.test_recipe.Recorder", "--trainer.callbacks.tag", "mine"])
+    assert list(rows) == ["dense", "pruned", "recovered"]
+    modules = [s["module"] for s in STAGES_SEEN]
+    assert modules == ["Evaluation", "CalibrationModule", "Evaluation", "LoRARecovery", "Evaluation"]
+    assert all(s["tag"] == "mine" and s["timer"] and s["csv"] for s in STAGES_SEEN)
+    assert len({s["recorder"] for s in STAGES_SEEN}) == len(STAGES_SEEN)  # a fresh callback for every Trainer
+    recover = STAGES_SEEN[3]
+    assert recover["accumulate"] == 2 and recover["clip"] == 0.5  # training options reach the training stage
+    calibrate = STAGES_SEEN[1]  # a calibration steps no weights: no accumulation or clipping there
+    assert calibrate["accumulate"] == 1 and calibrate["clip"] is None
+    assert (tmp_path / "logs").is_dir()

@@ -8,21 +8,24 @@
 Stages: calibrate (a CalibrationModule fit that accumulates scores), prune (IntermediatePruning at its end),
 recover (LoRA via peft, merged back), evaluate (perplexity of each eval set before and after, and exact-match
 accuracy of each `tasks` file), export (fmoe.save_pretrained + results.json). A before/after table is printed at
-the end. The default compresses fmoe's toy MoE (fmoe/assets/toy_moe) into an arithmetic specialist: calibrated and
+the end. Every `--trainer.*` option reaches every stage's Trainer (fresh callbacks, logger, strategy and plugins
+each time); `accumulate_grad_batches` and `gradient_clip_*` apply to the LoRA stage only, since a calibration steps
+no weights, and the LoRA stage runs `--recover.max_steps` steps whatever `--trainer.max_epochs` says. The default compresses fmoe's toy MoE (fmoe/assets/toy_moe) into an arithmetic specialist: calibrated and
 recovered on arithmetic word problems, measured on arithmetic, facts and general reading.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningCLI, instantiate_class
 
 import fmoe
 from fmoe.data import TextDataModule
@@ -82,20 +85,37 @@ class RecipeCLI(LightningCLI):
                              "data.general_eval": str(files["general"]["test"]),
                              "data.seq_len": 80, "data.pack": False, "data.n_samples": 64, "data.batch_size": 8,
                              "trainer.max_epochs": 1, "trainer.logger": False, "trainer.enable_checkpointing": False,
-                             "trainer.default_root_dir": "runs/prune_recover"})
+                             "trainer.enable_model_summary": False, "trainer.default_root_dir": "runs/prune_recover"})
 
 
-def hardware(cfg) -> dict:
-    """The CLI's hardware settings for one stage's Trainer, with a strategy object of its own (a strategy belongs
-    to one Trainer; `ModelParallelStrategy` runs every stage under FSDP2, see fmoe.lightning.sharding)."""
-    hw = {k: cfg.trainer[k] for k in ("accelerator", "devices", "num_nodes", "strategy", "precision", "default_root_dir")}
-    strategy = hw["strategy"]
-    if hasattr(strategy, "class_path"):  # a class_path/init_args Namespace from the config
-        module, _, name = strategy.class_path.rpartition(".")
-        hw["strategy"] = getattr(importlib.import_module(module), name)(**strategy.init_args.as_dict())
-    elif not isinstance(strategy, (str, type(None))):  # a Strategy object given to main()
-        hw["strategy"] = copy.deepcopy(strategy)
-    return {k: v for k, v in hw.items() if v is not None}
+# options a calibration fit cannot take: it steps no weights (Lightning refuses them under manual optimization)
+TRAINING_ONLY = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
+
+
+def fresh(value):
+    """A new instance of a class_path/init_args config value (callbacks, logger, strategy, plugins, profiler belong
+    to one Trainer each), a copy of an object given to main(), the value itself otherwise."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict) and "class_path" in value:
+        return instantiate_class((), value)
+    if isinstance(value, (list, tuple)):
+        return [fresh(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool, dict, timedelta)):
+        return value
+    return copy.deepcopy(value)
+
+
+def trainer_kwargs(cfg, stage: str, callbacks: list | None = None, **overrides) -> dict:
+    """Every --trainer.* option for one stage's Trainer ("calibrate", "recover" or "evaluate"), with fresh
+    instances, the stage's own callbacks after the user's and its own settings on top. `ModelParallelStrategy`
+    thus runs every stage under FSDP2 (see fmoe.lightning.sharding)."""
+    options = {k: fresh(v) for k, v in cfg.trainer.as_dict().items()}
+    if stage == "calibrate":
+        for key in TRAINING_ONLY:
+            options.pop(key)
+    options["callbacks"] = [*(options.get("callbacks") or []), *(callbacks or [])]
+    return {**options, **overrides}
 
 
 def params_and_bytes(model) -> tuple[int, int]:
@@ -105,7 +125,6 @@ def params_and_bytes(model) -> tuple[int, int]:
 def main(args=None) -> dict:
     cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_kwargs={"overwrite": True})
     cfg, trainer, module, data = cli.config, cli.trainer, cli.model, cli.datamodule
-    quiet = dict(logger=False, enable_checkpointing=False, enable_model_summary=False)
     stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
     data.setup("fit")
     paths = cfg.tasks
@@ -118,13 +137,13 @@ def main(args=None) -> dict:
         params, nbytes = params_and_bytes(model)
         row = {"params": params, "weight_MB": nbytes / 2**20}
         if stages.evaluate:
-            row.update(evaluate(model, data, {**hardware(cfg), **quiet}, tasks, data.tokenizer))
+            row.update(evaluate(model, data, trainer_kwargs(cfg, "evaluate"), tasks, data.tokenizer))
         rows[stage] = row
 
     record("dense", module.model)
     if stages.calibrate:
         callbacks = [IntermediatePruning(**asdict(prune_cfg), save_dir=Path(cfg.export_dir).parent)] if stages.prune else []
-        calib = L.Trainer(**hardware(cfg), **quiet, max_epochs=1, callbacks=callbacks)
+        calib = L.Trainer(**trainer_kwargs(cfg, "calibrate", callbacks))
         calib.fit(module, datamodule=data)
         if stages.prune:
             record("pruned", module.model)
@@ -133,8 +152,9 @@ def main(args=None) -> dict:
         recovery = LoRARecovery(model, r=recover_cfg.r, alpha=recover_cfg.alpha, lr=recover_cfg.lr,
                                 experts=recover_cfg.experts, eval_names=tuple(data.eval_names), tasks=tasks,
                                 tokenizer=data.tokenizer)
-        fit = L.Trainer(**hardware(cfg), **quiet, max_steps=recover_cfg.max_steps, check_val_every_n_epoch=None,
-                        val_check_interval=recover_cfg.val_check_interval)
+        fit = L.Trainer(**trainer_kwargs(cfg, "recover", max_steps=recover_cfg.max_steps, max_epochs=-1,
+                                         check_val_every_n_epoch=None,
+                                         val_check_interval=recover_cfg.val_check_interval))
         fit.fit(recovery, datamodule=data)
         model = recovery.merged()
         record("recovered", model)
