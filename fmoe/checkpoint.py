@@ -9,7 +9,6 @@ field) records its widths in `config.fmoe_expert_widths` and its fused state dic
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,7 +50,7 @@ def save_pretrained(model: PreTrainedModel, directory: str | Path, tokenizer=Non
 def _config_fields(config, fields: dict) -> Iterator[None]:
     """Set config fields for the length of a save; the caller's config object comes back as it was (transformers'
     own save_pretrained writes fields such as `architectures` into it too)."""
-    before = copy.deepcopy(config.__dict__)
+    before = dict(config.__dict__)  # transformers assigns fields when saving; it does not mutate their values
     for k, v in fields.items():
         setattr(config, k, v)
     try:

@@ -66,11 +66,10 @@ def experts_hooks(model: nn.Module, hooks: dict[str, IntermediateHook]) -> Itera
         raise KeyError(f"no routed experts module named {sorted(unknown)}")
     switch = hasattr(model, "get_experts_implementation")
     if switch:
-        previous = model.__dict__.setdefault(_PREVIOUS, [model.get_experts_implementation(), 0])
-        if previous[1] == 0:
-            previous[0] = model.get_experts_implementation()
+        previous = model.__dict__.get(_PREVIOUS) or [model.get_experts_implementation(), 0]
+        model.set_experts_implementation(IMPLEMENTATION)  # may refuse (transformers): nothing changed yet
         previous[1] += 1
-        model.set_experts_implementation(IMPLEMENTATION)
+        model.__dict__[_PREVIOUS] = previous
     for name, hook in hooks.items():
         stack = modules[name].__dict__.setdefault(HOOKS_ATTR, [])
         edits = sum(getattr(h, "edits_model", False) for h in stack)  # edits stay ahead of measurements

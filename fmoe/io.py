@@ -39,17 +39,21 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not path.exists():
+    try:
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        if exchange(tmp, path):  # path now holds the new directory, tmp the old one
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        # no atomic exchange here (not Linux, or a file system without it): a moment with no directory at `path`
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
         os.replace(tmp, path)
-        return
-    if exchange(tmp, path):  # path now holds the new directory, tmp the old one
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    # no atomic exchange here (not Linux, or a file system without it): a moment with no directory at `path`
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the swap failed: whatever is at `path` stays
+        raise
 
 
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100

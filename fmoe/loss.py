@@ -73,9 +73,9 @@ def sequence_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Te
     b, steps = target.shape
     chunk = max(1, CHUNK_ELEMENTS // max(1, b * logits.shape[-1]))
     nll = logits.new_zeros(b, dtype=torch.float32)
-    for start in range(0, steps, chunk):
-        piece = logits[:, start : min(start + chunk, steps)]
-        t = target[:, start : start + piece.shape[1]]
+    # split, not slices: one SplitBackward concatenates the chunks' gradients once (a slice's backward would
+    # allocate a full-size zero gradient per chunk)
+    for piece, t in zip(logits[:, :steps].split(chunk, dim=1), target.split(chunk, dim=1)):
         if torch.is_grad_enabled() and logits.requires_grad and steps > chunk:
             nll = nll + checkpoint(_chunk_nll, piece, t, use_reentrant=False)  # float32 chunk recomputed in backward
         else:

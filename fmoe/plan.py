@@ -64,32 +64,30 @@ def round_width(width: float, full: int, multiple_of: int, min_width: int) -> in
 
 def allocate(targets: list[float], fulls: list[int], budget: int, multiple_of: int, min_width: int) -> list[int]:
     """Widths (multiples of `multiple_of`, or the full width) for experts that want `targets` dims, summing to
-    `budget` within one unit: each starts at its target rounded down, then units go to the largest remainders
-    (or, when `min_width` pushed the total over budget, come off the smallest), ties by expert order."""
+    `budget` within half a unit where the bounds allow: each starts at its target rounded down, then units go to
+    the largest remainders (or, when `min_width` pushed the total over budget, come off the smallest), ties by
+    expert order."""
     m = multiple_of
     lowest = [min(min_width, f) for f in fulls]
     widths = [min(f, max(lo, m * math.floor(t / m))) for t, f, lo in zip(targets, fulls, lowest)]
     remainders = [t / m - math.floor(t / m) for t in targets]
-    units = round((budget - sum(widths)) / m)
-    grow = units > 0
-    order = sorted(range(len(targets)), key=lambda i: -remainders[i] if grow else remainders[i])  # stable: ties by i
-    while units != 0:
-        moved = False
-        for i in order:
-            if units == 0:
-                break
-            smaller = m * (math.ceil(widths[i] / m) - 1)  # one unit down (from a full width that is not a multiple)
-            if grow and widths[i] < fulls[i]:
-                widths[i] = min(fulls[i], widths[i] + m)
-            elif not grow and smaller >= lowest[i]:
-                widths[i] = smaller
-            else:
+    largest_first = sorted(range(len(targets)), key=lambda i: -remainders[i])  # stable: ties by expert order
+    smallest_first = sorted(range(len(targets)), key=lambda i: remainders[i])
+    while True:  # every move brings the total strictly closer to the budget, so this ends
+        gap = budget - sum(widths)
+        grow, moved = gap > 0, False
+        for i in largest_first if grow else smallest_first:
+            new = min(fulls[i], widths[i] + m) if grow else m * (math.ceil(widths[i] / m) - 1)  # one unit
+            if (new <= widths[i]) if grow else (new < lowest[i]):
+                continue  # at its full width, or at min_width
+            if abs(gap - (new - widths[i])) >= abs(gap):
                 continue
-            units += -1 if grow else 1
-            moved = True
-        if not moved:  # every expert at its full width or at min_width: the closest the bounds allow
-            break
-    return widths
+            gap -= new - widths[i]
+            widths[i], moved = new, True
+            if gap == 0 or (gap > 0) != grow:
+                break
+        if not moved:  # within half a unit, or every expert at a bound: the closest the bounds allow
+            return widths
 
 
 def _ranked(values: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,10 @@ def _check_scorable(modules: dict[str, nn.Module]) -> None:
         raise ValueError(f"cannot score ragged (non-uniformly pruned) experts {ragged[:3]}: score before pruning")
 
 
-def _zeros(modules: dict[str, nn.Module], device, dtype=torch.float64) -> dict[str, torch.Tensor]:
+def _zeros(modules: dict[str, nn.Module], device, dtype=None) -> dict[str, torch.Tensor]:
+    """Zero sums [E, I] per module: float64 totals by default (float32 where the device has no float64: MPS)."""
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
     return {n: torch.zeros(num_experts(m), expert_widths(m)[0], device=device, dtype=dtype) for n, m in modules.items()}
 
 
@@ -143,7 +146,7 @@ class Activation:
 
     def __init__(self, modules, device, weighted=False):
         self.sums = _zeros(modules, device)
-        self.counts = {n: torch.zeros(t.shape[0], 1, device=device, dtype=torch.float64) for n, t in self.sums.items()}
+        self.counts = {n: torch.zeros(t.shape[0], 1, device=device, dtype=t.dtype) for n, t in self.sums.items()}
         self.weighted = weighted
 
     def hook(self, name, ctx):

@@ -123,6 +123,12 @@ def test_wrong_module_names_in_the_widths_field_are_a_clear_error(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config\.json: fmoe_expert_widths names .*'model\.blocks\.0\.mlp\.experts'"):
         fmoe.from_pretrained(tmp_path / "m")
+    first = next(iter(widths))
+    for wrong in (widths[first][:-1], [64] + widths[first][1:]):  # an expert missing, a width over the full one
+        config["fmoe_expert_widths"] = {**widths, first: wrong}
+        path.write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=rf"widths that do not fit \['{first}'\]"):
+            fmoe.from_pretrained(tmp_path / "m")
 
 
 @pytest.mark.parametrize("scope", ["expert", "layer"])

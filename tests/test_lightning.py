@@ -342,6 +342,9 @@ def test_fp16_grad_scaler_does_not_scale_the_scores(tmp_path):
         scores = {}
         for init, growth in ((1.0, 10**6), (2.0**16, 1)):
             plugin, scaler = fp16_on_cpu(init, growth)
+            backoffs = []
+            update = scaler.update
+            scaler.update = lambda new_scale=None: (backoffs.append(new_scale), update(new_scale))
             if run == "calibration":
                 module = CalibrationModule(tiny_model("qwen3_moe"))
                 trainer(tmp_path, plugins=[plugin]).fit(module, DataLoader(data, batch_size=4))
@@ -352,8 +355,30 @@ def test_fp16_grad_scaler_does_not_scale_the_scores(tmp_path):
                     UserModule(tiny_model("qwen3_moe")), DataLoader(data, batch_size=4))
                 scores[init] = scoring.scores
             assert (scaler.get_scale() == 1.0) == (init == 1.0)
+            if run == "calibration" and init > 1:  # at 2^16 the scaled gradients overflowed: batches ran again
+                assert any(b is not None for b in backoffs)
         assert scores[2.0**16].samples == 16  # every batch counted once
         close(scores[2.0**16], scores[1.0], rtol=0.05, of_max=0.002)
+
+
+def test_a_non_finite_gradient_stops_a_users_fit_before_the_optimizer_step(tmp_path):
+    model = tiny_model("olmoe")
+    batches = []
+
+    def poison(module, grad_output):  # NaN gradients from the second batch on; the loss stays finite
+        return (grad_output[0] * float("nan"),) if len(batches) > 1 else None
+
+    class Counting(UserModule):
+        def training_step(self, batch, batch_idx):
+            batches.append(batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    model.lm_head.register_full_backward_pre_hook(poison)
+    with pytest.raises(FloatingPointError, match="non-finite gradient in"):
+        trainer(tmp_path, callbacks=[FisherScoring()]).fit(Counting(model, lr=0.1),
+                                                           DataLoader(sequences(padded=False), batch_size=2))
+    assert len(batches) == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN never reached the weights
 
 
 def test_calibration_gives_the_model_back_as_it_came(tmp_path):

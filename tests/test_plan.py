@@ -123,3 +123,10 @@ def test_min_width_must_be_a_multiple_and_scores_finite():
     scores.tensors["layers.1.experts"][2, 5] = float("nan")
     with pytest.raises(ValueError, match="layers.1.experts hold 1 non-finite"):
         fmoe.make_plan(scores, 0.5)
+
+
+def test_budget_holds_when_full_widths_are_not_multiples():
+    scores = Scores({"m": torch.rand(10, 100, generator=torch.Generator().manual_seed(0))}, "fisher", "abc")
+    plan = fmoe.make_plan(scores, 0.3, "layer", multiple_of=64)  # widths 64 or the full 100
+    assert all(w in (64, 100) for w in plan.kept_widths()["m"])
+    assert abs(sum(plan.kept_widths()["m"]) - 700) <= 32

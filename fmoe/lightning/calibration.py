@@ -22,20 +22,9 @@ from torch import nn
 
 from ..scores import Scores
 from ..scoring import Scorer
-from .sharding import RestoreOnException, is_sharded, shard, unshard
+from .sharding import RestoreOnException, data_parallel_mesh, is_sharded, shard, unshard
 
 _STATE_KEY = "fmoe_scorer"
-
-
-def data_parallel_group(strategy):
-    """The process group that holds different data: the data-parallel mesh dimension under ModelParallelStrategy
-    (tensor-parallel ranks see the same batches), else None (every rank)."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    if not isinstance(strategy, ModelParallelStrategy):
-        return None
-    mesh = strategy.device_mesh
-    return mesh["data_parallel"].get_group() if "data_parallel" in (mesh.mesh_dim_names or ()) else None
 
 
 def data_parallel_rank(strategy) -> int:
@@ -43,11 +32,12 @@ def data_parallel_rank(strategy) -> int:
 
 
 def sum_over_data(tensor: torch.Tensor, strategy) -> torch.Tensor:
-    """SUM of `tensor` over the ranks that saw different data; a collective, so every rank must call it."""
-    group = data_parallel_group(strategy)
-    if group is None:
+    """SUM of `tensor` over the ranks that saw different data (under ModelParallelStrategy the data-parallel mesh
+    dimension: tensor-parallel ranks see the same batches); a collective, so every rank must call it."""
+    mesh = data_parallel_mesh(strategy)
+    if mesh is None:
         return strategy.reduce(tensor, reduce_op="sum")
-    torch.distributed.all_reduce(tensor, group=group)
+    torch.distributed.all_reduce(tensor, group=mesh.get_group())
     return tensor
 
 
@@ -65,10 +55,16 @@ def sum_across_ranks(scorer: Scorer, strategy) -> Scores:
     return scorer.result()
 
 
-def loss_scale(trainer) -> float:
-    """The factor by which a GradScaler (fp16 mixed precision) multiplied the loss of this step; 1 without one."""
+def grad_scaler(trainer):
+    """The GradScaler of fp16 mixed precision, or None."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def loss_scale(trainer) -> float:
+    """The factor by which a GradScaler multiplied the loss of this step; 1 without one."""
+    scaler = grad_scaler(trainer)
+    return 1.0 if scaler is None else float(scaler.get_scale())
 
 
 def sync_flags(trainer):
@@ -156,7 +152,7 @@ class CalibrationModule(L.LightningModule):
     def _score(self, batch) -> torch.Tensor | None:
         """One scoring step. Under fp16 loss scaling a batch whose scaled gradients overflow (on any rank) runs
         again at half the scale, as a GradScaler backs off, so no batch is lost or counted twice."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaler = grad_scaler(self.trainer)
         fisher = self.scorer.acc.needs_grad
         while True:
             if fisher:  # the GradScaler multiplied the loss by S; S changes during the run

@@ -13,7 +13,8 @@ from ..plan import SCOPES, make_plan
 from ..prune import prune, weight_bytes
 from ..scores import Scores
 from ..scoring import Scorer
-from .calibration import CalibrationModule, loss_scale, refuse_repeated_samples, sum_across_ranks, sync_flags
+from .calibration import (CalibrationModule, grad_scaler, loss_scale, refuse_repeated_samples, sum_across_ranks,
+                          sync_flags)
 from .sharding import is_sharded, unshard
 
 
@@ -86,10 +87,14 @@ class FisherScoring(L.Callback):
         per_sequence = self._counts[0] * trainer.accumulate_grad_batches if self.loss_reduction == "mean_of_sequences" else 1
         self.scorer.acc.gradient_scale = per_sequence / loss_scale(trainer)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        if self.scorer.end_step(sync=sync_flags(trainer), skip_non_finite=scaled):
+    def on_after_backward(self, trainer, pl_module):
+        # after each backward and before the optimizer step, so a non-finite gradient stops the fit before it
+        # reaches the weights; a step the GradScaler will skip adds nothing
+        if self.scorer is None or not self.scorer.is_attached:
+            return
+        if self.scorer.end_step(sync=sync_flags(trainer), skip_non_finite=grad_scaler(trainer) is not None):
             self.scorer.count(*self._counts)
+            self._counts = (0, 0)  # a second backward in the same batch adds sums, not samples
 
     def on_train_end(self, trainer, pl_module):
         self.scorer.detach()

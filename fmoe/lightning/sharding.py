@@ -28,15 +28,21 @@ from torch import nn
 _ORIGINAL = "_fmoe_unsharded"  # stored in the owner's __dict__: not a submodule, so never moved to the GPU
 
 
-def mesh_of(owner: L.LightningModule):
-    """The data-parallel device mesh when `owner` runs under ModelParallelStrategy, else None."""
+def data_parallel_mesh(strategy):
+    """The data-parallel device mesh of a ModelParallelStrategy (tensor-parallel ranks share data), else None."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    trainer = owner._trainer  # None outside a Trainer run
-    if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
-        return None  # a mesh left on the module by an earlier FSDP2 run does not count
-    mesh = trainer.strategy.device_mesh
+    if not isinstance(strategy, ModelParallelStrategy):
+        return None
+    mesh = strategy.device_mesh
     return mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+
+
+def mesh_of(owner: L.LightningModule):
+    """The data-parallel device mesh when `owner` runs under ModelParallelStrategy, else None."""
+    trainer = owner._trainer  # None outside a Trainer run
+    # a mesh left on the module by an earlier FSDP2 run does not count
+    return None if trainer is None else data_parallel_mesh(trainer.strategy)
 
 
 def is_sharded(model: nn.Module) -> bool:

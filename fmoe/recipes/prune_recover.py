@@ -98,7 +98,7 @@ def fresh(value):
     if isinstance(value, Namespace):
         value = value.as_dict()
     if isinstance(value, dict) and "class_path" in value:
-        return instantiate_class((), value)
+        return instantiate_class((), {**value, "init_args": {k: fresh(v) for k, v in value.get("init_args", {}).items()}})
     if isinstance(value, (list, tuple)):
         return [fresh(v) for v in value]
     if value is None or isinstance(value, (str, int, float, bool, dict, timedelta)):
@@ -114,6 +114,8 @@ def trainer_kwargs(cfg, stage: str, callbacks: list | None = None, **overrides) 
     if stage == "calibrate":
         for key in TRAINING_ONLY:
             options.pop(key)
+    if stage == "evaluate" and options.get("enable_progress_bar") is None:
+        options["enable_progress_bar"] = False  # a bar per evaluation is noise, unless asked for
     options["callbacks"] = [*(options.get("callbacks") or []), *(callbacks or [])]
     return {**options, **overrides}
 
