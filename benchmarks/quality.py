@@ -1,6 +1,6 @@
 """Which criterion and scope keep capability: pruning sweeps and critical dims on the shipped toy MoE (CPU).
 
-    python benchmarks/quality.py                     # full sweep (~40 min on 2 cores) -> docs/quality/
+    python benchmarks/quality.py                     # full sweep (~15 min on 2 cores) -> docs/quality/
     python benchmarks/quality.py --ratios '[0.5]' --scopes '[layer]' --lora_steps 0 --limit 40 --out /tmp/q
 
 Calibrates on one domain of the toy corpus (arithmetic by default), scores every routed dim with every criterion,

@@ -160,6 +160,8 @@ def ranks(out: Path) -> None:
         outcome["non_finite"] = f"{type(err).__name__}: {err}"
     outcome["non_finite_step"] = module.scorer.samples
     (out / f"outcome_rank{rank}.json").write_text(json.dumps(outcome))
+    torch.distributed.barrier()  # both ranks got here: close the process group the failed fit left open
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
