@@ -160,8 +160,16 @@ def ranks(out: Path) -> None:
         outcome["non_finite"] = f"{type(err).__name__}: {err}"
     outcome["non_finite_step"] = module.scorer.samples
     (out / f"outcome_rank{rank}.json").write_text(json.dumps(outcome))
-    torch.distributed.barrier()  # both ranks got here: close the process group the failed fit left open
-    torch.distributed.destroy_process_group()
+
+
+def close() -> None:
+    """Close the process group once every rank is done: left to interpreter exit, gloo's threads sometimes abort
+    the process ("terminate called without an active exception") after all the work was written."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -170,6 +178,7 @@ if __name__ == "__main__":
               "ranks": ranks}
     if kind in stages:
         stages[kind](out, *sys.argv[3:])
+        close()
         sys.exit()
     module = CalibrationModule(tiny_model("qwen3_moe"), method="fisher" if kind != "activation" else "activation")
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out)
@@ -190,3 +199,4 @@ if __name__ == "__main__":
             (out / "ppl.txt").write_text(f"{before} {after}")
     else:  # every rank must reach the same plan (IntermediatePruning saved rank 0's scores to OUT_DIR/scores)
         pruning.plan.save(out / f"plan_rank{trainer.global_rank}.json")
+    close()

@@ -165,6 +165,9 @@ def main(args=None) -> dict:
         (out / "results.json").write_text(json.dumps(rows, indent=1))
     if trainer.is_global_zero:
         print_table(rows)
+    if torch.distributed.is_initialized():  # closed here: left to interpreter exit, gloo's threads can abort it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return rows
 
 
