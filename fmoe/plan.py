@@ -155,7 +155,7 @@ def make_plan(
                 targets += chosen[offset : offset + size].view_as(tensors[n]).sum(1).tolist()
                 fulls += [tensors[n].shape[1]] * tensors[n].shape[0]
                 offset += size
-            allocated = fulls if ratio == 0 else allocate(targets, fulls, n_keep, multiple_of, min_width)
+            allocated = allocate(targets, fulls, n_keep, multiple_of, min_width)  # ratio 0: every full width
             for n in names:
                 widths[n], allocated = allocated[: tensors[n].shape[0]], allocated[tensors[n].shape[0]:]
 

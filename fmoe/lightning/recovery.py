@@ -131,8 +131,10 @@ def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None, t
         if tasks:
             raise ValueError("task accuracy is computed in the validation loop: the datamodule needs an eval set")
         return {}
-    kwargs = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-              "enable_progress_bar": False, **(trainer_kwargs or {})}
+    kwargs = dict(trainer_kwargs or {})
+    for key in ("logger", "enable_checkpointing", "enable_model_summary", "enable_progress_bar"):
+        if kwargs.get(key) is None:  # unset (a CLI's None included): a validation run stays quiet
+            kwargs[key] = False
     runner = L.Trainer(**kwargs)
     results = runner.validate(Evaluation(model.eval(), names, tasks, tokenizer), datamodule=datamodule, verbose=False)
     return {k.split("/")[0]: float(v) for r in results for k, v in r.items()}

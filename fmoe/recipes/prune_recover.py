@@ -114,8 +114,6 @@ def trainer_kwargs(cfg, stage: str, callbacks: list | None = None, **overrides) 
     if stage == "calibrate":
         for key in TRAINING_ONLY:
             options.pop(key)
-    if stage == "evaluate" and options.get("enable_progress_bar") is None:
-        options["enable_progress_bar"] = False  # a bar per evaluation is noise, unless asked for
     options["callbacks"] = [*(options.get("callbacks") or []), *(callbacks or [])]
     return {**options, **overrides}
 
