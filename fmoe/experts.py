@@ -59,6 +59,16 @@ def expert_widths(module: nn.Module) -> list[int]:
     return [width] * num_experts(module)
 
 
+def width_buckets(widths: list[int]) -> list[tuple[int, list[int]]]:
+    """Experts grouped by kept width, [(width, [expert ids ascending])] in ascending width: the layout of
+    RaggedExperts (bucket b stores its experts as one fused tensor, `buckets.{b}.gate_up_proj` [G_b, 2I_b, H] etc.
+    in the stock layout), so each bucket runs as one grouped matmul."""
+    by_width: dict[int, list[int]] = {}
+    for e, w in enumerate(widths):
+        by_width.setdefault(int(w), []).append(e)
+    return sorted(by_width.items())
+
+
 def up_rows(keep: torch.Tensor, width: int, module: nn.Module) -> torch.Tensor:
     """Indices along the up projection's output axis that belong to intermediate dims `keep` (ascending)."""
     if not module.has_gate:
