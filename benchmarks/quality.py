@@ -68,8 +68,9 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
     for method in criteria:
         for scope in scopes:
             for ratio in ratios:
-                # multiple_of=1: every criterion and scope removes exactly the same number of dims
-                plan = fmoe.make_plan(scores[method], ratio, scope, multiple_of=1, model=model)
+                # multiple_of=1: every criterion and scope removes exactly the same number of dims; unbounded widths
+                # per layer (benchmarks/max_widths.py measures what bounding them costs)
+                plan = fmoe.make_plan(scores[method], ratio, scope, multiple_of=1, max_widths=None, model=model)
                 with fmoe.masked(model, plan):
                     row = {"criterion": method, "scope": scope, "ratio": ratio, "lora": False, **acc(model)}
                 results["sweep"].append(row)

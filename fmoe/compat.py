@@ -4,7 +4,7 @@
   see the intermediate activation, which module hooks cannot reach;
 - the family table: which config field holds the routed expert width, and which families size their shared
   experts from that same field (so a routed-only prune cannot be described by the stock config);
-- grouped_mm's 16-byte stride requirement.
+- grouped_mm's 16-byte stride requirement (`grouped_linear` falls back to transformers' per-group loop).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -43,6 +45,27 @@ def _fmoe_experts(self, hidden_states, top_k_index, top_k_weights):
 
 
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _fmoe_experts)
+
+
+def _aligned(t: torch.Tensor, matrix_dims: int) -> bool:
+    """grouped_mm's requirement: base pointer, strides and the last `matrix_dims` sizes 16-byte aligned."""
+    size = t.element_size()
+    return (t.data_ptr() % 16 == 0 and all((n * size) % 16 == 0 for n in t.shape[-matrix_dims:])
+            and all((stride * size) % 16 == 0 for stride, n in zip(t.stride(), t.shape) if stride != 1 and n > 1))
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
+                   transposed: bool) -> torch.Tensor:
+    """x [S, in] through per-group weights (stock layout: [G, in, out] if `transposed` else [G, out, in]); rows
+    offsets[g-1]:offsets[g] use group g. One grouped_mm call; transformers' per-group mm loop where the strides
+    do not fit grouped_mm (widths that are not multiples of 16 bytes)."""
+    w = weight if transposed else weight.transpose(-2, -1)  # [G, in, out]
+    x = x.to(w.dtype)
+    if _aligned(x, 1) and _aligned(w, 2):
+        out = F.grouped_mm(x, w, offs=offsets)
+    else:
+        out = torch.ops.transformers.grouped_mm_fallback(x.contiguous(), w.contiguous(), offs=offsets)
+    return out if bias is None else out + bias
 
 
 def width_field(model_type: str) -> str | None:

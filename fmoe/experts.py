@@ -8,12 +8,14 @@ transformers v5 stores routed experts as fused 3D parameters and describes their
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-# hook(expert_index, token_index[S], slot_index[S], h[S, I], routing_weight[S]) -> h'[S, I]
-IntermediateHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# hook(routing: Routing, h[S, I]) -> h'[S, I], once per grouped call (a layer, or a width bucket of ragged experts)
+IntermediateHook = Callable[["Routing", torch.Tensor], torch.Tensor]
 HOOKS_ATTR = "_fmoe_hooks"  # a module's attached hooks, outermost first (see fmoe.compat.experts_hooks)
 
 
@@ -27,6 +29,8 @@ def is_routed_experts(module: nn.Module) -> bool:
     """True for a fused transformers experts module (layout flags + 3D `down_proj`) or one of ours."""
     if isinstance(module, RaggedExperts):
         return True
+    if isinstance(module, ExpertBucket):  # a part of RaggedExperts, not a layer's experts
+        return False
     down = getattr(module, "down_proj", None)
     return hasattr(module, "has_gate") and isinstance(down, nn.Parameter) and down.dim() == 3
 
@@ -43,12 +47,19 @@ def find_experts(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def fused_parts(module: nn.Module) -> dict[str, nn.Module]:
+    """{relative name: module holding fused expert tensors}: the module itself, or each bucket of ragged experts."""
+    if isinstance(module, RaggedExperts):
+        return {f"buckets.{b}": bucket for b, bucket in enumerate(module.buckets)}
+    return {"": module}
+
+
 def up_name(module: nn.Module) -> str:
     return "gate_up_proj" if module.has_gate else "up_proj"
 
 
 def num_experts(module: nn.Module) -> int:
-    return len(module.down) if isinstance(module, RaggedExperts) else module.down_proj.shape[0]
+    return module.num_experts if isinstance(module, RaggedExperts) else module.down_proj.shape[0]
 
 
 def expert_widths(module: nn.Module) -> list[int]:
@@ -74,8 +85,15 @@ def up_rows(keep: torch.Tensor, width: int, module: nn.Module) -> torch.Tensor:
     if not module.has_gate:
         return keep
     if module.is_concatenated:  # [gate_0..gate_I, up_0..up_I]
-        return torch.cat([keep, keep + width])
-    return torch.stack([2 * keep, 2 * keep + 1], dim=1).reshape(-1)  # [g0, u0, g1, u1, ...]
+        return torch.cat([keep, keep + width], dim=-1)
+    return torch.stack([2 * keep, 2 * keep + 1], dim=-1).flatten(-2)  # [g0, u0, g1, u1, ...]
+
+
+def expert_parameters(module: nn.Module, e: int) -> dict[str, torch.Tensor]:
+    """Expert e's slices (views) of a fused module's tensors: up projection, down projection and their biases."""
+    keys = [up_name(module), "down_proj"]
+    keys += [f"{key}_bias" for key in keys] if module.has_bias else []
+    return {key: getattr(module, key)[e] for key in keys}
 
 
 def slice_expert(module: nn.Module, e: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -84,27 +102,81 @@ def slice_expert(module: nn.Module, e: int, keep: torch.Tensor) -> dict[str, tor
     rows = up_rows(keep, width, module)
     up_axis, down_axis = (1, 0) if module.is_transposed else (0, 1)
     name = up_name(module)
-    out = {
-        name: getattr(module, name)[e].index_select(up_axis, rows),
-        "down_proj": module.down_proj[e].index_select(down_axis, keep),
-    }
+    params = module.expert_parameters(e) if isinstance(module, RaggedExperts) else expert_parameters(module, e)
+    out = {name: params[name].index_select(up_axis, rows), "down_proj": params["down_proj"].index_select(down_axis, keep)}
     if module.has_bias:
-        out[f"{name}_bias"] = getattr(module, f"{name}_bias")[e].index_select(0, rows)
-        out["down_proj_bias"] = module.down_proj_bias[e].clone()  # own storage, not a view of the fused tensor
+        out[f"{name}_bias"] = params[f"{name}_bias"].index_select(0, rows)
+        out["down_proj_bias"] = params["down_proj_bias"].clone()  # own storage, not a view of the fused tensor
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _fused_up(module: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+@torch.no_grad()
+def slice_experts(module: nn.Module, ids: list[int], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fused tensors [G, ...] (the module's layout) of experts `ids` restricted to dims keep [G, w] (ascending rows,
+    one width): one gather per tensor, so pruning copies each kept weight once."""
+    if isinstance(module, RaggedExperts):
+        slices = [slice_expert(module, e, k) for e, k in zip(ids, keep, strict=True)]
+        return {key: torch.stack([s[key] for s in slices]) for key in slices[0]}
     name = up_name(module)
-    w = getattr(module, name)[e]
-    y = x @ w if module.is_transposed else x @ w.t()
-    return y + getattr(module, f"{name}_bias")[e] if module.has_bias else y
+    up, down = getattr(module, name), module.down_proj
+    experts = torch.tensor(ids, device=down.device)[:, None]  # [G, 1]
+    keep = keep.to(down.device)
+    rows = up_rows(keep, expert_widths(module)[0], module)  # [G, 2w] or [G, w]
+    hidden = torch.arange(down.shape[2 if module.is_transposed else 1], device=down.device)[None, :, None]
+    if module.is_transposed:  # up [E, H, 2I], down [E, I, H]
+        out = {name: up[experts[:, :, None], hidden, rows[:, None, :]], "down_proj": down[experts, keep]}
+    else:  # up [E, 2I, H], down [E, H, I]
+        out = {name: up[experts, rows], "down_proj": down[experts[:, :, None], hidden, keep[:, None, :]]}
+    if module.has_bias:
+        out[f"{name}_bias"] = getattr(module, f"{name}_bias")[experts, rows]
+        out["down_proj_bias"] = module.down_proj_bias[experts[:, 0]]
+    return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _fused_down(module: nn.Module, e: int, h: torch.Tensor) -> torch.Tensor:
-    w = module.down_proj[e]
-    o = h @ w if module.is_transposed else h @ w.t()
-    return o + module.down_proj_bias[e] if module.has_bias else o
+@dataclass
+class Routing:
+    """The (token, slot) pairs one grouped call computes, sorted by expert (row r is slot `slots[r]` of token
+    `tokens[r]`). A uniform module computes all its experts in one call; ragged experts one call per width bucket."""
+
+    ids: torch.Tensor  # [G] the experts of this call (module-wide ids, ascending)
+    local: torch.Tensor  # [S] each row's expert as an index into `ids`
+    offsets: torch.Tensor  # [G] int32 cumulative row ends per expert (grouped_mm's `offs`)
+    tokens: torch.Tensor  # [S]
+    slots: torch.Tensor  # [S]
+    weights: torch.Tensor  # [S] routing weight
+    real: torch.Tensor | None  # [S] bool, False on expert-parallel sentinel rows (ids >= E); None: all rows real
+    group: int = 0  # which call: the width bucket of ragged experts (0 for a uniform module)
+
+    @property
+    def experts(self) -> torch.Tensor:
+        """[S] module-wide expert id of each row."""
+        return self.ids[self.local]
+
+
+def _real_rows_only(t: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    return t if real is None else t.where(real[:, None], 0.0)
+
+
+def grouped_experts(module: nn.Module, x: torch.Tensor, routing: Routing, hooks=()) -> torch.Tensor:
+    """Weighted output [S, H] of rows x [S, H] through the experts of `module` (fused tensors in the stock layout,
+    described by its flags), one grouped matmul per projection; `hooks` see (and may replace) h = act(gate) * up."""
+    from .compat import grouped_linear
+
+    name = up_name(module)
+    if x.shape[0] == 0:  # no rows, yet trainable: every parameter still joins the backward (zero gradients)
+        touched = sum(p.sum() for p in expert_parameters(module, slice(None)).values())
+        return x.new_zeros(0, x.shape[1]) + 0 * touched
+    real = partial(_real_rows_only, real=routing.real)  # rows past the last offset stay uninitialised in grouped_mm
+    up_bias = getattr(module, f"{name}_bias")[routing.local] if module.has_bias else None
+    y = real(grouped_linear(real(x), getattr(module, name), routing.offsets, up_bias, module.is_transposed))
+    h = module._apply_gate(y) if module.has_gate else module.act_fn(y)  # [S, I]; y [S, 2I] or [S, I]
+    for hook in hooks:
+        h = hook(routing, h)
+    down_bias = module.down_proj_bias[routing.local] if module.has_bias else None
+    o = grouped_linear(real(h), module.down_proj, routing.offsets, down_bias, module.is_transposed)  # [S, H]
+    if getattr(module, "has_post_expert_norm", False):
+        o = module.post_expert_norm(o)
+    return real(o * routing.weights[:, None].to(o.dtype))
 
 
 def experts_forward(
@@ -114,44 +186,78 @@ def experts_forward(
     top_k_weights: torch.Tensor,  # [T, K]
     hooks: list[IntermediateHook] = (),
 ) -> torch.Tensor:
-    """Routed experts output [T, H], looping over the experts hit; each of `hooks` in turn sees (and may replace)
-    each expert's intermediate h, the first hook the activation itself."""
-    n_tokens, k = top_k_index.shape
-    n_exp = num_experts(module)
-    flat = top_k_index.reshape(-1)  # [T*K]
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_exp)[:n_exp].tolist()  # ids >= E (expert parallel sentinels) skipped
-    token_of, slot_of = order // k, order % k
-    out = torch.zeros_like(hidden_states)
-    project_up, project_down = (module.project_up, module.project_down) if isinstance(module, RaggedExperts) else (
-        _fused_up, _fused_down)
-    start = 0
+    """Routed experts output [T, H]: (token, slot) pairs sorted by expert once, then one grouped matmul per
+    projection (per width bucket for ragged experts). Each of `hooks` in turn sees (and may replace) the
+    intermediate h of every routed pair, the first hook the activation itself. Ids >= E (expert-parallel
+    sentinels) compute nothing. Uniform modules run without a host sync; ragged ones read their bucket sizes once."""
+    n_exp, k = num_experts(module), top_k_index.shape[1]
     ragged = isinstance(module, RaggedExperts)
-    for e, count in enumerate(counts):
-        # a ragged expert with trainable parameters (e.g. LoRA) still runs without tokens when autograd is on: its
-        # parameters then get a zero gradient, and DDP and FSDP2 need the same parameters in every rank's backward
-        if count == 0 and not (ragged and torch.is_grad_enabled() and module.trains(e)):
-            continue
-        tokens, slots = token_of[start : start + count], slot_of[start : start + count]
-        start += count
-        y = project_up(module, e, hidden_states[tokens])  # [S, 2I] (gated) or [S, I]
-        h = module._apply_gate(y) if module.has_gate else module.act_fn(y)  # [S, I]
-        weights = top_k_weights[tokens, slots]  # [S]
-        for hook in hooks:
-            h = hook(e, tokens, slots, h, weights)
-        o = project_down(module, e, h)  # [S, H]
-        if getattr(module, "has_post_expert_norm", False):
-            o = module.post_expert_norm(o)
-        out.index_add_(0, tokens, (o * weights.unsqueeze(-1)).to(out.dtype))
+    flat = top_k_index.reshape(-1)  # [T*K]
+    key = module.bucket_order(flat.device)[flat.clamp(0, n_exp)] if ragged else flat  # bucket-major expert rank
+    sorted_key, order = torch.sort(key, stable=True)  # [S], S = T*K (sentinels last)
+    tokens, slots = order // k, order % k
+    weights = top_k_weights.reshape(-1)[order]  # [S]
+    ends = torch.searchsorted(sorted_key, torch.arange(1, n_exp + 1, device=flat.device))  # rows with rank < e+1
+    x = hidden_states[tokens]  # [S, H]
+    out = torch.zeros_like(hidden_states)
+    if not ragged:
+        routing = Routing(torch.arange(n_exp, device=flat.device), sorted_key.clamp(max=n_exp - 1),
+                          ends.to(torch.int32), tokens, slots, weights, sorted_key < n_exp)
+        return out.index_add_(0, tokens, grouped_experts(module, x, routing, hooks).to(out.dtype))
+    row_ends = ends.tolist()  # one host sync: where each expert's rows end, in bucket-major order
+    start, rank0 = 0, 0
+    for b, bucket in enumerate(module.buckets):
+        size = len(module.bucket_ids[b])
+        stop = row_ends[rank0 + size - 1]
+        # a bucket with trainable parameters (LoRA) runs even without rows while autograd is on: DDP and FSDP2
+        # need the same parameters in every rank's backward (they get zero gradients)
+        if stop > start or (torch.is_grad_enabled() and any(p.requires_grad for p in bucket.parameters())):
+            rows = slice(start, stop)
+            ids = torch.tensor(module.bucket_ids[b], device=flat.device)
+            routing = Routing(ids, sorted_key[rows] - rank0, (ends[rank0 : rank0 + size] - start).to(torch.int32),
+                              tokens[rows], slots[rows], weights[rows], None, b)  # sentinels rank after every bucket
+            out.index_add_(0, tokens[rows], bucket(x[rows], routing, hooks).to(out.dtype))
+        start, rank0 = stop, rank0 + size
     return out
 
 
-class RaggedExperts(nn.Module):
-    """Routed experts whose experts have different intermediate widths; memory proportional to kept dims.
+class ExpertBucket(nn.Module):
+    """Experts of one kept width, stored like the stock module they were cut from (fused `gate_up_proj`
+    [G, 2I, H] or `up_proj`, `down_proj` [G, H, I], biases; same layout flags), so peft's `target_parameters`
+    adapts them per expert and one grouped matmul runs them all."""
 
-    Expert e is a pair of `nn.Linear`s, `up[e]` (H -> 2I_e, gate/up rows in the stock order) and `down[e]`
-    (I_e -> H), so peft/LoRA and FSDP treat them like any Linear. The stock class's gate function and scalars
-    (gpt-oss alpha/limit) are reused, so every flag combination behaves exactly like the module it was cut from.
+    def __init__(self, owner: RaggedExperts, params: dict[str, torch.Tensor], requires_grad: bool):
+        super().__init__()
+        for key in ("is_transposed", "is_concatenated", "has_bias", "has_gate"):
+            setattr(self, key, getattr(owner, key))
+        self.__dict__["owner"] = owner  # not a submodule: gate function and activation are the owner's
+        for key, value in params.items():
+            setattr(self, key, nn.Parameter(value, requires_grad=requires_grad))
+
+    def _apply_gate(self, y: torch.Tensor) -> torch.Tensor:
+        return self.owner._apply_gate(y)
+
+    def act_fn(self, y: torch.Tensor) -> torch.Tensor:
+        return self.owner.act_fn(y)
+
+    @property
+    def has_post_expert_norm(self) -> bool:
+        return self.owner.has_post_expert_norm
+
+    def post_expert_norm(self, o: torch.Tensor) -> torch.Tensor:
+        return self.owner.post_expert_norm(o)
+
+    def forward(self, x: torch.Tensor, routing: Routing, hooks=()) -> torch.Tensor:
+        return grouped_experts(self, x, routing, hooks)
+
+
+class RaggedExperts(nn.Module):
+    """Routed experts with different intermediate widths; memory proportional to kept dims.
+
+    Experts of equal width are stored together as one `ExpertBucket` (`buckets[b]`, the layout of
+    `width_buckets`), so a forward runs one grouped matmul per distinct width; plans bound the number of widths
+    per layer (`make_plan(max_widths=...)`). The stock class's gate function and scalars (gpt-oss alpha/limit)
+    are reused, so every flag combination behaves exactly like the module it was cut from.
     """
 
     def __init__(self, stock: nn.Module, keep: list[torch.Tensor]):
@@ -171,43 +277,41 @@ class RaggedExperts(nn.Module):
         self.stock_class = type(stock).__name__
         self.widths = [int(k.numel()) for k in keep]
         self.num_experts = len(keep)
-        name, requires_grad = up_name(stock), stock.down_proj.requires_grad
-        self.up, self.down = nn.ModuleList(), nn.ModuleList()
-        for e, k in enumerate(keep):
-            parts = slice_expert(stock, e, k)
-            up_w, down_w = parts[name], parts["down_proj"]
-            if stock.is_transposed:  # stored [in, out]; Linear wants [out, in]
-                up_w, down_w = up_w.t(), down_w.t()
-            self.up.append(_linear(up_w, parts.get(f"{name}_bias"), requires_grad))
-            self.down.append(_linear(down_w, parts.get("down_proj_bias"), requires_grad))
+        layout = width_buckets(self.widths)
+        self.bucket_ids = [ids for _, ids in layout]
+        self.bucket_ends = [sum(len(ids) for ids in self.bucket_ids[: b + 1]) for b in range(len(layout))]
+        self._order: dict[torch.device, torch.Tensor] = {}
+        requires_grad = stock.down_proj.requires_grad
+        self.buckets = nn.ModuleList()
+        for _, ids in layout:
+            params = slice_experts(stock, ids, torch.stack([keep[e] for e in ids]))
+            self.buckets.append(ExpertBucket(self, params, requires_grad))
+
+    def bucket_order(self, device: torch.device) -> torch.Tensor:
+        """[E + 1] rank of each expert in bucket-major order; a sentinel id (E) ranks last."""
+        if device not in self._order:
+            ranks = torch.empty(self.num_experts + 1, dtype=torch.long)
+            ranks[torch.tensor([e for ids in self.bucket_ids for e in ids] + [self.num_experts])] = torch.arange(
+                self.num_experts + 1)
+            self._order[device] = ranks.to(device)
+        return self._order[device]
 
     def _apply_gate(self, y: torch.Tensor) -> torch.Tensor:
         return self._gate_fn(self, y)
 
-    def trains(self, e: int) -> bool:
-        """Does expert e have a parameter that requires a gradient (its weights, or adapters on them)?"""
-        return any(p.requires_grad for layer in (self.up[e], self.down[e]) for p in layer.parameters())
-
-    def project_up(self, module, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self.up[e](x)
-
-    def project_down(self, module, e: int, h: torch.Tensor) -> torch.Tensor:
-        return self.down[e](h)
+    def expert_parameters(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's parameters (views into its bucket), in the stock per-expert layout of `slice_expert`."""
+        for bucket, ids in zip(self.buckets, self.bucket_ids, strict=True):
+            if e in ids:
+                i = ids.index(e)
+                return expert_parameters(bucket, i)
+        raise IndexError(f"expert {e} out of range for {self.num_experts} experts")
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return experts_forward(self, hidden_states, top_k_index, top_k_weights, attached_hooks(self))
 
     def extra_repr(self) -> str:
         return f"{self.stock_class}, widths={self.widths}"
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
-    out_features, in_features = weight.shape
-    layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    layer.weight = nn.Parameter(weight.contiguous(), requires_grad=requires_grad)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.contiguous(), requires_grad=requires_grad)
-    return layer
 
 
 def fingerprint(model: nn.Module) -> str:

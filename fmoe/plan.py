@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .io import atomic_write_text
@@ -90,6 +91,129 @@ def allocate(targets: list[float], fulls: list[int], budget: int, multiple_of: i
             return widths
 
 
+HILL_CLIMB_ROUNDS = 4  # level moves tried after the search (each round: 4 x max_widths knapsacks)
+CLIMB_STARTS = 2  # level sets the moves start from
+_MAX_LEVEL_CANDIDATES = 192  # finer width grids are searched on a coarser grid of levels
+
+
+def limit_widths(scores: torch.Tensor, widths: list[int], max_widths: int, multiple_of: int,
+                 min_width: int) -> list[int]:
+    """At most `max_widths` distinct widths for the experts of one layer (scores [E, I]) with the same total as
+    `widths` (the nearest total the levels reach otherwise), keeping as much score mass (the sum of each expert's
+    top-w scores) as it can. Levels: for a price per dim, the best level set is found exactly (each expert keeps
+    mass - price x width, concave in its width, so a dynamic program over sorted levels solves it); the price is
+    bisected towards the budget. Each expert then takes the level that maximises the layer's mass under the exact
+    budget (a knapsack over the levels, solved exactly), and levels move one unit at a time while that mass grows.
+    Ragged experts run one grouped matmul per distinct width."""
+    n_exp, full = scores.shape
+    if len(set(widths)) <= max_widths:
+        return widths
+    unit = multiple_of if full % multiple_of == 0 else 1
+    lowest = min(min_width, full)
+    mass = torch.cat([torch.zeros(n_exp, 1, dtype=torch.float64),
+                      torch.sort(scores.double(), dim=1, descending=True).values.cumsum(1)], dim=1)  # [E, I+1]
+    budget = sum(widths) // unit
+    grid = sorted({w for w in range(unit, full + 1, unit) if w >= lowest} | {full})
+    stride = max(1, math.ceil(len(grid) / _MAX_LEVEL_CANDIDATES))
+    candidates = torch.tensor(sorted(set(grid[::stride]) | {grid[-1]}))  # [C] widths a level may take
+
+    tried: dict[tuple[int, ...], tuple[int, float, list[int]]] = {}
+
+    def assign(levels: list[int]) -> tuple[int, float, list[int]]:
+        key = tuple(levels)
+        if key not in tried:
+            tried[key] = _assign(mass, levels, unit, budget)
+        return tried[key]
+
+    low, high = 0.0, float(scores.double().max()) + 1.0  # price per dim: 0 keeps everything, high keeps the least
+    for _ in range(16):
+        price = (low + high) / 2
+        levels = _best_levels(mass, candidates, price, max_widths)
+        assign(levels)
+        chosen = sum(max(levels, key=lambda w, e=e: float(mass[e, w]) - price * w) for e in range(n_exp))
+        if chosen // unit > budget:
+            low = price
+        else:
+            high = price
+    # from the best few level sets found, move one level by one or two units while the kept mass grows
+    ranked = sorted(tried, key=lambda k: (tried[k][0], -tried[k][1]))
+    results = [_climb(list(start), assign, unit, lowest, full) for start in ranked[:CLIMB_STARTS]]
+    return min(results, key=lambda r: (r[0], -r[1]))[2]
+
+
+def _climb(levels: list[int], assign, unit: int, lowest: int, full: int) -> tuple[int, float, list[int]]:
+    gap, kept, assigned = assign(levels)
+    for _ in range(HILL_CLIMB_ROUNDS):
+        trials = [sorted(set(levels[:i] + [w + d] + levels[i + 1:])) for i, w in enumerate(levels)
+                  for d in (-2 * unit, -unit, unit, 2 * unit) if lowest <= w + d <= full and w + d not in levels]
+        results = [(assign(trial), trial) for trial in trials]
+        (t_gap, t_kept, t_assigned), trial = max(results, key=lambda r: (-r[0][0], r[0][1]),
+                                                 default=((gap, kept, assigned), levels))
+        if (t_gap, -t_kept) >= (gap, -kept - 1e-12 * abs(kept)):
+            break
+        gap, kept, assigned, levels = t_gap, t_kept, t_assigned, trial
+    return gap, kept, assigned
+
+
+def _best_levels(mass: torch.Tensor, candidates: torch.Tensor, price: float, max_levels: int) -> list[int]:
+    """The set of at most `max_levels` widths (from candidates [C]) maximising sum over experts of the best
+    mass[e, w] - price * w among the set. Each expert's value is concave in w, so between two consecutive levels
+    it takes the better of the two around its peak: a dynamic program over (levels used, last level) is exact."""
+    value = mass[:, candidates] - price * candidates.double()  # [E, C]
+    peak = value.argmax(1)  # [E] candidate index of each expert's best width
+    c = torch.arange(len(candidates))
+    head = torch.where(peak[:, None] < c[None, :], value, 0.0).sum(0)  # [C] experts below a first level at c
+    tail = torch.where(peak[:, None] >= c[None, :], value, 0.0).sum(0)  # [C] experts from a last level at c up
+    between = (peak[:, None, None] >= c[None, :, None]) & (peak[:, None, None] < c[None, None, :])  # [E, a, b]
+    pair = torch.where(between, torch.maximum(value[:, :, None], value[:, None, :]), 0.0).sum(0)  # [a, b]
+    pair = pair.masked_fill(~(c[:, None] < c[None, :]), -math.inf)  # levels ascend
+    best, back = [head], []  # best[j][b]: j+1 levels, the last at b, experts with peak < b counted
+    for _ in range(1, max_levels):
+        step = best[-1][:, None] + pair  # [a, b]
+        value_j, from_a = step.max(0)
+        best.append(value_j)
+        back.append(from_a)
+    totals = torch.stack(best) + tail  # [J, C]
+    j, b = divmod(int(totals.argmax()), len(candidates))
+    picked = [b]
+    for level in range(j, 0, -1):
+        b = int(back[level - 1][b])
+        picked.append(b)
+    return sorted(int(candidates[i]) for i in picked)
+
+
+def _assign(mass: torch.Tensor, levels: list[int], unit: int, budget: int) -> tuple[int, float, list[int]]:
+    """(|total - budget| in units, kept mass, width per expert): each expert of mass [E, I+1] takes one of
+    `levels`, maximising the kept mass at the reachable total nearest `budget` (a knapsack, solved exactly)."""
+
+    n_exp = mass.shape[0]
+    units = np.array([w // unit for w in levels])  # [L]
+    lowest, highest = n_exp * int(units.min()), n_exp * int(units.max())
+    if not lowest <= budget <= highest:  # out of these levels' reach: every expert at the nearest extreme
+        level = levels[0] if lowest > budget else levels[-1]
+        return abs(n_exp * level // unit - budget), float(mass[:, level].sum()), [level] * n_exp
+    source = np.arange(budget + 1)[None, :] - units[:, None]  # [L, B+1] budget used before this expert
+    unreachable = source < 0
+    source = source.clip(min=0)
+    gains = mass[:, levels].numpy()  # [E, L]
+    total = np.full(budget + 1, -np.inf)  # best kept mass per budget used  [B+1]
+    total[0] = 0.0
+    choice = np.zeros((n_exp, budget + 1), dtype=np.int64)
+    for e in range(n_exp):
+        options = total[source] + gains[e][:, None]  # [L, B+1]
+        options[unreachable] = -np.inf
+        choice[e] = options.argmax(0)
+        total = np.take_along_axis(options, choice[e][None], 0)[0]
+    reachable = np.flatnonzero(np.isfinite(total))
+    b = int(reachable[np.abs(reachable - budget).argmin()])
+    gap, kept = abs(b - budget), float(total[b])
+    assigned = [0] * n_exp
+    for e in range(n_exp - 1, -1, -1):
+        assigned[e] = levels[int(choice[e, b])]
+        b -= int(units[choice[e, b]])
+    return gap, kept, assigned
+
+
 def _ranked(values: torch.Tensor) -> torch.Tensor:
     """Indices by descending score, ties broken by ascending index (deterministic)."""
     return torch.sort(values, descending=True, stable=True).indices
@@ -103,6 +227,7 @@ def make_plan(
     min_width: int | None = None,
     normalize: str = "mean",
     model=None,
+    max_widths: int | None = 4,
 ) -> PruningPlan:
     """Remove the lowest-scored `ratio` of routed intermediate dims.
 
@@ -113,7 +238,9 @@ def make_plan(
     strides), never below `min_width` (default: multiple_of, and a multiple of it). The budget is kept: expert
     scope rounds each expert to the nearest unit; layer and global scope hand out units by largest remainder, so
     each layer (or the whole model) keeps round(dims x (1 - ratio)) within one unit. With `model`, the plan is
-    checked against it (scores of another model are refused); non-finite scores are refused.
+    checked against it (scores of another model are refused); non-finite scores are refused. `max_widths` bounds
+    the distinct widths per layer (ragged experts run one grouped matmul per width; None = unbounded) without
+    changing any layer's total (see `limit_widths`).
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
@@ -121,6 +248,8 @@ def make_plan(
         raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize {normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
+    if max_widths is not None and max_widths < 1:
+        raise ValueError(f"max_widths must be >= 1 or None, got {max_widths}")
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
     min_width = multiple_of if min_width is None else min_width
@@ -158,11 +287,13 @@ def make_plan(
             allocated = allocate(targets, fulls, n_keep, multiple_of, min_width)  # ratio 0: every full width
             for n in names:
                 widths[n], allocated = allocated[: tensors[n].shape[0]], allocated[tensors[n].shape[0]:]
+        if max_widths is not None:
+            widths = {n: limit_widths(tensors[n], ws, max_widths, multiple_of, min_width) for n, ws in widths.items()}
 
     keep = {name: [torch.sort(_ranked(t[e])[:w]).values for e, w in enumerate(widths[name])]
             for name, t in tensors.items()}
     meta = dict(ratio=ratio, scope=scope, method=scores.method, multiple_of=multiple_of, min_width=min_width,
-                normalize=normalize)
+                normalize=normalize, max_widths=max_widths)
     full_widths = {name: [t.shape[1]] * t.shape[0] for name, t in tensors.items()}
     plan = PruningPlan(keep=keep, widths=full_widths, fingerprint=scores.fingerprint, meta=meta)
     if model is not None:

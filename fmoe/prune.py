@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .compat import ensure_aligned_implementation, experts_hooks, has_hooks, width_field
-from .experts import RaggedExperts, attached_hooks, expert_widths, find_experts, fingerprint, slice_expert
+from .experts import RaggedExperts, attached_hooks, expert_widths, find_experts, fingerprint, slice_experts
 from .plan import PruningPlan
 
 WIDTHS_FIELD = "fmoe_expert_widths"  # config field: {module name: [width per expert]} of a pruned model
@@ -45,11 +45,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def slice_uniform(module: nn.Module, keep: list[torch.Tensor]) -> None:
     """Slice a fused experts module in place to the same number of dims in every expert (stock class kept)."""
-    slices = [slice_expert(module, e, k) for e, k in enumerate(keep)]
-    for key in slices[0]:
-        old = getattr(module, key)
-        data = torch.stack([s[key] for s in slices])
-        setattr(module, key, nn.Parameter(data, requires_grad=old.requires_grad))
+    for key, data in slice_experts(module, list(range(len(keep))), torch.stack(keep)).items():
+        setattr(module, key, nn.Parameter(data, requires_grad=getattr(module, key).requires_grad))
     width = int(keep[0].numel())
     for attr in ("intermediate_dim", "intermediate_size"):
         if isinstance(getattr(module, attr, None), int):
@@ -89,11 +86,13 @@ class DimMask:
 
     edits_model = True  # runs before measuring hooks (see fmoe.compat.experts_hooks)
 
-    def __init__(self, masks: list[torch.Tensor]):
+    def __init__(self, module: nn.Module, masks: list[torch.Tensor]):
         self.masks = masks
+        groups = module.bucket_ids if isinstance(module, RaggedExperts) else [range(len(masks))]
+        self.tables = [torch.stack([masks[e] for e in ids]) for ids in groups]  # [G, I] per grouped call
 
-    def __call__(self, e, tokens, slots, h, weights):
-        return h * self.masks[e].to(h.dtype)
+    def __call__(self, routing, h):
+        return h * self.tables[routing.group][routing.local].to(h.dtype)  # [S, I]
 
 
 def active_mask(module: nn.Module) -> torch.Tensor | None:
@@ -115,7 +114,7 @@ def masked(model: nn.Module, keep: PruningPlan | dict[str, list[torch.Tensor]]) 
     hooks = {}
     for name, keeps in keep.items():
         device = next(modules[name].parameters()).device
-        hooks[name] = DimMask([torch.zeros(w, device=device).index_fill_(0, k.to(device), 1.0)
+        hooks[name] = DimMask(modules[name], [torch.zeros(w, device=device).index_fill_(0, k.to(device), 1.0)
                                for w, k in zip(expert_widths(modules[name]), keeps, strict=True)])  # [I_e] each
     with experts_hooks(model, hooks):
         yield model

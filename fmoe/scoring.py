@@ -76,6 +76,11 @@ class _Context:
         self.sample_of_token = torch.arange(b, device=batch.input_ids.device).repeat_interleave(t)  # [B*T]
         self.valid = batch.attention_mask.reshape(-1).bool()  # [B*T]
 
+    def real_rows(self, routing) -> torch.Tensor:
+        """[S] rows of a grouped call that are real tokens routed to a real expert."""
+        valid = self.valid[routing.tokens]
+        return valid if routing.real is None else valid & routing.real
+
 
 class Fisher:
     """Per-sequence mask gradients squared and summed. A step's sums are held apart until `end_step` has seen that
@@ -91,26 +96,30 @@ class Fisher:
         # dL_n/dm is the hooks' gradient times this: undoes a loss that is not the plain sum of sequence losses
         # (a user's mean over the batch, gradient accumulation) and a GradScaler's loss scaling
         self.gradient_scale = 1.0
-        # m = 1 leaves the forward unchanged; Parameters so that DDP sees a trainable parameter the forward uses
-        self.masks = {n: nn.Parameter(torch.ones(t.shape, device=device)) for n, t in self.sums.items()}
+        # h + 0 leaves the forward unchanged; a Parameter so that the graph reaches h with every weight frozen and
+        # DDP sees a trainable parameter the forward uses (a scalar: its own gradient is one cheap sum)
+        self.anchors = {n: nn.Parameter(torch.zeros((), device=device)) for n in self.sums}
 
     def hook(self, name: str, ctx: _Context):
-        mask, index = self.masks[name], self.names.index(name)
+        anchor, index, pending = self.anchors[name], self.names.index(name), self.pending[name]
 
-        def on_intermediate(e, tokens, slots, h, weights):
-            h_masked = h * mask[e].to(h.dtype)  # m = 1: same values, and a graph that reaches h
-            saved, samples, valid = h.detach(), ctx.sample_of_token[tokens], ctx.valid[tokens]
+        def on_intermediate(routing, h):  # h [S, I], rows sorted by expert
+            h_out = h + anchor.to(h.dtype)
+            saved = h.detach()
+            keep = ctx.real_rows(routing)[:, None]  # [S, 1] real tokens, real experts
+            pair = routing.experts * ctx.batch_size + ctx.sample_of_token[routing.tokens]  # [S] (expert, sequence)
 
-            def on_grad(g):  # g = dL/dh for this expert's tokens [S, I]
-                prod = torch.where(valid[:, None], saved.float() * g.float(), 0.0)
-                per_sample = torch.zeros(ctx.batch_size, prod.shape[1], device=prod.device)
-                per_sample.index_add_(0, samples, prod)  # dL_n/dm_j  [B, I]
-                increment = (per_sample * self.gradient_scale).square().sum(0)  # [I]
-                self.pending[name][e] += increment
-                self.finite[index] &= torch.isfinite(increment).all()
+            def on_grad(g):  # g = dL/dh [S, I]
+                prod = torch.where(keep, saved.float() * g.float(), 0.0)  # [S, I]
+                per_pair = torch.zeros(pending.shape[0] * ctx.batch_size, prod.shape[1], device=prod.device)
+                per_pair.index_add_(0, pair, prod)  # dL_n/dm[e, j]  [E*B, I]
+                increment = (per_pair * self.gradient_scale).square().view(pending.shape[0], ctx.batch_size, -1)
+                increment = increment.sum(1)  # [E, I]
+                pending.add_(increment)
+                self.finite[index] &= torch.isfinite(increment).all()  # a device flag, read once per step
 
-            h_masked.register_hook(on_grad)
-            return h_masked
+            h_out.register_hook(on_grad)
+            return h_out
 
         return on_intermediate
 
@@ -126,8 +135,8 @@ class Fisher:
                 self.sums[name] += t
             t.zero_()
         self.finite.fill_(True)
-        for m in self.masks.values():
-            m.grad = None
+        for anchor in self.anchors.values():
+            anchor.grad = None
 
     def state(self):
         return self.sums
@@ -150,13 +159,13 @@ class Activation:
         self.weighted = weighted
 
     def hook(self, name, ctx):
-        def on_intermediate(e, tokens, slots, h, weights):
-            valid = ctx.valid[tokens][:, None]
-            a = h.detach().float().abs()
+        def on_intermediate(routing, h):  # h [S, I], rows sorted by expert
+            keep = ctx.real_rows(routing)[:, None]  # [S, 1]
+            a = h.detach().abs().to(self.sums[name].dtype)
             if self.weighted:
-                a = a * weights.detach().float()[:, None]
-            self.sums[name][e] += torch.where(valid, a, 0.0).sum(0)
-            self.counts[name][e] += valid.sum()
+                a = a * routing.weights.detach().to(a.dtype)[:, None]
+            self.sums[name].index_add_(0, routing.experts, torch.where(keep, a, 0.0))
+            self.counts[name].index_add_(0, routing.experts, keep.to(self.counts[name].dtype))
             return h
 
         return on_intermediate

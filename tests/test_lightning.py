@@ -308,7 +308,7 @@ def test_lora_targets_attention_shared_and_routed_experts_not_routers():
     peft_model = get_peft_model(model, lora_config(model, r=4, alpha=8))
     adapted = {n.split(".lora_")[0] for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("layers.0.mlp.experts" in n for n in adapted)  # fused experts via target_parameters
-    assert all(any(f"layers.1.mlp.experts.{kind}.{e}" in n for n in adapted) for kind in ("up", "down") for e in range(4))
+    assert all(any(f"layers.1.mlp.experts.buckets.{b}" in n for n in adapted) for b in range(4))  # one per width
     assert any("shared_expert.up_proj" in n for n in adapted) and any("self_attn.q_proj" in n for n in adapted)
     assert not any(n.endswith(("mlp.gate", "lm_head", "shared_expert_gate")) for n in adapted)
 

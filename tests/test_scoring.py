@@ -17,7 +17,7 @@ def slow_fisher(model, sequences):
         p.requires_grad_(False)
     for seq in sequences:
         masks = {n: torch.ones(4, 32, requires_grad=True) for n in modules}
-        hooks = {n: (lambda m: lambda e, t, s, h, w: h * m[e])(masks[n]) for n in modules}
+        hooks = {n: (lambda m: lambda routing, h: h * m[routing.experts])(masks[n]) for n in modules}
         with experts_hooks(model, hooks):
             loss = model(input_ids=seq["input_ids"], labels=seq["input_ids"]).loss
         grads = torch.autograd.grad(loss, list(masks.values()))
@@ -132,9 +132,10 @@ def test_router_weighs_activation_by_routing_weight(model):
     valid = batches[0]["attention_mask"].reshape(-1).bool()
 
     def record(name):
-        def hook(e, tokens, slots, h, weights):  # sum over real routed tokens of weight x |h|
-            keep = valid[tokens]
-            expected[name][e] += (weights[keep, None] * h[keep].abs()).double().sum(0)
+        def hook(routing, h):  # sum over real routed tokens of weight x |h|, expert by expert
+            for e in range(4):
+                keep = valid[routing.tokens] & (routing.experts == e)
+                expected[name][e] += (routing.weights[keep, None] * h[keep].abs()).double().sum(0)
             return h
         return hook
 

@@ -4,7 +4,7 @@
     trainer.fit(CalibrationModule(model, method="fisher"), calibration_dataloader)
 
 No weight update and no weight gradient: the model's weights are frozen; for Fisher the only trainable parameters
-are the all-ones masks on the experts' intermediate activations (DDP needs a parameter the forward uses). Each rank
+are zero scalars added to each layer's expert activations (DDP needs a parameter the forward uses). Each rank
 accumulates locally; at the end of the fit the sums are SUM-reduced once, so every rank holds the same scores (and
 computes the same plan). Every batch counts as a trainer step (an optimizer over a frozen scalar is stepped), so
 `max_steps`, step-based `ModelCheckpoint`s and, with a resumable loader (`fmoe.data.ResumableDataLoader`, which
@@ -99,9 +99,9 @@ class CalibrationModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints carry the scorer state, not the (frozen, unchanged) weights
         self.scorer = Scorer(model, method)
-        masks = getattr(self.scorer.acc, "masks", {})
-        self.masks = nn.ParameterList(masks.values())  # registered so DDP and device moves see them
-        if not masks:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
+        anchors = getattr(self.scorer.acc, "anchors", {})
+        self.anchors = nn.ParameterList(anchors.values())  # registered so DDP and device moves see them
+        if not anchors:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
             self.ddp_anchor = nn.Parameter(torch.zeros(()))
         # what the no-op optimizer steps: frozen, so DDP ignores it, but a registered parameter, which distributed
         # checkpoints (FSDP2) need to name the optimizer's state

@@ -1,8 +1,8 @@
 """LoRA recovery: peft adapters on a pruned MoE (attention, shared experts, routed experts), trained with Lightning,
 evaluated with torchmetrics, merged back before export.
 
-Routed experts are adapted per expert: fused (uniform) modules through peft's `target_parameters`
-(one rank-r adapter per expert), RaggedExperts through their per-expert `nn.Linear`s. Routers are left alone.
+Routed experts are adapted per expert through peft's `target_parameters` (one rank-r adapter per expert): the fused
+tensors of uniform modules, and of each width bucket of RaggedExperts. Routers are left alone.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
-from ..experts import RaggedExperts, find_experts, up_name
+from ..experts import find_experts, fused_parts, up_name
 from ..loss import mean_nll, prepare_batch, sequence_nll
 from ..tasks import exact_match
 from .sharding import RestoreOnException, is_sharded, shard, unshard
@@ -24,17 +24,17 @@ _NOT_ADAPTED = ("lm_head", "gate", "router", "shared_expert_gate")  # output hea
 
 
 def lora_config(model: nn.Module, r: int = 16, alpha: int = 32, experts: bool = True):
-    """LoRA on every Linear except the head and routers (attention, shared experts, dense MLPs, ragged experts),
-    plus per-expert adapters on fused routed experts via `target_parameters` (peft needs lora_dropout=0 there)."""
+    """LoRA on every Linear except the head and routers (attention, shared experts, dense MLPs), plus per-expert
+    adapters on the fused tensors of routed experts via `target_parameters` (peft needs lora_dropout=0 there)."""
     from peft import LoraConfig
 
     routed = find_experts(model)
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
                and name.rsplit(".", 1)[-1] not in _NOT_ADAPTED
                and (experts or not any(name.startswith(f"{r}.") for r in routed))]
-    params = [f"{name}.{p}" for name, m in routed.items() if experts and not isinstance(m, RaggedExperts)
-              for p in (up_name(m), "down_proj")]
-    # exact module names: peft matches list entries as name suffixes, and ragged experts' Linears are named "0", "1"..
+    params = [".".join(filter(None, (name, part, p))) for name, m in routed.items() if experts
+              for part, holder in fused_parts(m).items() for p in (up_name(holder), "down_proj")]
+    # exact module names: peft matches list entries as name suffixes
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=linears,
                       target_parameters=params or None)
 
