@@ -2,6 +2,7 @@
 
 from .checkpoint import from_pretrained, save_pretrained
 from .experts import RaggedExperts, find_experts, fingerprint
+from .offline import prune_checkpoint, score_checkpoint
 from .plan import PruningPlan, make_plan
 from .prune import masked, prune, weight_bytes
 from .scores import Scores
@@ -9,6 +10,6 @@ from .scoring import METHODS, score
 
 __all__ = [
     "METHODS", "PruningPlan", "RaggedExperts", "Scores", "find_experts", "fingerprint", "from_pretrained",
-    "make_plan", "masked", "prune", "save_pretrained", "score", "weight_bytes",
+    "make_plan", "masked", "prune", "prune_checkpoint", "save_pretrained", "score", "score_checkpoint", "weight_bytes",
 ]
 __version__ = "0.1.0"

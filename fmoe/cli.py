@@ -3,6 +3,7 @@
     fmoe prune-recover                                            # the toy MoE, CPU, about a minute
     fmoe prune-recover --config recipes/configs/mixtral-8x7b.yaml # 8 GPUs, FSDP2
     fmoe train-toy --toy.steps 200 --out_dir /tmp/toy
+    fmoe prune-checkpoint SRC --plan plan.json --out DST          # out of core: never loads the model
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import warnings
 COMMANDS = {  # name: (module, function taking the remaining arguments, what it does)
     "prune-recover": ("fmoe.recipes.prune_recover", "main", "calibrate -> prune -> recover -> evaluate -> export"),
     "train-toy": ("fmoe.recipes.train_toy_moe", "cli", "train the toy MoE on the generated corpus (CPU)"),
+    "prune-checkpoint": ("fmoe.offline", "cli", "apply a plan to a safetensors checkpoint without loading the model"),
 }
 
 
 def usage() -> str:
-    lines = [f"  {name:<15}{help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines = [f"  {name:<18}{help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "usage: fmoe COMMAND [--help | ARGS]\n\ncommands:\n" + "\n".join(lines)
 
 

@@ -319,14 +319,25 @@ def fingerprint(model: nn.Module) -> str:
 
     Cheap (no full-weight hash) and stable across fp32/bf16 casts; it changes when experts are pruned.
     """
-    import hashlib
-
-    digest = hashlib.sha256(str(getattr(getattr(model, "config", None), "model_type", "")).encode())
+    samples = []
     for name, module in find_experts(model).items():
-        digest.update(f"{name}:{expert_widths(module)}".encode())
         params = list(module.parameters())
+        heads = []
         for p in (params[0], params[-1]):
             p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shard: the same sample on every rank
-            w = p.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).float()
-            digest.update(w.numpy().tobytes())
+            heads.append(p.detach().reshape(-1)[:64])
+        samples.append((name, expert_widths(module), heads))
+    return fingerprint_of(str(getattr(getattr(model, "config", None), "model_type", "")), samples)
+
+
+def fingerprint_of(model_type: str, samples: list[tuple[str, list[int], list[torch.Tensor]]]) -> str:
+    """The fingerprint from (module name, expert widths, [first 64 values of its first and last parameter]) per
+    experts module, in model order: shared by `fingerprint` and checkpoints read without a model (fmoe.offline)."""
+    import hashlib
+
+    digest = hashlib.sha256(model_type.encode())
+    for name, widths, heads in samples:
+        digest.update(f"{name}:{widths}".encode())
+        for w in heads:
+            digest.update(w.reshape(-1)[:64].to("cpu", torch.bfloat16).float().numpy().tobytes())
     return digest.hexdigest()[:16]

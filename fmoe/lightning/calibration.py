@@ -10,6 +10,8 @@ computes the same plan). Every batch counts as a trainer step (an optimizer over
 `max_steps`, step-based `ModelCheckpoint`s and, with a resumable loader (`fmoe.data.ResumableDataLoader`, which
 TextDataModule uses), mid-epoch resume behave as in any fit. Checkpoints hold the summed scores, not the frozen
 weights, except under ModelParallelStrategy (FSDP2), whose distributed checkpoints only load whole modules.
+The model may be the empty one `fmoe.lightning.sharding.load_model` gives a non-zero rank: `configure_model`
+fills it from rank 0 before the scorer is made.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
+from ..checkpoint import on_meta
 from ..scores import Scores
 from ..scoring import Scorer
-from .sharding import RestoreOnException, data_parallel_mesh, is_sharded, shard, unshard
+from .sharding import RestoreOnException, data_parallel_mesh, is_sharded, materialize, shard, unshard
 
 _STATE_KEY = "fmoe_scorer"
 
@@ -98,25 +101,34 @@ class CalibrationModule(L.LightningModule):
         self.method = method
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints carry the scorer state, not the (frozen, unchanged) weights
-        self.scorer = Scorer(model, method)
-        anchors = getattr(self.scorer.acc, "anchors", {})
-        self.anchors = nn.ParameterList(anchors.values())  # registered so DDP and device moves see them
-        if not anchors:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
-            self.ddp_anchor = nn.Parameter(torch.zeros(()))
         # what the no-op optimizer steps: frozen, so DDP ignores it, but a registered parameter, which distributed
         # checkpoints (FSDP2) need to name the optimizer's state
         self.step_anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
+        self.scorer: Scorer | None = None
+        if not on_meta(model):  # an empty model (a non-zero rank's, see load_model) is scored once it is filled
+            self._make_scorer()
         self.scores: Scores | None = None
         self._seconds = 0.0
+
+    def _make_scorer(self) -> None:
+        """The scorer over the model's weights (its fingerprint reads them) and the parameters DDP must see."""
+        self.scorer = Scorer(self.model, self.method)
+        anchors = getattr(self.scorer.acc, "anchors", {})
+        self.anchors = nn.ParameterList(anchors.values())  # registered so DDP and device moves see them
+        if not anchors:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
+            self.ddp_anchor = nn.Parameter(torch.zeros((), device=self.step_anchor.device))
 
     def configure_optimizers(self):
         # scoring only: an optimizer over a frozen scalar, stepped once per batch so that batches count as steps
         return torch.optim.SGD([self.step_anchor], lr=0.0)
 
     def configure_model(self) -> None:
-        """Freeze the model for the fit (DDP must see only the masks as trainable; the user's requires_grad flags
+        """Freeze the model for the fit (DDP must see only the anchors as trainable; the user's requires_grad flags
         come back when the fit ends). Under ModelParallelStrategy (FSDP2) the fit runs a sharded twin (see
-        fmoe.lightning.sharding); masks stay replicated. `self.model` is the plain model again once the fit ends."""
+        fmoe.lightning.sharding); anchors stay replicated. `self.model` is the plain model again once the fit ends."""
+        materialize(self.model)  # a non-zero rank's empty model gets rank 0's weights (see load_model)
+        if self.scorer is None:
+            self._make_scorer()
         self.scorer.detach()  # left attached by an interrupted run
         self.restore_model()
         self._user_flags = {name: p.requires_grad for name, p in self.model.named_parameters()}
@@ -172,7 +184,8 @@ class CalibrationModule(L.LightningModule):
 
     def teardown(self, stage: str) -> None:
         unshard(self)
-        self.scorer.use(self.model)
+        if self.scorer is not None:
+            self.scorer.use(self.model)
         self.restore_model()
 
     def restore_model(self) -> None:

@@ -15,7 +15,8 @@ from torchmetrics import MeanMetric, SumMetric
 from ..experts import find_experts, fused_parts, up_name
 from ..loss import mean_nll, prepare_batch, sequence_nll
 from ..tasks import exact_match
-from .sharding import RestoreOnException, is_sharded, shard, unshard
+from ..checkpoint import on_meta
+from .sharding import RestoreOnException, is_sharded, materialize, shard, unshard
 
 Tasks = dict[str, tuple[list[str], list[str]]]  # {name: (prompts, answers)}, e.g. from fmoe.tasks.load_tasks
 
@@ -58,6 +59,7 @@ class Evaluation(L.LightningModule):
         self.hits = nn.ModuleList([MeanMetric() for _ in self.tasks])
 
     def configure_model(self):
+        materialize(self.model)  # a non-zero rank's empty model gets rank 0's weights (see sharding.load_model)
         shard(self, "model")  # ModelParallelStrategy (FSDP2): a sharded twin runs the fit; see fmoe.lightning.sharding
 
     def teardown(self, stage: str):
@@ -102,6 +104,9 @@ class LoRARecovery(Evaluation):
                  tasks: Tasks | None = None, tokenizer=None):
         from peft import get_peft_model
 
+        if on_meta(model):
+            raise ValueError("LoRARecovery got an empty (meta) model: a non-zero rank's model from load_model gets "
+                             "its weights in the first evaluation or calibration fit; run one before LoRA")
         super().__init__(get_peft_model(model, lora_config(model, r, alpha, experts)), eval_names, tasks, tokenizer)
         self.lr, self.weight_decay = lr, weight_decay
 

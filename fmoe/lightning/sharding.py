@@ -13,19 +13,64 @@ and puts it back; after validation nothing is copied. Buffers are never copied b
     def teardown(self, stage):
         unshard(self, self.trainer)
 
-Cost: every process holds the model in host memory for the whole run (it loaded it there to shard it), so host
-RAM must fit world size x model bytes; GPU memory holds only the shards.
+Cost: every process holds the model in host memory for the whole run (it needs it there to shard it), so host
+RAM must fit world size x model bytes; GPU memory holds only the shards. Only rank 0 reads the checkpoint:
+`load_model` gives the other ranks an empty (meta) model, which `materialize` (called by the fmoe modules'
+`configure_model`, once the process group is up) fills by broadcast from rank 0.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 from torch import nn
 
+from ..checkpoint import broadcast_weights, empty_model, from_pretrained, load_distributed, on_meta
+
 _ORIGINAL = "_fmoe_unsharded"  # stored in the owner's __dict__: not a submodule, so never moved to the GPU
+
+
+def launched_rank() -> int:
+    """This process's rank in a multi-process launch whose process group is not initialised yet (Lightning's
+    launchers start it inside the first fit; torchrun and Lightning set RANK or LOCAL_RANK with WORLD_SIZE); 0
+    when there is none or it cannot be told (then the process loads the checkpoint itself, which is correct)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def load_model(directory: str | Path, dtype: torch.dtype | str = "auto", **kwargs) -> nn.Module:
+    """The model of a checkpoint for a Lightning run, read once per run rather than once per process: with a
+    process group up, `fmoe.checkpoint.load_distributed`; in a non-zero rank whose process group is not up yet, the
+    empty (meta) model, which the first fmoe module's `configure_model` fills (`materialize`); else the model."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return load_distributed(directory, dtype, **kwargs)
+    return empty_model(directory, dtype, **kwargs) if launched_rank() != 0 else from_pretrained(directory, dtype, **kwargs)
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Fill models left empty by `load_model` from rank 0 (`fmoe.checkpoint.broadcast_weights`); every rank calls
+    it in `configure_model`, where the process group is up. A collective only when some rank's model is empty."""
+    import torch.distributed as dist
+
+    empty = on_meta(model)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if empty:
+            raise RuntimeError(f"the model is empty (meta): it was built for rank {launched_rank()} of a "
+                               "multi-process run, which gets its weights from rank 0 once the process group is up, "
+                               "but this run has none; load it with fmoe.from_pretrained")
+        return model
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, empty)
+    if any(flags):
+        broadcast_weights(model)
+    return model
 
 
 def data_parallel_mesh(strategy):

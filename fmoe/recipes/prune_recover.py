@@ -33,6 +33,7 @@ from fmoe import toy
 from fmoe.tasks import load_tasks
 from fmoe.lightning import CalibrationModule, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery, evaluate
+from fmoe.lightning.sharding import load_model
 
 
 @dataclass
@@ -64,9 +65,10 @@ class Recover:
 
 
 def calibration(model: str = "toy", method: str = "fisher", dtype: str = "float32") -> CalibrationModule:
-    """Load the model to compress ("toy" = the shipped toy MoE) and wrap it for calibration."""
+    """Load the model to compress ("toy" = the shipped toy MoE) and wrap it for calibration. Read once per run:
+    in a multi-process run only rank 0 reads it, the others receive it in their first stage (see load_model)."""
     path = toy.TOY_DIR if model == "toy" else model
-    return CalibrationModule(fmoe.from_pretrained(path, dtype=getattr(torch, dtype)), method=method)
+    return CalibrationModule(load_model(path, dtype=getattr(torch, dtype)), method=method)
 
 
 class RecipeCLI(LightningCLI):

@@ -1,0 +1,531 @@
+"""Out-of-core pruning and data-free scoring, straight from a safetensors checkpoint directory.
+
+`prune_checkpoint(src, plan, dst)` writes what `fmoe.prune(model, plan)` + `fmoe.save_pretrained(model, dst)` would
+write (same tensor names and values, bit for bit; the config and, for the stock format, the generation config) but
+never holds the model: the model is built on the meta device (no storage) for its names, shapes and layout flags,
+and tensors are read one at a time with `safetensors.safe_open`, sliced expert by expert and streamed into output
+shards whose headers are computed up front. `score_checkpoint(src, "magnitude" | "random")` gives the scores
+`fmoe.score` gives on the loaded model, with the same fingerprint, so the plans made from them pass `fmoe.prune`.
+
+Checkpoint layouts. A source may hold experts fused (`experts.gate_up_proj` [E, 2I, H], as the model stores them,
+gpt-oss and granitemoe on the hub, fmoe's fused format) or one tensor per expert (`experts.0.gate_proj.weight`,
+Mixtral's `w1/w2/w3`: what transformers' own `save_pretrained` writes for most families). transformers' conversion
+mapping of the family says which checkpoint key feeds which model parameter; fmoe reads it through one small table
+of conversion operations it knows (`_PER_EXPERT_OPS`) and refuses any other with an error naming it.
+
+Memory. One source file is open (memory-mapped) at a time, and only the pages of the tensors read from it are
+touched; a renamed tensor is copied once, an expert's slices are read one expert at a time, and output bytes go to
+the file as they are produced (page cache, not process memory). Peak resident growth is therefore at most the
+largest source shard (its touched mapped pages) plus the largest single tensor (the one being copied) plus one
+expert's parameters; with fused sources a whole [E, ...] expert tensor is never read at once, and no output shard is
+ever held. (glibc keeps freed blocks under its adaptive mmap threshold, at most 32 MiB, in its heap: RSS may show
+that retention on top; tests/test_offline.py measures the bound with the threshold pinned.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from .checkpoint import FORMAT_FIELD
+from .compat import is_stock_loadable
+from .experts import RaggedExperts, expert_widths, find_experts, fingerprint_of, slice_expert, width_buckets
+from .io import atomic_directory
+from .plan import PruningPlan
+from .prune import WIDTHS_FIELD, apply_widths
+from .scores import Scores
+
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+# files of a model directory worth carrying over (tokenizer and chat template); weights and configs are rewritten
+_CARRIED = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "chat_template*", "*.model",
+            "added_tokens.json")
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+class Source:
+    """A safetensors checkpoint read tensor by tensor: {key: file}, dtypes and shapes from the headers, and one
+    file mapped at a time (switching files drops the previous mapping, so at most one shard's pages are resident)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if not (self.directory / "config.json").is_file():
+            raise FileNotFoundError(f"{self.directory} has no config.json: not a model directory")
+        if (self.directory / INDEX).is_file():
+            weight_map = json.loads((self.directory / INDEX).read_text()).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{self.directory / INDEX} has no weight_map: not a safetensors index")
+        elif (self.directory / SINGLE).is_file():
+            weight_map = None
+        else:
+            raise FileNotFoundError(f"{self.directory} has neither {SINGLE} nor {INDEX} (only safetensors "
+                                    "checkpoints are read; pickle .bin weights are not)")
+        self.files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
+        missing = [f for f in self.files if not (self.directory / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.directory / INDEX} lists shards that are missing: {missing[:3]}")
+        self.file_of: dict[str, str] = {}
+        self.info: dict[str, tuple[str, list[int]]] = {}  # key: (safetensors dtype, shape)
+        for name in self.files:
+            handle = self._open(name)
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                self.file_of[key], self.info[key] = name, (part.get_dtype(), list(part.get_shape()))
+        self._close()
+        if weight_map:
+            wrong = [k for k, f in weight_map.items() if self.file_of.get(k) != f]
+            if wrong:
+                raise ValueError(f"{self.directory / INDEX} maps {wrong[:3]} to files that do not hold them")
+
+    _handle, _handle_name = None, None
+
+    def _open(self, name: str):
+        if self._handle_name != name:
+            self._close()
+            try:
+                self._handle = safe_open(str(self.directory / name), framework="pt")
+            except SafetensorError as err:
+                raise ValueError(f"cannot read {self.directory / name}: {err} (truncated or corrupt)") from err
+            self._handle_name = name
+        return self._handle
+
+    def _close(self) -> None:
+        self._handle = self._handle_name = None  # the last reference: the mapping goes with it
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._open(self.file_of[key]).get_tensor(key)
+
+    def row(self, key: str, e: int) -> torch.Tensor:
+        """tensor[e] of a stacked [E, ...] tensor, reading only that expert's bytes."""
+        return self._open(self.file_of[key]).get_slice(key)[e]
+
+
+def meta_model(config):
+    """The model of `config` on the meta device (names, shapes, layout flags; no storage), cut to the widths an
+    fmoe checkpoint records, so its state dict describes that checkpoint."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    widths = getattr(config, WIDTHS_FIELD, None) or {}
+    if widths:
+        apply_widths(model, {name: [torch.arange(w) for w in ws] for name, ws in widths.items()})
+    return model
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a model tensor (or part of it) lives in a checkpoint: `key` whole, or, for a per-expert layout, the
+    `part`-th of `parts` equal pieces (along dim 0) of expert `expert`'s slice [2I, H] of the model tensor."""
+
+    key: str
+    expert: int | None = None
+    part: int = 0
+    parts: int = 1
+
+
+# A WeightConverter fmoe can follow tensor by tensor: stack experts, then (gated) concatenate gate and up.
+_PER_EXPERT_OPS = {1: ["MergeModulelist(dim=0)"], 2: ["MergeModulelist(dim=0)", "Concatenate(dim=1)"]}
+
+
+class Naming:
+    """Checkpoint key <-> model state-dict key, from transformers' conversion mapping of the model's family (the
+    one `from_pretrained` and `save_pretrained` use)."""
+
+    def __init__(self, model):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        self.model, self.state = model, model.state_dict()
+        mapping = get_model_conversion_mapping(model)
+        self.renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
+
+    def locate(self, key: str) -> tuple[str, Place]:
+        """(model key, where `key` sits in it)."""
+        from transformers.core_model_loading import apply_renamings, rename_source_key
+
+        renamed, pattern = rename_source_key(key, self.renamings, self.converters, self.model.base_model_prefix,
+                                             self.state)
+        if pattern is None:  # a plain rename (or none): the whole tensor
+            return renamed, Place(key)
+        converter = self.by_pattern[pattern]
+        ops, n = [repr(op) for op in converter.operations], len(converter.source_patterns)
+        found = re.search(pattern.replace("*.", r"(\d+)\."), apply_renamings(key, self.renamings))
+        if ops != _PER_EXPERT_OPS.get(n) or "*." not in pattern or found is None:
+            raise NotImplementedError(
+                f"{self.model.config.model_type}: checkpoint key {key} is converted by {ops} from "
+                f"{converter.source_patterns}; fmoe reads per-expert layouts {list(_PER_EXPERT_OPS.values())} only")
+        return renamed, Place(key, int(found.group(1)), converter.source_patterns.index(pattern), n)
+
+    def saved_keys(self, model) -> dict[str, list[int]]:
+        """{key: shape} that `model.save_pretrained` writes (tied aliases dropped, the family's own layout)."""
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+        return {k: list(v.shape) for k, v in revert_weight_conversion(model, state).items()}
+
+
+def tie_groups(model) -> list[list[str]]:
+    """Names that share one parameter or buffer (tied embeddings), found by identity (meta tensors share no
+    storage pointer to compare)."""
+    groups: dict[int, list[str]] = {}
+    for name in model.state_dict():
+        groups.setdefault(id(model.get_parameter_or_buffer(name)), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+class ModelView:
+    """The source checkpoint seen as the model's state dict: any model tensor whole, or one expert's slice in the
+    model's layout, read from whichever layout the checkpoint uses."""
+
+    def __init__(self, source: Source, model):
+        self.source, self.naming = source, Naming(model)
+        self.whole: dict[str, str] = {}
+        self.pieces: dict[str, dict[int, list[str | None]]] = {}  # model key: {expert: [key of each part]}
+        unexpected = []
+        for key in source.info:
+            target, place = self.naming.locate(key)
+            if target not in self.naming.state:
+                unexpected.append(key)  # reported below, with everything else that does not match
+                continue
+            if place.expert is None:
+                self.whole[target] = key
+            else:
+                slots = self.pieces.setdefault(target, {}).setdefault(place.expert, [None] * place.parts)
+                slots[place.part] = key
+        for names in tie_groups(model):  # a tied alias reads from whichever name the checkpoint kept
+            held = next((self.whole[n] for n in names if n in self.whole), None)
+            for n in names:
+                if held is not None:
+                    self.whole.setdefault(n, held)
+        covered = set(self.whole) | set(self.pieces)
+        missing = sorted(set(self.naming.state) - covered)
+        broken = [k for k, ex in self.pieces.items()
+                  if sorted(ex) != list(range(self.naming.state[k].shape[0])) or any(None in p for p in ex.values())]
+        if missing or unexpected or broken:
+            raise ValueError(f"{source.directory}: the checkpoint does not match its config.json: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}, incomplete experts {broken[:3]}")
+        for k, key in self.whole.items():
+            if source.info[key][1] != list(self.naming.state[k].shape):
+                raise ValueError(f"{source.directory}: {key} has shape {source.info[key][1]}, the config's model "
+                                 f"expects {list(self.naming.state[k].shape)} for {k}")
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self.source.tensor(self.whole[key])
+
+    def expert(self, key: str, e: int) -> torch.Tensor:
+        """Model tensor `key`'s slice of expert e ([2I, H]-like), in the model's layout."""
+        if key in self.whole:
+            return self.source.row(self.whole[key], e)
+        parts = [self.source.tensor(k) for k in self.pieces[key][e]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def dtype_of(self, key: str) -> str:
+        return self.source.info[self.whole[key] if key in self.whole else self.pieces[key][0][0]][0]
+
+    def expert_params(self, module_name: str, module, e: int) -> SimpleNamespace:
+        """A one-expert stand-in of experts module `module` (its flags, expert e's parameters as [1, ...]) that
+        `slice_expert` and the scoring functions read exactly as they read the module."""
+        params = {name: self.expert(f"{module_name}.{name}", e).unsqueeze(0) for name, _ in module.named_parameters()}
+        flags = {k: getattr(module, k) for k in ("has_gate", "is_transposed", "is_concatenated", "has_bias")}
+        return SimpleNamespace(**flags, **params)
+
+
+# --------------------------------------------------------------------------------------------- fingerprint, scores
+
+
+def _head(view: ModelView, module_name: str, param: str, n: int = 64) -> torch.Tensor:
+    """The first n elements of a stacked expert tensor, flattened, reading experts in turn until there are n."""
+    got, e, experts = [], 0, view.naming.state[f"{module_name}.{param}"].shape[0]
+    while sum(t.numel() for t in got) < n and e < experts:
+        got.append(view.expert(f"{module_name}.{param}", e).reshape(-1))
+        e += 1
+    return torch.cat(got)[:n].clone()  # [n], not a view keeping whole experts alive
+
+
+def checkpoint_fingerprint(view: ModelView, model) -> str:
+    """`fmoe.fingerprint` of the checkpoint's model, from its tensors."""
+    samples = []
+    for name, module in find_experts(model).items():
+        params = [p for p, _ in module.named_parameters()]
+        samples.append((name, expert_widths(module), [_head(view, name, p) for p in (params[0], params[-1])]))
+    return fingerprint_of(model.config.model_type, samples)
+
+
+def _open(src: str | Path):
+    source = Source(src)
+    config = AutoConfig.from_pretrained(source.directory)
+    model = meta_model(config)
+    ragged = [n for n, m in find_experts(model).items() if isinstance(m, RaggedExperts)]
+    if ragged:
+        raise ValueError(f"{source.directory} holds ragged (non-uniformly pruned) experts {ragged[:3]}: score and "
+                         "prune the original checkpoint")
+    return source, config, model, ModelView(source, model)
+
+
+def score_checkpoint(src: str | Path, method: str = "magnitude", seed: int = 0) -> Scores:
+    """`fmoe.score(model, method=...)` for the data-free methods, from the checkpoint's tensors (no model, no data)."""
+    from .scoring import _magnitude, _random
+
+    if method not in ("magnitude", "random"):
+        raise ValueError(f"score_checkpoint computes the data-free methods 'magnitude' and 'random', not {method!r}; "
+                         "the others need the model and calibration data (fmoe.score)")
+    source, config, model, view = _open(src)
+    modules = find_experts(model)
+    meta = {"model_type": config.model_type}
+    if method == "random":
+        tensors = _random(modules, seed)  # shapes only
+        meta["seed"] = seed
+    else:  # one expert at a time: each expert's norms depend on its own weights only
+        tensors = {name: torch.cat([_magnitude({name: view.expert_params(name, m, e)})[name]
+                                    for e in range(len(expert_widths(m)))]) for name, m in modules.items()}
+    return Scores(tensors, method, checkpoint_fingerprint(view, model), meta=meta)
+
+
+# ------------------------------------------------------------------------------------------------------ pruning
+
+
+@dataclass
+class Out:
+    """One output tensor: its bytes are the concatenation of what `pieces()` yields (row-major, in order)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    pieces: Callable[[], Iterator[torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        if self.dtype not in _ITEMSIZE:
+            raise ValueError(f"{self.name}: dtype {self.dtype} is not supported (quantized checkpoints are not read)")
+        return _ITEMSIZE[self.dtype] * int(torch.Size(self.shape).numel())
+
+
+def check_plan(plan: PruningPlan, widths: dict[str, list[int]], fp: str) -> None:
+    """The checks of `fmoe.prune` (same messages), against a checkpoint's widths and fingerprint."""
+    if plan.widths != widths:
+        first = next(iter(widths.items()), None)
+        raise ValueError(f"plan does not fit this model: it was made for experts {len(plan.widths)} modules, e.g. "
+                         f"{next(iter(plan.widths.items()), None)}, the model has {len(widths)} modules, e.g. {first}")
+    if plan.fingerprint != fp:
+        raise ValueError(f"plan was made from scores of another model (fingerprint {plan.fingerprint} != {fp})")
+    for name, keeps in plan.keep.items():
+        for e, keep in enumerate(keeps):
+            ok = keep.numel() > 0 and keep.min() >= 0 and keep.max() < widths[name][e] and bool((keep.diff() > 0).all())
+            if not ok:
+                raise ValueError(f"plan keeps invalid dims for {name} expert {e}: need ascending, unique, in range")
+
+
+class Pruned:
+    """The pruned model's tensors, produced on demand from the source: model key -> pieces, plus one expert's cut
+    kept at a time (its gate, up and down parts are written one after another)."""
+
+    def __init__(self, view: ModelView, source_model, keep: dict[str, list[torch.Tensor]]):
+        self.view, self.keep = view, keep
+        self.modules = find_experts(source_model)
+        self._cut: tuple[tuple[str, int], dict[str, torch.Tensor]] | None = None
+
+    def cut(self, module_name: str, e: int) -> dict[str, torch.Tensor]:
+        """Expert e of `module_name` restricted to its kept dims: exactly `slice_expert` of the loaded module."""
+        if self._cut is None or self._cut[0] != (module_name, e):
+            stand_in = self.view.expert_params(module_name, self.modules[module_name], e)
+            self._cut = ((module_name, e), slice_expert(stand_in, 0, self.keep[module_name][e]))
+        return self._cut[1]
+
+    def owner(self, key: str) -> tuple[str, str, list[int]] | None:
+        """(experts module, parameter, experts stacked in this tensor) for a pruned routed-experts tensor."""
+        module_name, _, param = key.rpartition(".")
+        if module_name in self.keep:  # a uniform module keeps the stock class: [E, ...]
+            return module_name, param, list(range(len(self.keep[module_name])))
+        found = re.fullmatch(r"(.+)\.buckets\.(\d+)\.([^.]+)", key)
+        if found and found.group(1) in self.keep:
+            widths = [int(k.numel()) for k in self.keep[found.group(1)]]
+            return found.group(1), found.group(3), width_buckets(widths)[int(found.group(2))][1]
+        return None
+
+    def pieces(self, key: str, expert: int | None = None, part: int = 0, parts: int = 1) -> Callable:
+        """Pieces of pruned model tensor `key` (or of one expert's part of it, as a per-expert checkpoint holds)."""
+        owner = self.owner(key)
+        if owner is None:
+            return lambda: iter([self.view.tensor(key)])
+        module_name, param, experts = owner
+        chosen = experts if expert is None else [expert]
+
+        def gen():
+            for e in chosen:
+                t = self.cut(module_name, e)[param]
+                yield t if parts == 1 else t.chunk(parts, dim=0)[part].contiguous()
+        return gen
+
+    def dtype(self, key: str) -> str:
+        owner = self.owner(key)
+        return self.view.dtype_of(f"{owner[0]}.{owner[1]}" if owner else key)
+
+
+def bucket_shapes(module, keep: list[torch.Tensor]) -> dict[str, list[int]]:
+    """{`buckets.{b}.{param}`: shape} of a ragged cut of (meta) experts module `module`: bucket b stacks the
+    experts of the b-th smallest kept width (`width_buckets`), each param in the stock fused layout."""
+    out = {}
+    for b, (_, experts) in enumerate(width_buckets([int(k.numel()) for k in keep])):
+        for param, t in slice_expert(module, experts[0], keep[experts[0]]).items():  # meta: shapes only
+            out[f"buckets.{b}.{param}"] = [len(experts), *t.shape]
+    return out
+
+
+def _outputs(view: ModelView, source_model, pruned_model, keep, stock: bool) -> tuple[list[Out], dict[str, str]]:
+    """The output tensors (names, dtypes, shapes, pieces) and the safetensors metadata of the chosen format."""
+    pruned = Pruned(view, source_model, keep)
+    state = pruned_model.state_dict()
+    outs, metadata = [], {"format": "pt"}
+    if stock:  # what transformers' save_pretrained writes: its own layout, tied aliases dropped
+        naming = Naming(pruned_model)
+        for key, shape in naming.saved_keys(pruned_model).items():
+            target, place = naming.locate(key)
+            if target not in state:
+                raise ValueError(f"cannot place saved key {key} (model key {target}) in the pruned model")
+            outs.append(Out(key, pruned.dtype(target), shape, pruned.pieces(target, place.expert, place.part,
+                                                                             place.parts)))
+    else:  # fmoe's fused format: safetensors.save_model of the model (tied aliases: the first name kept)
+        dropped = {}
+        for names in tie_groups(pruned_model):
+            kept = sorted(names)[0]
+            dropped.update({n: kept for n in names if n != kept})
+        ragged = [n for n, m in find_experts(pruned_model).items() if isinstance(m, RaggedExperts)]
+        for key, t in state.items():
+            if key not in dropped and not any(key.startswith(f"{n}.") for n in ragged):
+                outs.append(Out(key, pruned.dtype(key), list(t.shape), pruned.pieces(key)))
+        for n in ragged:  # written as width buckets, whatever the layout of this RaggedExperts
+            for key, shape in bucket_shapes(pruned.modules[n], keep[n]).items():
+                outs.append(Out(f"{n}.{key}", pruned.dtype(f"{n}.{key}"), shape, pruned.pieces(f"{n}.{key}")))
+        metadata = {**dropped, "format": "pt", FORMAT_FIELD: "fused"}
+    return outs, metadata
+
+
+def _write_safetensors(path: Path, outs: list[Out], metadata: dict[str, str]) -> None:
+    """A safetensors file written as its tensors are produced: the header (offsets from the known shapes) first,
+    then each tensor's bytes; largest item size first, as safetensors orders them, so every tensor is aligned."""
+    header, offset = {"__metadata__": metadata}, 0
+    for out in outs:
+        header[out.name] = {"dtype": out.dtype, "shape": out.shape, "data_offsets": [offset, offset + out.nbytes]}
+        offset += out.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(len(text) + 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for out in outs:
+            written = 0
+            for piece in out.pieces():
+                data = piece.contiguous().reshape(-1).view(torch.uint8).numpy()  # [bytes], no copy
+                f.write(data)
+                written += data.nbytes
+            if written != out.nbytes:
+                raise RuntimeError(f"{out.name}: produced {written} bytes, its header says {out.nbytes}")
+
+
+def _write_shards(directory: Path, outs: list[Out], metadata: dict[str, str], max_shard_size: int,
+                  total_parameters: int) -> list[str]:
+    """Shards of at most `max_shard_size` bytes (a larger tensor gets its own), an index when there are several."""
+    shards: list[list[Out]] = [[]]
+    for out in outs:
+        if shards[-1] and sum(o.nbytes for o in shards[-1]) + out.nbytes > max_shard_size:
+            shards.append([])
+        shards[-1].append(out)
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        shard.sort(key=lambda o: (-_ITEMSIZE[o.dtype], o.name))
+        _write_safetensors(directory / name, shard, metadata)
+    if len(shards) > 1:
+        index = {"metadata": {"total_parameters": total_parameters, "total_size": sum(o.nbytes for o in outs)},
+                 "weight_map": {o.name: name for name, shard in zip(names, shards) for o in shard}}
+        (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+def _is_within(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def prune_checkpoint(src: str | Path, plan: PruningPlan, dst: str | Path,
+                     max_shard_size: int | str | None = None) -> Path:
+    """Write `plan` applied to the checkpoint in `src` to `dst`, as `fmoe.prune` + `fmoe.save_pretrained` would,
+    without loading the model (see the module docstring for the memory bound). Shards hold at most
+    `max_shard_size` bytes (default: the largest source shard); tokenizer files are copied along. `dst` is
+    replaced only once complete; on any error it is left as it was."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    src, dst = Path(src), Path(dst)
+    if _is_within(dst, src) or _is_within(src, dst):
+        raise ValueError(f"the output {dst} must lie outside the checkpoint {src} (and not contain it)")
+    source, config, model, view = _open(src)
+    widths = {name: expert_widths(m) for name, m in find_experts(model).items()}
+    check_plan(plan, widths, checkpoint_fingerprint(view, model))
+    pruned_model = meta_model(copy.deepcopy(config))
+    apply_widths(pruned_model, plan.keep)  # the pruned model: shapes, layout, config fields (widths, width field)
+    stock = is_stock_loadable(pruned_model)
+    outs, metadata = _outputs(view, model, pruned_model, plan.keep, stock)
+    limit = convert_file_size_to_int(max_shard_size) if max_shard_size is not None else \
+        max((source.directory / f).stat().st_size for f in source.files)
+    first = next(n for n, _ in pruned_model.named_parameters())  # save_pretrained records the first one's dtype
+    dtype = _TORCH_DTYPE[Pruned(view, model, plan.keep).dtype(first)]
+    unique = sum(p.numel() for p in pruned_model.parameters())
+    with atomic_directory(dst) as tmp:
+        _write_shards(tmp, outs, metadata, limit, unique)
+        source._close()
+        _write_config(pruned_model, source.directory, tmp, stock, dtype)
+        for pattern in _CARRIED:
+            for path in source.directory.glob(pattern):
+                if path.is_file():
+                    shutil.copy2(path, tmp / path.name)
+    return dst
+
+
+_TORCH_DTYPE = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _write_config(model, src: Path, directory: Path, stock: bool, dtype: torch.dtype) -> None:
+    """config.json as `fmoe.save_pretrained` writes it (and generation_config.json, as transformers does)."""
+    config = model.config
+    config.dtype = dtype
+    setattr(config, FORMAT_FIELD, "stock" if stock else "fused")
+    if stock:
+        config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    if stock and model.can_generate():
+        generation = GenerationConfig.from_pretrained(src) if (src / "generation_config.json").is_file() \
+            else GenerationConfig.from_model_config(config)
+        generation.save_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """fmoe prune-checkpoint SRC --plan PLAN --out DST [--max-shard-size 5GB]"""
+    parser = argparse.ArgumentParser(prog="fmoe prune-checkpoint",
+                                     description="apply a pruning plan to a safetensors checkpoint without loading it")
+    parser.add_argument("src", help="model directory (config.json + model.safetensors or a sharded index)")
+    parser.add_argument("--plan", required=True, help="plan JSON (PruningPlan.save)")
+    parser.add_argument("--out", required=True, help="output directory (replaced once complete)")
+    parser.add_argument("--max-shard-size", default=None, help="e.g. 5GB (default: the largest source shard)")
+    args = parser.parse_args(argv)
+    out = prune_checkpoint(args.src, PruningPlan.load(args.plan), args.out, args.max_shard_size)
+    print(f"wrote {out}")

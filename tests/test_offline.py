@@ -1,0 +1,258 @@
+"""Out-of-core pruning and scoring (fmoe.offline): checkpoint in, checkpoint out, equal to prune + save_pretrained."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import fmoe
+import fmoe.cli
+import fmoe.offline
+from fmoe.experts import slice_expert, width_buckets
+from fmoe.prune import apply_widths
+from fmoe.tiny import tiny_config, tiny_model
+
+SHARD = "20KB"  # the tiny models (~400 KB) save as a dozen shards
+
+
+def tensors(directory) -> dict[str, torch.Tensor]:
+    """The union of the tensors of every safetensors file in `directory` (names must not repeat)."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), "pt") as f:
+                for key in f.keys():
+                    assert key not in out, f"{key} written twice"
+                    out[key] = f.get_tensor(key)
+    return out
+
+
+def assert_same(expected: dict, got: dict) -> None:
+    assert sorted(expected) == sorted(got)
+    for k in expected:
+        assert expected[k].dtype == got[k].dtype and torch.equal(expected[k], got[k]), k
+
+
+def buckets_landed() -> bool:
+    """Does RaggedExperts store width buckets (`buckets.{b}.gate_up_proj`), the layout prune_checkpoint writes?"""
+    model = fmoe.offline.meta_model(tiny_config("olmoe"))
+    apply_widths(model, {"model.layers.0.mlp.experts": [torch.arange(w) for w in (16, 32, 16, 8)]})
+    return any(".buckets." in k for k in model.state_dict())
+
+
+BUCKETS = buckets_landed()
+needs_buckets = pytest.mark.xfail(not BUCKETS, strict=False,
+                                  reason="RaggedExperts does not store width buckets yet (fmoe/experts.py)")
+
+
+def source(tmp_path, family, **overrides):
+    """A sharded checkpoint as transformers writes it (per-expert tensors for most families)."""
+    tiny_model(family, **overrides).save_pretrained(tmp_path / "src", max_shard_size=SHARD)
+    assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
+    return tmp_path / "src"
+
+
+def plan_for(src, scope):
+    scores = fmoe.score_checkpoint(src, method="magnitude")
+    return fmoe.make_plan(scores, 0.5, scope, multiple_of=16 if scope == "expert" else 1)
+
+
+def bucket_state(src, plan) -> dict[str, torch.Tensor]:
+    """What a pruned model stores, with ragged experts as width buckets (the spec, built from the loaded model)."""
+    original, pruned = fmoe.from_pretrained(src), fmoe.prune(fmoe.from_pretrained(src), plan)
+    ragged = [n for n, m in fmoe.find_experts(pruned).items() if isinstance(m, fmoe.RaggedExperts)]
+    state = {k: v for k, v in pruned.state_dict().items() if not any(k.startswith(f"{n}.") for n in ragged)}
+    modules = fmoe.find_experts(original)
+    for n in ragged:
+        for b, (_, experts) in enumerate(width_buckets([len(k) for k in plan.keep[n]])):
+            cuts = [slice_expert(modules[n], e, plan.keep[n][e]) for e in experts]
+            state.update({f"{n}.buckets.{b}.{p}": torch.stack([c[p] for c in cuts]) for p in cuts[0]})
+    return state
+
+
+CASES = [(f, s) for f in ("qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss", "olmoe") for s in ("expert", "layer")]
+
+
+@pytest.mark.parametrize("family,scope", [pytest.param(f, s, marks=needs_buckets if s == "layer" else ())
+                                          for f, s in CASES])
+def test_output_equals_prune_then_save_pretrained(tmp_path, family, scope):
+    src = source(tmp_path, family)
+    plan = plan_for(src, scope)
+    fmoe.prune_checkpoint(src, plan, tmp_path / "out", max_shard_size=SHARD)
+    model = fmoe.prune(fmoe.from_pretrained(src), plan)
+    fmoe.save_pretrained(model, tmp_path / "ref")
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # sharded output
+    assert_same(tensors(tmp_path / "ref"), tensors(tmp_path / "out"))
+    for name in ("config.json", "generation_config.json"):
+        ref = tmp_path / "ref" / name
+        assert (tmp_path / "out" / name).is_file() == ref.is_file()
+        if ref.is_file():
+            assert json.loads((tmp_path / "out" / name).read_text()) == json.loads(ref.read_text())
+    ids = torch.randint(3, 128, (2, 9))
+    expected = model(input_ids=ids).logits
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    if config["fmoe_format"] == "stock":  # uniform, and the family's width field describes it
+        assert plan.is_uniform()
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    else:
+        loaded = fmoe.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])  # fused transposed interleaved + biases; per-expert w1/w3
+def test_ragged_output_stores_width_buckets(tmp_path, family):
+    src = source(tmp_path, family)
+    plan = plan_for(src, "layer")
+    assert not plan.is_uniform()
+    fmoe.prune_checkpoint(src, plan, tmp_path / "out")
+    assert_same(bucket_state(src, plan), tensors(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["fmoe_format"] == "fused" and config["fmoe_expert_widths"] == plan.kept_widths()
+
+
+@needs_buckets
+def test_ragged_output_loads_with_fmoe(tmp_path):
+    src = source(tmp_path, "qwen2_moe")
+    plan = plan_for(src, "layer")
+    fmoe.prune_checkpoint(src, plan, tmp_path / "out", max_shard_size="1GB")  # one file
+    model = fmoe.prune(fmoe.from_pretrained(src), plan)
+    ids = torch.randint(3, 128, (2, 9))
+    assert torch.equal(fmoe.from_pretrained(tmp_path / "out")(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family", fmoe.tiny.FAMILIES)
+def test_data_free_scores_equal_those_of_the_loaded_model(tmp_path, family):
+    src = source(tmp_path, family)
+    model = fmoe.from_pretrained(src)
+    for method, seed in (("magnitude", 0), ("random", 3)):
+        expected, got = fmoe.score(model, method=method, seed=seed), fmoe.score_checkpoint(src, method, seed=seed)
+        assert got.fingerprint == expected.fingerprint == fmoe.fingerprint(model)
+        assert_same(expected.tensors, got.tensors)
+        assert got.meta == expected.meta
+
+
+def test_sources_in_the_models_own_layout_tied_and_bf16(tmp_path):
+    """fmoe's fused format as a source (model state-dict names), tied embeddings, bf16: the same output."""
+    fmoe.save_pretrained(tiny_model("deepseek_v2", tie_word_embeddings=True), tmp_path / "fused")  # unpruned
+    tiny_model("qwen3_moe", tie_word_embeddings=True).to(torch.bfloat16).save_pretrained(tmp_path / "stock",
+                                                                                          max_shard_size=SHARD)
+    for src in (tmp_path / "fused", tmp_path / "stock"):
+        plan = plan_for(src, "expert")
+        fmoe.prune_checkpoint(src, plan, tmp_path / "out")
+        fmoe.save_pretrained(fmoe.prune(fmoe.from_pretrained(src), plan), tmp_path / "ref")
+        assert_same(tensors(tmp_path / "ref"), tensors(tmp_path / "out"))
+    assert tensors(tmp_path / "out")["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+def test_cli_prune_checkpoint(tmp_path, capsys):
+    src = source(tmp_path, "olmoe")
+    plan = plan_for(src, "expert")
+    plan.save(tmp_path / "plan.json")
+    fmoe.cli.main(["prune-checkpoint", str(src), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "a"),
+                   "--max-shard-size", SHARD])
+    assert "wrote" in capsys.readouterr().out
+    fmoe.prune_checkpoint(src, plan, tmp_path / "b", max_shard_size=SHARD)
+    assert_same(tensors(tmp_path / "b"), tensors(tmp_path / "a"))
+    assert "prune-checkpoint" in fmoe.cli.usage()
+
+
+def children(path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path):
+    src = source(tmp_path, "mixtral")
+    plan = plan_for(src, "expert")
+    other = tmp_path / "other"
+    tiny_model("mixtral", seed=1).save_pretrained(other)
+    wider = tmp_path / "wider"
+    tiny_model("mixtral", intermediate_size=48).save_pretrained(wider)
+    before = children(tmp_path)
+    with pytest.raises(ValueError, match="scores of another model"):
+        fmoe.prune_checkpoint(other, plan, tmp_path / "out")
+    with pytest.raises(ValueError, match="plan does not fit this model"):
+        fmoe.prune_checkpoint(wider, plan, tmp_path / "out")
+    with pytest.raises(ValueError, match="must lie outside"):
+        fmoe.prune_checkpoint(src, plan, src / "pruned")
+    with pytest.raises(ValueError, match="score_checkpoint computes the data-free methods"):
+        fmoe.score_checkpoint(src, "fisher")
+    assert children(tmp_path) == before and not (src / "pruned").exists()
+    (src / "model.safetensors.index.json").rename(tmp_path / "index.json")
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+        fmoe.prune_checkpoint(src, plan, tmp_path / "out")
+    index = json.loads((tmp_path / "index.json").read_text())
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    first = sorted(set(index["weight_map"].values()))[0]
+    (src / first).rename(tmp_path / first)
+    with pytest.raises(FileNotFoundError, match=f"lists shards that are missing.*{first}"):
+        fmoe.prune_checkpoint(src, plan, tmp_path / "out")
+    (tmp_path / first).rename(src / first)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_while_writing_keeps_the_previous_output(tmp_path, monkeypatch):
+    src = source(tmp_path, "qwen2_moe")
+    plan = plan_for(src, "expert")
+    fmoe.prune_checkpoint(src, plan, tmp_path / "out")
+    before = tensors(tmp_path / "out")
+    calls = []
+
+    def failing(self, key):
+        calls.append(key)
+        if len(calls) > 5:
+            raise OSError("disk full")
+        return safe_open(str(self.directory / self.file_of[key]), "pt").get_tensor(key)
+
+    monkeypatch.setattr(fmoe.offline.Source, "tensor", failing)
+    with pytest.raises(OSError, match="disk full"):
+        fmoe.prune_checkpoint(src, fmoe.make_plan(fmoe.score_checkpoint(src), 0.75, "expert"), tmp_path / "out")
+    assert_same(before, tensors(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary directory left
+
+
+_PEAK = textwrap.dedent("""
+    import json, sys
+    import fmoe
+    src, plan, dst = sys.argv[1:]
+    plan = fmoe.PruningPlan.load(plan)
+    def status(field):
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+    fmoe.prune_checkpoint(src, plan, dst + ".warm")  # imports, code pages, lazy state: fixed costs, not data
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    start = status("VmRSS")
+    fmoe.prune_checkpoint(src, plan, dst)
+    print(json.dumps({"growth": status("VmHWM") - start}))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_is_one_shard_and_one_tensor(tmp_path):
+    """Peak resident growth while pruning <= largest source shard + largest tensor + 4 MiB (two meta models, the
+    key tables, interpreter objects), on a checkpoint several times that bound: the model is never held.
+
+    glibc's mmap threshold is pinned at 64 KiB: by default it adapts up to 32 MiB, so freed tensors of a few MiB
+    stay in its heap and the measure would show the allocator's retention, not the program's (tensors of real
+    models, above 32 MiB, are mapped and unmapped anyway)."""
+    model = tiny_model("qwen2_moe", hidden_size=256, intermediate_size=256, moe_intermediate_size=512,
+                       shared_expert_intermediate_size=256, num_experts=8, num_hidden_layers=4, vocab_size=512)
+    model.save_pretrained(tmp_path / "src", max_shard_size="4MB")
+    plan = fmoe.make_plan(fmoe.score_checkpoint(tmp_path / "src"), 0.5, "expert")
+    plan.save(tmp_path / "plan.json")
+    shards = [p.stat().st_size for p in (tmp_path / "src").glob("*.safetensors")]
+    largest_tensor = max(t.numel() * t.element_size() for t in tensors(tmp_path / "src").values())
+    bound = max(shards) + largest_tensor + 4 * 2**20
+    assert sum(shards) > 3 * bound  # holding the checkpoint would break the bound
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    run = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "src"), str(tmp_path / "plan.json"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    growth = json.loads(run.stdout.strip().splitlines()[-1])["growth"]
+    assert growth <= bound, f"peak grew by {growth / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
+    fmoe.save_pretrained(fmoe.prune(fmoe.from_pretrained(tmp_path / "src"), plan), tmp_path / "ref")
+    assert_same(tensors(tmp_path / "ref"), tensors(tmp_path / "out"))
