@@ -46,7 +46,6 @@ import copy
 import dataclasses
 import ctypes
 import gc
-import inspect
 import math
 import statistics
 import sys
@@ -289,14 +288,9 @@ def synthetic_scores(model, skew: float, seed: int = 0) -> fmoe.Scores:
     return fmoe.Scores(tensors, "random", fmoe.fingerprint(model), 1, 1, {})
 
 
-def plan_for(scores: fmoe.Scores, scope: str, max_widths: int | None = None) -> fmoe.PruningPlan:
-    """A plan removing RATIO of routed dims; `max_widths` (distinct widths per layer) where make_plan offers it."""
-    kwargs = {}
-    if scope == "layer" and max_widths is not None:
-        if "max_widths" not in inspect.signature(fmoe.make_plan).parameters:
-            raise SystemExit("--max-widths: this fmoe's make_plan has no max_widths option")
-        kwargs["max_widths"] = max_widths
-    return fmoe.make_plan(scores, RATIO, scope, **kwargs)
+def plan_for(scores: fmoe.Scores, scope: str, max_widths: int) -> fmoe.PruningPlan:
+    """A plan removing RATIO of routed dims, at most `max_widths` distinct widths per layer (0: unbounded)."""
+    return fmoe.make_plan(scores, RATIO, scope, max_widths=max_widths or None)
 
 
 def on_device(plan: fmoe.PruningPlan, device: torch.device) -> fmoe.PruningPlan:
@@ -375,8 +369,7 @@ def main():
     p.add_argument("--cache-len", type=int, default=512, help="KV cache length for decode")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skew", type=float, default=0.5, help="spread of the per-expert factor of synthetic scores")
-    p.add_argument("--max-widths", type=int, default=None,
-                   help="layer scope: make_plan's max_widths (where this fmoe has it)")
+    p.add_argument("--max-widths", type=int, default=4, help="layer scope: make_plan's max_widths (0: unbounded)")
     p.add_argument("--plan-layers", type=int, default=1, help="real layers pruned to time prune")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="toy preset, small batches (< 1 min on CPU)")

@@ -44,7 +44,7 @@ from .compat import is_stock_loadable
 from .experts import RaggedExperts, expert_widths, find_experts, fingerprint_of, slice_expert, width_buckets
 from .io import atomic_directory
 from .plan import PruningPlan
-from .prune import WIDTHS_FIELD, apply_widths
+from .prune import WIDTHS_FIELD, apply_widths, check_plan_fits
 from .scores import Scores
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -281,7 +281,7 @@ def _open(src: str | Path):
 
 def score_checkpoint(src: str | Path, method: str = "magnitude", seed: int = 0) -> Scores:
     """`fmoe.score(model, method=...)` for the data-free methods, from the checkpoint's tensors (no model, no data)."""
-    from .scoring import _magnitude, _random
+    from .scoring import magnitude_scores, random_scores
 
     if method not in ("magnitude", "random"):
         raise ValueError(f"score_checkpoint computes the data-free methods 'magnitude' and 'random', not {method!r}; "
@@ -290,10 +290,10 @@ def score_checkpoint(src: str | Path, method: str = "magnitude", seed: int = 0) 
     modules = find_experts(model)
     meta = {"model_type": config.model_type}
     if method == "random":
-        tensors = _random(modules, seed)  # shapes only
+        tensors = random_scores(modules, seed)  # shapes only
         meta["seed"] = seed
     else:  # one expert at a time: each expert's norms depend on its own weights only
-        tensors = {name: torch.cat([_magnitude({name: view.expert_params(name, m, e)})[name]
+        tensors = {name: torch.cat([magnitude_scores({name: view.expert_params(name, m, e)})[name]
                                     for e in range(len(expert_widths(m)))]) for name, m in modules.items()}
     return Scores(tensors, method, checkpoint_fingerprint(view, model), meta=meta)
 
@@ -315,21 +315,6 @@ class Out:
         if self.dtype not in _ITEMSIZE:
             raise ValueError(f"{self.name}: dtype {self.dtype} is not supported (quantized checkpoints are not read)")
         return _ITEMSIZE[self.dtype] * int(torch.Size(self.shape).numel())
-
-
-def check_plan(plan: PruningPlan, widths: dict[str, list[int]], fp: str) -> None:
-    """The checks of `fmoe.prune` (same messages), against a checkpoint's widths and fingerprint."""
-    if plan.widths != widths:
-        first = next(iter(widths.items()), None)
-        raise ValueError(f"plan does not fit this model: it was made for experts {len(plan.widths)} modules, e.g. "
-                         f"{next(iter(plan.widths.items()), None)}, the model has {len(widths)} modules, e.g. {first}")
-    if plan.fingerprint != fp:
-        raise ValueError(f"plan was made from scores of another model (fingerprint {plan.fingerprint} != {fp})")
-    for name, keeps in plan.keep.items():
-        for e, keep in enumerate(keeps):
-            ok = keep.numel() > 0 and keep.min() >= 0 and keep.max() < widths[name][e] and bool((keep.diff() > 0).all())
-            if not ok:
-                raise ValueError(f"plan keeps invalid dims for {name} expert {e}: need ascending, unique, in range")
 
 
 class Pruned:
@@ -477,7 +462,7 @@ def prune_checkpoint(src: str | Path, plan: PruningPlan, dst: str | Path,
         raise ValueError(f"the output {dst} must lie outside the checkpoint {src} (and not contain it)")
     source, config, model, view = _open(src)
     widths = {name: expert_widths(m) for name, m in find_experts(model).items()}
-    check_plan(plan, widths, checkpoint_fingerprint(view, model))
+    check_plan_fits(plan, widths, checkpoint_fingerprint(view, model))
     pruned_model = meta_model(copy.deepcopy(config))
     apply_widths(pruned_model, plan.keep)  # the pruned model: shapes, layout, config fields (widths, width field)
     stock = is_stock_loadable(pruned_model)

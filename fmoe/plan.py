@@ -92,7 +92,8 @@ def allocate(targets: list[float], fulls: list[int], budget: int, multiple_of: i
 
 
 HILL_CLIMB_ROUNDS = 4  # level moves tried after the search (each round: 4 x max_widths knapsacks)
-CLIMB_STARTS = 2  # level sets the moves start from
+CLIMB_STARTS = 1  # level sets the moves start from
+PRICE_STEPS = 20  # bisection steps of the price per dim
 _MAX_LEVEL_CANDIDATES = 192  # finer width grids are searched on a coarser grid of levels
 
 
@@ -125,16 +126,21 @@ def limit_widths(scores: torch.Tensor, widths: list[int], max_widths: int, multi
             tried[key] = _assign(mass, levels, unit, budget)
         return tried[key]
 
-    low, high = 0.0, float(scores.double().max()) + 1.0  # price per dim: 0 keeps everything, high keeps the least
-    for _ in range(16):
-        price = (low + high) / 2
-        levels = _best_levels(mass, candidates, price, max_widths)
-        assign(levels)
-        chosen = sum(max(levels, key=lambda w, e=e: float(mass[e, w]) - price * w) for e in range(n_exp))
-        if chosen // unit > budget:
-            low = price
-        else:
-            high = price
+    ordered = sorted(widths)  # a start near the budget whatever the prices give: levels at quantiles of `widths`
+    assign(sorted({min(grid, key=lambda w: abs(w - ordered[int((i + 0.5) * n_exp / max_widths)]))
+                   for i in range(max_widths)}))
+    top = float(scores.double().max())
+    if top > 0:  # scores span many decades: bisect the price per dim geometrically, from top * 1e-12 to top
+        low, high = math.log(top) - 12 * math.log(10), math.log(top)
+        for _ in range(PRICE_STEPS):
+            price = math.exp((low + high) / 2)
+            levels = _best_levels(mass, candidates, price, max_widths)
+            assign(levels)
+            chosen = sum(max(levels, key=lambda w, e=e: float(mass[e, w]) - price * w) for e in range(n_exp))
+            if chosen // unit > budget:
+                low = (low + high) / 2
+            else:
+                high = (low + high) / 2
     # from the best few level sets found, move one level by one or two units while the kept mass grows
     ranked = sorted(tried, key=lambda k: (tried[k][0], -tried[k][1]))
     results = [_climb(list(start), assign, unit, lowest, full) for start in ranked[:CLIMB_STARTS]]

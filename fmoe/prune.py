@@ -18,20 +18,23 @@ WIDTHS_FIELD = "fmoe_expert_widths"  # config field: {module name: [width per ex
 def check_plan(model: nn.Module, plan: PruningPlan) -> dict[str, nn.Module]:
     """The model's experts modules, after checking the plan was made for exactly this model."""
     modules = find_experts(model)
-    widths = {name: expert_widths(m) for name, m in modules.items()}
+    check_plan_fits(plan, {name: expert_widths(m) for name, m in modules.items()}, fingerprint(model))
+    return modules
+
+
+def check_plan_fits(plan: PruningPlan, widths: dict[str, list[int]], fp: str) -> None:
+    """The plan was made for experts of these widths and this fingerprint, and keeps valid dims (no model needed)."""
     if plan.widths != widths:
         raise ValueError(
             "plan does not fit this model: it was made for experts "
             f"{_summary(plan.widths)}, the model has {_summary(widths)}"
         )
-    fp = fingerprint(model)
     if plan.fingerprint != fp:
         raise ValueError(f"plan was made from scores of another model (fingerprint {plan.fingerprint} != {fp})")
     for name, keeps in plan.keep.items():
         for e, keep in enumerate(keeps):
             if keep.numel() == 0 or keep.min() < 0 or keep.max() >= widths[name][e] or not bool((keep.diff() > 0).all()):
                 raise ValueError(f"plan keeps invalid dims for {name} expert {e}: need ascending, unique, in range")
-    return modules
 
 
 def _summary(widths: dict[str, list[int]]) -> str:

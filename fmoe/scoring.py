@@ -209,7 +209,7 @@ def _masked_zero(modules, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def _magnitude(modules) -> dict[str, torch.Tensor]:
+def magnitude_scores(modules) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in modules.items():
         norms = _per_dim(m, getattr(m, up_name(m)).detach().float(), m.down_proj.detach().float(),
@@ -218,7 +218,7 @@ def _magnitude(modules) -> dict[str, torch.Tensor]:
     return out
 
 
-def _random(modules, seed: int) -> dict[str, torch.Tensor]:
+def random_scores(modules, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {n: torch.rand(num_experts(m), expert_widths(m)[0], generator=gen) for n, m in sorted(modules.items())}
 
@@ -427,9 +427,9 @@ def score(
     meta = {"model_type": getattr(model.config, "model_type", None)}
     fp = fingerprint(model)
     if method == "magnitude":
-        return Scores(_masked_zero(modules, _magnitude(modules)), method, fp, meta=meta)
+        return Scores(_masked_zero(modules, magnitude_scores(modules)), method, fp, meta=meta)
     if method == "random":
-        return Scores(_masked_zero(modules, _random(modules, seed)), method, fp, meta={**meta, "seed": seed})
+        return Scores(_masked_zero(modules, random_scores(modules, seed)), method, fp, meta={**meta, "seed": seed})
     if batches is None:
         raise ValueError(f"method {method!r} needs calibration batches")
     progress = sys.stderr.isatty() if progress is None else progress

@@ -39,18 +39,6 @@ def assert_same(expected: dict, got: dict) -> None:
         assert expected[k].dtype == got[k].dtype and torch.equal(expected[k], got[k]), k
 
 
-def buckets_landed() -> bool:
-    """Does RaggedExperts store width buckets (`buckets.{b}.gate_up_proj`), the layout prune_checkpoint writes?"""
-    model = fmoe.offline.meta_model(tiny_config("olmoe"))
-    apply_widths(model, {"model.layers.0.mlp.experts": [torch.arange(w) for w in (16, 32, 16, 8)]})
-    return any(".buckets." in k for k in model.state_dict())
-
-
-BUCKETS = buckets_landed()
-needs_buckets = pytest.mark.xfail(not BUCKETS, strict=False,
-                                  reason="RaggedExperts does not store width buckets yet (fmoe/experts.py)")
-
-
 def source(tmp_path, family, **overrides):
     """A sharded checkpoint as transformers writes it (per-expert tensors for most families)."""
     tiny_model(family, **overrides).save_pretrained(tmp_path / "src", max_shard_size=SHARD)
@@ -79,8 +67,7 @@ def bucket_state(src, plan) -> dict[str, torch.Tensor]:
 CASES = [(f, s) for f in ("qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss", "olmoe") for s in ("expert", "layer")]
 
 
-@pytest.mark.parametrize("family,scope", [pytest.param(f, s, marks=needs_buckets if s == "layer" else ())
-                                          for f, s in CASES])
+@pytest.mark.parametrize("family,scope", CASES)
 def test_output_equals_prune_then_save_pretrained(tmp_path, family, scope):
     src = source(tmp_path, family)
     plan = plan_for(src, scope)
@@ -116,7 +103,6 @@ def test_ragged_output_stores_width_buckets(tmp_path, family):
     assert config["fmoe_format"] == "fused" and config["fmoe_expert_widths"] == plan.kept_widths()
 
 
-@needs_buckets
 def test_ragged_output_loads_with_fmoe(tmp_path):
     src = source(tmp_path, "qwen2_moe")
     plan = plan_for(src, "layer")

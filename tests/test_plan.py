@@ -130,3 +130,49 @@ def test_budget_holds_when_full_widths_are_not_multiples():
     plan = fmoe.make_plan(scores, 0.3, "layer", multiple_of=64)  # widths 64 or the full 100
     assert all(w in (64, 100) for w in plan.kept_widths()["m"])
     assert abs(sum(plan.kept_widths()["m"]) - 700) <= 32
+
+
+def kept_mass(scores, plan):
+    return sum(float(scores.tensors[n][e, k].double().sum()) for n, ks in plan.keep.items() for e, k in enumerate(ks))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_max_widths_bounds_distinct_widths_per_layer_at_the_same_budget(scope):
+    scores = qwen_shaped_scores()
+    free = fmoe.make_plan(scores, 0.5, scope, max_widths=None)
+    assert max(len(set(ws)) for ws in free.kept_widths().values()) > 4  # the bound has something to do
+    uniform = fmoe.make_plan(scores, 0.5, "expert")
+    for bound in (1, 2, 4):
+        plan = fmoe.make_plan(scores, 0.5, scope, max_widths=bound)
+        for name, ws in plan.kept_widths().items():
+            assert len(set(ws)) <= bound and all(w % 16 == 0 for w in ws)
+            target = sum(free.kept_widths()[name])  # each layer keeps what the unbounded plan keeps: exactly, or
+            assert abs(sum(ws) - target) <= (60 * 16 // 2 if bound == 1 else 0)  # as near as one width allows
+            for e, keep in enumerate(plan.keep[name]):  # and each expert its top-w dims
+                assert torch.equal(keep, torch.sort(scores.tensors[name][e].topk(ws[e]).indices).values)
+        assert kept_mass(scores, free) >= kept_mass(scores, plan)
+        if bound > 1 and scope == "layer":  # choosing widths per expert beats one width for all
+            assert kept_mass(scores, plan) > kept_mass(scores, uniform)
+    assert plan.meta["max_widths"] == 4
+
+
+def test_width_levels_are_assigned_optimally_under_the_exact_budget():
+    """The knapsack step against brute force: given levels, the best assignment at exactly the budget."""
+    import itertools
+
+    from fmoe.plan import _assign
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(5, 8, generator=gen) ** 4 * torch.rand(5, 1, generator=gen)
+    mass = torch.cat([torch.zeros(5, 1, dtype=torch.float64),
+                      torch.sort(scores.double(), dim=1, descending=True).values.cumsum(1)], dim=1)
+    for levels in ([2, 7], [1, 4, 6], [3, 5]):
+        gap, kept, widths = _assign(mass, levels, 1, 20)
+        options = [(sum(float(mass[e, w]) for e, w in enumerate(ws)), ws)
+                   for ws in itertools.product(levels, repeat=5) if sum(ws) == 20]
+        if not options:
+            assert gap > 0
+            continue
+        assert gap == 0 and sum(widths) == 20
+        assert kept == pytest.approx(max(options)[0], rel=1e-12)
+        assert kept == pytest.approx(sum(float(mass[e, w]) for e, w in enumerate(widths)), rel=1e-12)

@@ -116,14 +116,15 @@ class IntermediatePruning(L.Callback):
     """
 
     def __init__(self, amount: float = 0.5, scope: str = "layer", multiple_of: int = 16,
-                 min_width: int | None = None, normalize: str = "mean", save_dir: str | Path | None = None,
-                 verbose: bool = True, model_attr: str | None = None):
+                 min_width: int | None = None, normalize: str = "mean", max_widths: int | None = 4,
+                 save_dir: str | Path | None = None, verbose: bool = True, model_attr: str | None = None):
         if not 0 <= amount < 1:
             raise ValueError(f"amount must be in [0, 1), got {amount}")
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
         self.amount, self.scope, self.multiple_of, self.min_width = amount, scope, multiple_of, min_width
         self.normalize, self.save_dir, self.verbose, self.model_attr = normalize, save_dir, verbose, model_attr
+        self.max_widths = max_widths
         self.plan = None
 
     def setup(self, trainer, pl_module, stage):
@@ -149,7 +150,8 @@ class IntermediatePruning(L.Callback):
                             "which keeps the plain model to prune")
         before = weight_bytes(model)
         self.plan = make_plan(scores, self.amount, self.scope, multiple_of=self.multiple_of,
-                              min_width=self.min_width, normalize=self.normalize, model=model)
+                              min_width=self.min_width, normalize=self.normalize, max_widths=self.max_widths,
+                              model=model)
         prune(model, self.plan)
         directory = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:

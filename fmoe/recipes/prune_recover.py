@@ -52,6 +52,7 @@ class Prune:
     multiple_of: int = 16
     min_width: int | None = None
     normalize: str = "mean"
+    max_widths: int | None = 4  # distinct widths per layer (one grouped matmul each); null: unbounded
 
 
 @dataclass
