@@ -193,7 +193,8 @@ def experts_forward(
     n_exp, k = num_experts(module), top_k_index.shape[1]
     ragged = isinstance(module, RaggedExperts)
     flat = top_k_index.reshape(-1)  # [T*K]
-    key = module.bucket_order(flat.device)[flat.clamp(0, n_exp)] if ragged else flat  # bucket-major expert rank
+    ranks, bucket_ids = module.bucket_order(flat.device) if ragged else (None, None)
+    key = ranks[flat.clamp(0, n_exp)] if ragged else flat  # bucket-major expert rank
     sorted_key, order = torch.sort(key, stable=True)  # [S], S = T*K (sentinels last)
     tokens, slots = order // k, order % k
     weights = top_k_weights.reshape(-1)[order]  # [S]
@@ -213,9 +214,9 @@ def experts_forward(
         # need the same parameters in every rank's backward (they get zero gradients)
         if stop > start or (torch.is_grad_enabled() and any(p.requires_grad for p in bucket.parameters())):
             rows = slice(start, stop)
-            ids = torch.tensor(module.bucket_ids[b], device=flat.device)
-            routing = Routing(ids, sorted_key[rows] - rank0, (ends[rank0 : rank0 + size] - start).to(torch.int32),
-                              tokens[rows], slots[rows], weights[rows], None, b)  # sentinels rank after every bucket
+            offsets = (ends[rank0 : rank0 + size] - start).to(torch.int32)  # [G]
+            routing = Routing(bucket_ids[b], sorted_key[rows] - rank0, offsets, tokens[rows], slots[rows],
+                              weights[rows], None, b)  # no sentinel rows here: they rank after every bucket
             out.index_add_(0, tokens[rows], bucket(x[rows], routing, hooks).to(out.dtype))
         start, rank0 = stop, rank0 + size
     return out
@@ -287,13 +288,14 @@ class RaggedExperts(nn.Module):
             params = slice_experts(stock, ids, torch.stack([keep[e] for e in ids]))
             self.buckets.append(ExpertBucket(self, params, requires_grad))
 
-    def bucket_order(self, device: torch.device) -> torch.Tensor:
-        """[E + 1] rank of each expert in bucket-major order; a sentinel id (E) ranks last."""
+    def bucket_order(self, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """([E + 1] rank of each expert in bucket-major order, a sentinel id E last; each bucket's expert ids),
+        on `device` (made once per device)."""
         if device not in self._order:
             ranks = torch.empty(self.num_experts + 1, dtype=torch.long)
             ranks[torch.tensor([e for ids in self.bucket_ids for e in ids] + [self.num_experts])] = torch.arange(
                 self.num_experts + 1)
-            self._order[device] = ranks.to(device)
+            self._order[device] = ranks.to(device), [torch.tensor(ids, device=device) for ids in self.bucket_ids]
         return self._order[device]
 
     def _apply_gate(self, y: torch.Tensor) -> torch.Tensor:
