@@ -47,6 +47,9 @@ def _fmoe_experts(self, hidden_states, top_k_index, top_k_weights):
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _fmoe_experts)
 
 
+_GROUPED_MM = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
+
+
 def _aligned(t: torch.Tensor, matrix_dims: int) -> bool:
     """grouped_mm's requirement: base pointer, strides and the last `matrix_dims` sizes 16-byte aligned."""
     size = t.element_size()
@@ -62,10 +65,16 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     w = weight if transposed else weight.transpose(-2, -1)  # [G, in, out]
     x = x.to(w.dtype)
     if _aligned(x, 1) and _aligned(w, 2):
-        out = F.grouped_mm(x, w, offs=offsets)
+        out = _GROUPED_MM(x, w, offs=offsets)
     else:
         out = torch.ops.transformers.grouped_mm_fallback(x.contiguous(), w.contiguous(), offs=offsets)
     return out if bias is None else out + bias
+
+
+def peft_adapts_experts(module: nn.Module) -> bool:
+    """Can peft's `target_parameters` adapt this module's fused expert tensors? peft 0.21 treats a 3D parameter of
+    one expert as a 2D Linear weight, which only fits the untransposed layout (a width bucket holding one expert)."""
+    return not (module.is_transposed and module.down_proj.shape[0] == 1)
 
 
 def width_field(model_type: str) -> str | None:

@@ -313,6 +313,30 @@ def test_lora_targets_attention_shared_and_routed_experts_not_routers():
     assert not any(n.endswith(("mlp.gate", "lm_head", "shared_expert_gate")) for n in adapted)
 
 
+@pytest.mark.parametrize("family,widths", [("qwen2_moe", (8, 16, 24, 32)), ("gpt_oss", (8, 8, 32, 32))])
+def test_lora_adapts_every_width_bucket_and_merges_exactly(family, widths):
+    from peft import get_peft_model
+
+    from fmoe.lightning.recovery import lora_config
+    from fmoe.prune import apply_widths
+
+    model = tiny_model(family)
+    name = list(fmoe.find_experts(model))[1]
+    apply_widths(model, {name: [torch.arange(w) for w in widths]})
+    ids = torch.randint(3, 128, (2, 10))
+    before = model(input_ids=ids).logits
+    peft_model = get_peft_model(model, lora_config(model, r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n and ".buckets." in n:
+                p.normal_(0, 0.5)  # adapters that change every bucket
+    adapted = peft_model(input_ids=ids).logits
+    assert (adapted - before).abs().max() > 1e-3
+    merged = peft_model.merge_and_unload()
+    assert isinstance(fmoe.find_experts(merged)[name], fmoe.RaggedExperts)
+    torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
 def test_fisher_scoring_keeps_its_precision_in_a_long_accumulated_fit(tmp_path):
     """128 batches of 32 with accumulate_grad_batches=8: per-batch increments are tiny next to the running sums."""
     model = tiny_model("olmoe")

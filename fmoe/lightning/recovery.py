@@ -7,11 +7,14 @@ tensors of uniform modules, and of each width bucket of RaggedExperts. Routers a
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
+from ..compat import peft_adapts_experts
 from ..experts import find_experts, fused_parts, up_name
 from ..loss import mean_nll, prepare_batch, sequence_nll
 from ..tasks import exact_match
@@ -33,8 +36,14 @@ def lora_config(model: nn.Module, r: int = 16, alpha: int = 32, experts: bool = 
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
                and name.rsplit(".", 1)[-1] not in _NOT_ADAPTED
                and (experts or not any(name.startswith(f"{r}.") for r in routed))]
-    params = [".".join(filter(None, (name, part, p))) for name, m in routed.items() if experts
-              for part, holder in fused_parts(m).items() for p in (up_name(holder), "down_proj")]
+    holders = {".".join(filter(None, (name, part))): holder for name, m in routed.items() if experts
+               for part, holder in fused_parts(m).items()}
+    skipped = [name for name, holder in holders.items() if not peft_adapts_experts(holder)]
+    if skipped:
+        warnings.warn(f"LoRA leaves {len(skipped)} single-expert width buckets of transposed experts as they are "
+                      f"(e.g. {skipped[0]}): peft adapts a 3D parameter holding one expert as a 2D one", stacklevel=2)
+    params = [f"{name}.{p}" for name, holder in holders.items() if name not in skipped
+              for p in (up_name(holder), "down_proj")]
     # exact module names: peft matches list entries as name suffixes
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=linears,
                       target_parameters=params or None)
