@@ -173,7 +173,7 @@ def grouped_experts(module: nn.Module, x: torch.Tensor, routing: Routing, hooks=
     for hook in hooks:
         h = hook(routing, h)
     down_bias = module.down_proj_bias[routing.local] if module.has_bias else None
-    o = grouped_linear(real(h), module.down_proj, routing.offsets, down_bias, module.is_transposed)  # [S, H]
+    o = real(grouped_linear(real(h), module.down_proj, routing.offsets, down_bias, module.is_transposed))  # [S, H]
     if getattr(module, "has_post_expert_norm", False):
         o = module.post_expert_norm(o)
     return real(o * routing.weights[:, None].to(o.dtype))
@@ -280,8 +280,7 @@ class RaggedExperts(nn.Module):
         self.num_experts = len(keep)
         layout = width_buckets(self.widths)
         self.bucket_ids = [ids for _, ids in layout]
-        self.bucket_ends = [sum(len(ids) for ids in self.bucket_ids[: b + 1]) for b in range(len(layout))]
-        self._order: dict[torch.device, torch.Tensor] = {}
+        self._order: dict[torch.device, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         requires_grad = stock.down_proj.requires_grad
         self.buckets = nn.ModuleList()
         for _, ids in layout:
@@ -291,7 +290,7 @@ class RaggedExperts(nn.Module):
     def bucket_order(self, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """([E + 1] rank of each expert in bucket-major order, a sentinel id E last; each bucket's expert ids),
         on `device` (made once per device)."""
-        if device not in self._order:
+        if device not in self._order or self._order[device][0].device != device:  # (a module loaded elsewhere)
             ranks = torch.empty(self.num_experts + 1, dtype=torch.long)
             ranks[torch.tensor([e for ids in self.bucket_ids for e in ids] + [self.num_experts])] = torch.arange(
                 self.num_experts + 1)

@@ -92,7 +92,6 @@ def allocate(targets: list[float], fulls: list[int], budget: int, multiple_of: i
 
 
 HILL_CLIMB_ROUNDS = 4  # level moves tried after the search (each round: 4 x max_widths knapsacks)
-CLIMB_STARTS = 1  # level sets the moves start from
 PRICE_STEPS = 20  # bisection steps of the price per dim
 _MAX_LEVEL_CANDIDATES = 192  # finer width grids are searched on a coarser grid of levels
 
@@ -104,19 +103,19 @@ def limit_widths(scores: torch.Tensor, widths: list[int], max_widths: int, multi
     top-w scores) as it can. Levels: for a price per dim, the best level set is found exactly (each expert keeps
     mass - price x width, concave in its width, so a dynamic program over sorted levels solves it); the price is
     bisected towards the budget. Each expert then takes the level that maximises the layer's mass under the exact
-    budget (a knapsack over the levels, solved exactly), and levels move one unit at a time while that mass grows.
+    budget (a knapsack over the levels, solved exactly), and levels move along the width grid while that mass grows.
     Ragged experts run one grouped matmul per distinct width."""
     n_exp, full = scores.shape
     if len(set(widths)) <= max_widths:
         return widths
-    unit = multiple_of if full % multiple_of == 0 else 1
+    unit = math.gcd(multiple_of, full)  # every level is a multiple of it (multiples of multiple_of, or full)
     lowest = min(min_width, full)
     mass = torch.cat([torch.zeros(n_exp, 1, dtype=torch.float64),
                       torch.sort(scores.double(), dim=1, descending=True).values.cumsum(1)], dim=1)  # [E, I+1]
     budget = sum(widths) // unit
-    grid = sorted({w for w in range(unit, full + 1, unit) if w >= lowest} | {full})
+    grid = sorted({w for w in range(multiple_of, full + 1, multiple_of) if w >= lowest} | {full})  # level widths
     stride = max(1, math.ceil(len(grid) / _MAX_LEVEL_CANDIDATES))
-    candidates = torch.tensor(sorted(set(grid[::stride]) | {grid[-1]}))  # [C] widths a level may take
+    candidates = torch.tensor(sorted(set(grid[::stride]) | {grid[-1]}))  # [C] levels the price search considers
 
     tried: dict[tuple[int, ...], tuple[int, float, list[int]]] = {}
 
@@ -126,9 +125,14 @@ def limit_widths(scores: torch.Tensor, widths: list[int], max_widths: int, multi
             tried[key] = _assign(mass, levels, unit, budget)
         return tried[key]
 
-    ordered = sorted(widths)  # a start near the budget whatever the prices give: levels at quantiles of `widths`
+    # starts that reach the budget whatever the prices give: levels at quantiles of `widths`, and the two grid
+    # widths around the mean (two adjacent levels reach every total between them)
+    ordered = sorted(widths)
     assign(sorted({min(grid, key=lambda w: abs(w - ordered[int((i + 0.5) * n_exp / max_widths)]))
                    for i in range(max_widths)}))
+    below = max([w for w in grid if w * n_exp <= sum(widths)], default=grid[0])
+    if max_widths >= 2 and below != grid[-1]:
+        assign([below, grid[grid.index(below) + 1]])
     top = float(scores.double().max())
     if top > 0:  # scores span many decades: bisect the price per dim geometrically, from top * 1e-12 to top
         low, high = math.log(top) - 12 * math.log(10), math.log(top)
@@ -141,24 +145,22 @@ def limit_widths(scores: torch.Tensor, widths: list[int], max_widths: int, multi
                 low = (low + high) / 2
             else:
                 high = (low + high) / 2
-    # from the best few level sets found, move one level by one or two units while the kept mass grows
-    ranked = sorted(tried, key=lambda k: (tried[k][0], -tried[k][1]))
-    results = [_climb(list(start), assign, unit, lowest, full) for start in ranked[:CLIMB_STARTS]]
-    return min(results, key=lambda r: (r[0], -r[1]))[2]
-
-
-def _climb(levels: list[int], assign, unit: int, lowest: int, full: int) -> tuple[int, float, list[int]]:
+    # from the best level set found, move one level by one or two grid steps while the kept mass grows
+    levels = list(min(tried, key=lambda k: (tried[k][0], -tried[k][1])))
     gap, kept, assigned = assign(levels)
     for _ in range(HILL_CLIMB_ROUNDS):
-        trials = [sorted(set(levels[:i] + [w + d] + levels[i + 1:])) for i, w in enumerate(levels)
-                  for d in (-2 * unit, -unit, unit, 2 * unit) if lowest <= w + d <= full and w + d not in levels]
-        results = [(assign(trial), trial) for trial in trials]
-        (t_gap, t_kept, t_assigned), trial = max(results, key=lambda r: (-r[0][0], r[0][1]),
-                                                 default=((gap, kept, assigned), levels))
-        if (t_gap, -t_kept) >= (gap, -kept - 1e-12 * abs(kept)):
+        trials = []
+        for i, w in enumerate(levels):
+            for step in (-2, -1, 1, 2):
+                j = grid.index(w) + step
+                if 0 <= j < len(grid) and grid[j] not in levels:
+                    trials.append(sorted(levels[:i] + [grid[j]] + levels[i + 1:]))
+        best = max(trials, key=lambda t: (-assign(t)[0], assign(t)[1]), default=None)
+        if best is None or (assign(best)[0], -assign(best)[1]) >= (gap, -kept - 1e-12 * abs(kept)):
             break
-        gap, kept, assigned, levels = t_gap, t_kept, t_assigned, trial
-    return gap, kept, assigned
+        levels = best
+        gap, kept, assigned = assign(best)
+    return assigned
 
 
 def _best_levels(mass: torch.Tensor, candidates: torch.Tensor, price: float, max_levels: int) -> list[int]:

@@ -56,13 +56,16 @@ def test_grouped_forward_and_backward_match_the_loop(family, widths):
     module = cut(family, WIDTHS[widths])
     for routing, make in ROUTINGS.items():
         idx = make(7)
-        weights = torch.rand(idx.shape).masked_fill(idx >= 4, 0.0)  # sentinel slots carry no weight
+        weights = torch.rand(idx.shape).masked_fill(idx >= 4, 0.0).requires_grad_()  # sentinel slots: no weight
         hidden = torch.randn(idx.shape[0], 64, requires_grad=True)
         probe = torch.randn(idx.shape[0], 64)
         results = []
         for forward in (experts_forward, loop_forward):
+            junk = [torch.full((2 * len(idx), 64), float("nan")) for _ in range(8)]
+            del junk  # freed NaN blocks: memory grouped_mm leaves uninitialised would hold NaN, not zeros
             out = forward(module, hidden, idx, weights)
-            grads = torch.autograd.grad((out * probe).sum(), [hidden, *module.parameters()], allow_unused=True)
+            grads = torch.autograd.grad((out * probe).sum(), [hidden, weights, *module.parameters()],
+                                        allow_unused=True)  # router gradients too: finite on sentinel slots
             results.append((out, grads))
         (got, got_grads), (expected, expected_grads) = results
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=routing)

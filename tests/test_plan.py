@@ -176,3 +176,18 @@ def test_width_levels_are_assigned_optimally_under_the_exact_budget():
         assert gap == 0 and sum(widths) == 20
         assert kept == pytest.approx(max(options)[0], rel=1e-12)
         assert kept == pytest.approx(sum(float(mass[e, w]) for e, w in enumerate(widths)), rel=1e-12)
+
+
+def test_max_widths_keeps_exact_budgets_and_the_width_grid_on_random_layers():
+    gen = torch.Generator().manual_seed(0)
+    for case in range(24):
+        experts, width = int(torch.randint(6, 41, (1,), generator=gen)), int(torch.randint(4, 24, (1,), generator=gen)) * 16
+        width += 4 * (case % 3 == 0)  # a full width off the grid: levels stay multiples of 16 (or the full width)
+        scores = Scores({"m": torch.rand(experts, width, generator=gen) ** 3
+                         * torch.rand(experts, 1, generator=gen)}, "fisher", "x")
+        ratio = (0.3, 0.6, 0.85)[case % 3]
+        free = fmoe.make_plan(scores, ratio, "layer", multiple_of=16, max_widths=None).kept_widths()["m"]
+        for bound in (2, 4):
+            widths = fmoe.make_plan(scores, ratio, "layer", multiple_of=16, max_widths=bound).kept_widths()["m"]
+            assert len(set(widths)) <= bound and sum(widths) == sum(free), (case, bound)
+            assert all(w % 16 == 0 or w == width for w in widths), (case, widths)
