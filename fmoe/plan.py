@@ -91,8 +91,8 @@ def allocate(targets: list[float], fulls: list[int], budget: int, multiple_of: i
             return widths
 
 
-HILL_CLIMB_ROUNDS = 4  # level moves tried after the search (each round: 4 x max_widths knapsacks)
-PRICE_STEPS = 20  # bisection steps of the price per dim
+HILL_CLIMB_ROUNDS = 6  # level moves tried after the search (each round: 4 x max_widths knapsacks)
+PRICE_STEPS = 12  # bisection steps of the price per dim
 _MAX_LEVEL_CANDIDATES = 192  # finer width grids are searched on a coarser grid of levels
 
 
@@ -125,14 +125,14 @@ def limit_widths(scores: torch.Tensor, widths: list[int], max_widths: int, multi
             tried[key] = _assign(mass, levels, unit, budget)
         return tried[key]
 
-    # starts that reach the budget whatever the prices give: levels at quantiles of `widths`, and the two grid
-    # widths around the mean (two adjacent levels reach every total between them)
+    # starts that reach the budget whatever the prices give: levels at quantiles of `widths`, and the best pair
     ordered = sorted(widths)
     assign(sorted({min(grid, key=lambda w: abs(w - ordered[int((i + 0.5) * n_exp / max_widths)]))
                    for i in range(max_widths)}))
-    below = max([w for w in grid if w * n_exp <= sum(widths)], default=grid[0])
-    if max_widths >= 2 and below != grid[-1]:
-        assign([below, grid[grid.index(below) + 1]])
+    if max_widths >= 2:  # the best pair of levels that meets the budget exactly, found by enumeration
+        pair = _best_pair(mass, grid, sum(widths))
+        if pair:
+            assign(pair)
     top = float(scores.double().max())
     if top > 0:  # scores span many decades: bisect the price per dim geometrically, from top * 1e-12 to top
         low, high = math.log(top) - 12 * math.log(10), math.log(top)
@@ -145,8 +145,14 @@ def limit_widths(scores: torch.Tensor, widths: list[int], max_widths: int, multi
                 low = (low + high) / 2
             else:
                 high = (low + high) / 2
-    # from the best level set found, move one level by one or two grid steps while the kept mass grows
-    levels = list(min(tried, key=lambda k: (tried[k][0], -tried[k][1])))
+    # from the best level set found and from the one keeping the most mass (if it misses the budget), move one level
+    # by one or two grid steps at a time while the result improves (budget first, then kept mass)
+    starts = {min(tried, key=lambda k: (tried[k][0], -tried[k][1])), max(tried, key=lambda k: tried[k][1])}
+    results = [_climb(list(start), assign, grid) for start in sorted(starts)]
+    return min(results, key=lambda r: (r[0], -r[1]))[2]
+
+
+def _climb(levels: list[int], assign, grid: list[int]) -> tuple[int, float, list[int]]:
     gap, kept, assigned = assign(levels)
     for _ in range(HILL_CLIMB_ROUNDS):
         trials = []
@@ -160,28 +166,47 @@ def limit_widths(scores: torch.Tensor, widths: list[int], max_widths: int, multi
             break
         levels = best
         gap, kept, assigned = assign(best)
-    return assigned
+    return gap, kept, assigned
+
+
+def _best_pair(mass: torch.Tensor, grid: list[int], total: int) -> list[int] | None:
+    """The two widths of `grid` that keep the most mass (mass [E, I+1]) with experts' widths summing exactly to
+    `total`: for levels a < b, n = (total - E a) / (b - a) experts take b, those that gain most from it."""
+    n_exp = mass.shape[0]
+    at = mass[:, grid].numpy()  # [E, C]
+    best, best_value = None, -math.inf
+    for i, a in enumerate(grid):
+        for j in range(i + 1, len(grid)):
+            n, rest = divmod(total - n_exp * a, grid[j] - a)
+            if rest or not 0 < n < n_exp:
+                continue
+            gain = at[:, j] - at[:, i]  # [E]
+            value = at[:, i].sum() + np.partition(gain, n_exp - n)[n_exp - n:].sum()
+            if value > best_value:
+                best, best_value = [a, grid[j]], value
+    return best
 
 
 def _best_levels(mass: torch.Tensor, candidates: torch.Tensor, price: float, max_levels: int) -> list[int]:
     """The set of at most `max_levels` widths (from candidates [C]) maximising sum over experts of the best
     mass[e, w] - price * w among the set. Each expert's value is concave in w, so between two consecutive levels
     it takes the better of the two around its peak: a dynamic program over (levels used, last level) is exact."""
-    value = mass[:, candidates] - price * candidates.double()  # [E, C]
+    value = (mass[:, candidates] - price * candidates.double()).numpy()  # [E, C]
     peak = value.argmax(1)  # [E] candidate index of each expert's best width
-    c = torch.arange(len(candidates))
-    head = torch.where(peak[:, None] < c[None, :], value, 0.0).sum(0)  # [C] experts below a first level at c
-    tail = torch.where(peak[:, None] >= c[None, :], value, 0.0).sum(0)  # [C] experts from a last level at c up
-    between = (peak[:, None, None] >= c[None, :, None]) & (peak[:, None, None] < c[None, None, :])  # [E, a, b]
-    pair = torch.where(between, torch.maximum(value[:, :, None], value[:, None, :]), 0.0).sum(0)  # [a, b]
-    pair = pair.masked_fill(~(c[:, None] < c[None, :]), -math.inf)  # levels ascend
+    c = np.arange(len(candidates))
+    head = np.where(peak[:, None] < c[None, :], value, 0.0).sum(0)  # [C] experts below a first level at c
+    tail = np.where(peak[:, None] >= c[None, :], value, 0.0).sum(0)  # [C] experts from a last level at c up
+    pair = np.zeros((len(c), len(c)))  # [a, b] experts with peak in [a, b) take the better of a and b
+    for p in np.unique(peak):  # experts grouped by peak: [a <= p, b > p] pairs only
+        v = value[peak == p]  # [n, C]
+        pair[: p + 1, p + 1 :] += np.maximum(v[:, : p + 1, None], v[:, None, p + 1 :]).sum(0)
+    pair[~(c[:, None] < c[None, :])] = -np.inf  # levels ascend
     best, back = [head], []  # best[j][b]: j+1 levels, the last at b, experts with peak < b counted
     for _ in range(1, max_levels):
         step = best[-1][:, None] + pair  # [a, b]
-        value_j, from_a = step.max(0)
-        best.append(value_j)
-        back.append(from_a)
-    totals = torch.stack(best) + tail  # [J, C]
+        back.append(step.argmax(0))
+        best.append(step.max(0))
+    totals = np.stack(best) + tail  # [J, C]
     j, b = divmod(int(totals.argmax()), len(candidates))
     picked = [b]
     for level in range(j, 0, -1):
