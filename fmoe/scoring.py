@@ -284,8 +284,9 @@ class Scorer:
         self.model, self.method = model, method
         self.modules = find_experts(model)
         _check_scorable(self.modules)
-        self.fingerprint = fingerprint(model)
-        self.device = next(model.parameters()).device
+        empty = any(p.is_meta for p in model.parameters())  # an empty (meta) model has no weights to fingerprint
+        self.fingerprint = None if empty else fingerprint(model)
+        self.device = torch.device("cpu") if empty else next(model.parameters()).device
         self.acc = DATA_METHODS[method](self.modules, self.device)
         self.ctx = _Context()
         self.samples = self.tokens = 0

@@ -10,8 +10,9 @@ computes the same plan). Every batch counts as a trainer step (an optimizer over
 `max_steps`, step-based `ModelCheckpoint`s and, with a resumable loader (`fmoe.data.ResumableDataLoader`, which
 TextDataModule uses), mid-epoch resume behave as in any fit. Checkpoints hold the summed scores, not the frozen
 weights, except under ModelParallelStrategy (FSDP2), whose distributed checkpoints only load whole modules.
-The model may be the empty one `fmoe.lightning.sharding.load_model` gives a non-zero rank: `configure_model`
-fills it from rank 0 before the scorer is made.
+The model may be the empty one `fmoe.lightning.sharding.load_model` gives a non-zero rank: under DDP
+`configure_model` fills it from rank 0 before the scorer is made; under FSDP2 it stays empty (the sharded twin gets
+rank 0's weights) and the scores carry rank 0's model fingerprint.
 """
 
 from __future__ import annotations
@@ -94,6 +95,18 @@ def refuse_repeated_samples(trainer) -> None:
                         "drop_last=True")
 
 
+def rank0_fingerprint(own: str | None) -> str | None:
+    """`own`, or rank 0's model fingerprint where `own` is None (an empty model has no weights to fingerprint);
+    a collective in a multi-process run: every rank calls it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return own
+    sent = [own]
+    dist.broadcast_object_list(sent, src=0)
+    return own if own is not None else sent[0]
+
+
 class CalibrationModule(L.LightningModule):
     def __init__(self, model: nn.Module, method: str = "fisher"):
         super().__init__()
@@ -126,9 +139,10 @@ class CalibrationModule(L.LightningModule):
         """Freeze the model for the fit (DDP must see only the anchors as trainable; the user's requires_grad flags
         come back when the fit ends). Under ModelParallelStrategy (FSDP2) the fit runs a sharded twin (see
         fmoe.lightning.sharding); anchors stay replicated. `self.model` is the plain model again once the fit ends."""
-        materialize(self.model)  # a non-zero rank's empty model gets rank 0's weights (see load_model)
+        materialize(self.model, self.trainer.strategy)  # DDP: a non-zero rank's empty model gets rank 0's weights
         if self.scorer is None:
             self._make_scorer()
+        self.scorer.fingerprint = rank0_fingerprint(self.scorer.fingerprint)
         self.scorer.detach()  # left attached by an interrupted run
         self.restore_model()
         self._user_flags = {name: p.requires_grad for name, p in self.model.named_parameters()}

@@ -8,9 +8,10 @@ import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..experts import find_experts, fingerprint
+from ..checkpoint import on_meta
+from ..experts import expert_widths, find_experts, fingerprint
 from ..plan import SCOPES, make_plan
-from ..prune import prune, weight_bytes
+from ..prune import apply_widths, check_plan_fits, prune, weight_bytes
 from ..scores import Scores
 from ..scoring import Scorer
 from .calibration import (CalibrationModule, grad_scaler, loss_scale, refuse_repeated_samples, sum_across_ranks,
@@ -107,12 +108,22 @@ class FisherScoring(L.Callback):
             self.scorer.detach()
 
 
+def prune_shapes(model: nn.Module, plan) -> nn.Module:
+    """`prune` for an empty (meta) model, a non-zero rank's under FSDP2: it has no weights to fingerprint, so the
+    plan is checked by widths only (every rank's plan comes from the same SUM-reduced scores, and rank 0 checks
+    the fingerprint); shapes and config change exactly as `prune` changes them."""
+    widths = {name: expert_widths(m) for name, m in find_experts(model).items()}
+    check_plan_fits(plan, widths, plan.fingerprint)
+    return apply_widths(model, plan.keep)
+
+
 class IntermediatePruning(L.Callback):
     """At the end of a calibration fit: plan from the fit's scores, prune physically, save scores and plan.
 
     Follows `ModelPruning` conventions: `amount` is the share of routed intermediate dims removed, `verbose`
     logs (rank zero) what was removed. Scores come from a CalibrationModule or a FisherScoring callback of the
-    same Trainer. Shapes change only in `on_fit_end`, after the loop and before anything else uses the model.
+    same Trainer. Shapes change only in `on_fit_end`, after the loop and before anything else uses the model. An
+    empty (meta) model, a non-zero rank's under FSDP2, is cut to the plan's shapes (`prune_shapes`).
     """
 
     def __init__(self, amount: float = 0.5, scope: str = "layer", multiple_of: int = 16,
@@ -148,11 +159,11 @@ class IntermediatePruning(L.Callback):
             raise TypeError("IntermediatePruning cannot slice a model sharded in place: under ModelParallelStrategy "
                             "call fmoe.lightning.sharding.shard(self, '<model attribute>') in configure_model, "
                             "which keeps the plain model to prune")
-        before = weight_bytes(model)
+        before, empty = weight_bytes(model), on_meta(model)
         self.plan = make_plan(scores, self.amount, self.scope, multiple_of=self.multiple_of,
                               min_width=self.min_width, normalize=self.normalize, max_widths=self.max_widths,
-                              model=model)
-        prune(model, self.plan)
+                              model=None if empty else model)
+        prune_shapes(model, self.plan) if empty else prune(model, self.plan)
         directory = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             scores.save(directory / "scores")

@@ -18,7 +18,6 @@ from ..compat import peft_adapts_experts
 from ..experts import find_experts, fused_parts, up_name
 from ..loss import mean_nll, prepare_batch, sequence_nll
 from ..tasks import exact_match
-from ..checkpoint import on_meta
 from .sharding import RestoreOnException, is_sharded, materialize, shard, unshard
 
 Tasks = dict[str, tuple[list[str], list[str]]]  # {name: (prompts, answers)}, e.g. from fmoe.tasks.load_tasks
@@ -68,8 +67,8 @@ class Evaluation(L.LightningModule):
         self.hits = nn.ModuleList([MeanMetric() for _ in self.tasks])
 
     def configure_model(self):
-        materialize(self.model)  # a non-zero rank's empty model gets rank 0's weights (see sharding.load_model)
-        shard(self, "model")  # ModelParallelStrategy (FSDP2): a sharded twin runs the fit; see fmoe.lightning.sharding
+        materialize(self.model, self.trainer.strategy)  # DDP: a non-zero rank's empty model gets rank 0's weights
+        shard(self, "model")  # FSDP2: a sharded twin (of rank 0's weights) runs the fit; see fmoe.lightning.sharding
 
     def teardown(self, stage: str):
         unshard(self, self.trainer)  # the plain model back, with what a fit trained
@@ -106,16 +105,15 @@ class Evaluation(L.LightningModule):
 
 
 class LoRARecovery(Evaluation):
-    """Fine-tune LoRA adapters on the (pruned) model; `validation_step` logs perplexity per eval loader."""
+    """Fine-tune LoRA adapters on the (pruned) model; `validation_step` logs perplexity per eval loader. An empty
+    (meta) model, a non-zero rank's, gets rank 0's weights and adapters when a fit starts (sharded under FSDP2,
+    where it stays empty)."""
 
     def __init__(self, model: nn.Module, r: int = 16, alpha: int = 32, lr: float = 2e-4, weight_decay: float = 0.0,
                  experts: bool = True, eval_names: tuple[str, ...] = ("domain", "general"),
                  tasks: Tasks | None = None, tokenizer=None):
         from peft import get_peft_model
 
-        if on_meta(model):
-            raise ValueError("LoRARecovery got an empty (meta) model: a non-zero rank's model from load_model gets "
-                             "its weights in the first evaluation or calibration fit; run one before LoRA")
         super().__init__(get_peft_model(model, lora_config(model, r, alpha, experts)), eval_names, tasks, tokenizer)
         self.lr, self.weight_decay = lr, weight_decay
 

@@ -13,15 +13,19 @@ and puts it back; after validation nothing is copied. Buffers are never copied b
     def teardown(self, stage):
         unshard(self, self.trainer)
 
-Cost: every process holds the model in host memory for the whole run (it needs it there to shard it), so host
-RAM must fit world size x model bytes; GPU memory holds only the shards. Only rank 0 reads the checkpoint:
-`load_model` gives the other ranks an empty (meta) model, which `materialize` (called by the fmoe modules'
-`configure_model`, once the process group is up) fills by broadcast from rank 0.
+Cost under DDP: every process holds the model in host memory (each needs a full replica). Under FSDP2 only rank 0
+holds the plain model's weights: only rank 0 reads the checkpoint (`load_model` gives the other ranks an empty,
+meta model), and `shard` fills each rank's twin with its shards straight from rank 0's plain model
+(`fill_from_rank0`), so a non-zero rank's plain model stays on meta for the whole run: `unshard` gathers what a fit
+trained into rank 0's plain model only, IntermediatePruning slices an empty model's shapes, peft wraps it on meta,
+and exports are written by rank 0. Under DDP `materialize` (called by the fmoe modules' `configure_model`, once the
+process group is up) fills empty models by broadcast from rank 0.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from pathlib import Path
 
@@ -29,7 +33,7 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
-from ..checkpoint import broadcast_weights, empty_model, from_pretrained, load_distributed, on_meta
+from ..checkpoint import broadcast_weights, empty_model, from_pretrained, on_meta
 
 _ORIGINAL = "_fmoe_unsharded"  # stored in the owner's __dict__: not a submodule, so never moved to the GPU
 
@@ -44,19 +48,24 @@ def launched_rank() -> int:
 
 
 def load_model(directory: str | Path, dtype: torch.dtype | str = "auto", **kwargs) -> nn.Module:
-    """The model of a checkpoint for a Lightning run, read once per run rather than once per process: with a
-    process group up, `fmoe.checkpoint.load_distributed`; in a non-zero rank whose process group is not up yet, the
-    empty (meta) model, which the first fmoe module's `configure_model` fills (`materialize`); else the model."""
+    """The model of a checkpoint for a Lightning run, read once per run rather than once per process: rank 0 (of
+    the process group, or of the launch when it is not up yet) loads it; every other rank gets the empty (meta)
+    model, which the fmoe modules' `configure_model` fill from rank 0 (DDP: `materialize`; FSDP2: `shard` gives
+    each rank its shards only, so the plain model stays empty)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return load_distributed(directory, dtype, **kwargs)
-    return empty_model(directory, dtype, **kwargs) if launched_rank() != 0 else from_pretrained(directory, dtype, **kwargs)
+        rank = dist.get_rank()
+    else:
+        rank = launched_rank()
+    return empty_model(directory, dtype, **kwargs) if rank != 0 else from_pretrained(directory, dtype, **kwargs)
 
 
-def materialize(model: nn.Module) -> nn.Module:
+def materialize(model: nn.Module, strategy=None) -> nn.Module:
     """Fill models left empty by `load_model` from rank 0 (`fmoe.checkpoint.broadcast_weights`); every rank calls
-    it in `configure_model`, where the process group is up. A collective only when some rank's model is empty."""
+    it in `configure_model`, where the process group is up. A collective only when some rank's model is empty.
+    Under ModelParallelStrategy (FSDP2) nothing is filled: `shard` gives each rank only its shards of rank 0's
+    weights, so an empty model stays empty."""
     import torch.distributed as dist
 
     empty = on_meta(model)
@@ -65,6 +74,8 @@ def materialize(model: nn.Module) -> nn.Module:
             raise RuntimeError(f"the model is empty (meta): it was built for rank {launched_rank()} of a "
                                "multi-process run, which gets its weights from rank 0 once the process group is up, "
                                "but this run has none; load it with fmoe.from_pretrained")
+        return model
+    if data_parallel_mesh(strategy) is not None:
         return model
     flags = [None] * dist.get_world_size()
     dist.all_gather_object(flags, empty)
@@ -113,25 +124,52 @@ def sharded_copy(model: nn.Module, mesh) -> nn.Module:
     return twin
 
 
+def fill_from_rank0(twin: nn.Module, original: nn.Module) -> None:
+    """When some rank's `original` is empty (meta), give every rank's sharded `twin` its shards of rank 0's
+    `original`: each tensor is broadcast once and each rank keeps only its slice (`set_model_state_dict` with
+    `broadcast_from_rank0`), so no rank but 0 holds the full weights. A collective: every rank calls it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, on_meta(original))
+    if not any(flags):
+        return
+    if flags[0]:
+        raise ValueError("sharding sends rank 0's weights to the other ranks, but rank 0's model is empty (meta): "
+                         "load the model on rank 0 (fmoe.lightning.sharding.load_model does)")
+    state = original.state_dict() if dist.get_rank() == 0 else {}
+    set_model_state_dict(twin, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    left = [n for n, t in (*twin.named_parameters(), *twin.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"rank {dist.get_rank()}: rank 0's state dict did not fill {left[:5]}")
+
+
 @torch.no_grad()
 def copy_back(original: nn.Module, twin: nn.Module, params: set[int]) -> None:
-    """Gather the twin's parameters whose ids are in `params` and write them into the original (same names).
-    A collective: every rank must call it with the same set."""
+    """Gather the twin's parameters whose ids are in `params` and write them into the original (same names); an
+    empty (meta) original gets nothing. A collective: every rank must call it with the same set."""
     target = dict(original.named_parameters())
     for name, p in twin.named_parameters():
         if id(p) in params:
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            target[name].copy_(full.to(target[name].device, target[name].dtype))
+            if not target[name].is_meta:
+                target[name].copy_(full.to(target[name].device, target[name].dtype))
+            del full
 
 
 def shard(owner: nn.Module, attr: str = "model") -> None:
-    """Replace `owner.<attr>` by its sharded twin when the Trainer runs ModelParallelStrategy; else nothing."""
+    """Replace `owner.<attr>` by its sharded twin when the Trainer runs ModelParallelStrategy; else nothing. The
+    twin of an empty (meta) model receives its shards from rank 0's (a collective then)."""
     unshard(owner)  # a twin left by an interrupted run: start again from the original
     mesh = mesh_of(owner)
     if mesh is None:
         return
+    gc.collect()  # an earlier stage's twin is a reference cycle (FSDP2's hooks): free its shards before new ones
     original = getattr(owner, attr)
-    setattr(owner, attr, sharded_copy(original, mesh))
+    twin = sharded_copy(original, mesh)
+    fill_from_rank0(twin, original)  # ranks whose model is empty (meta) get their shards of rank 0's
+    setattr(owner, attr, twin)
     owner.__dict__[_ORIGINAL] = (attr, original)
 
 
