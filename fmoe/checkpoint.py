@@ -31,8 +31,8 @@ from .io import atomic_directory
 from .prune import WIDTHS_FIELD, apply_widths
 
 FORMAT_FIELD = "fmoe_format"  # "stock" | "fused"
-_WEIGHTS = "model.safetensors"
-_INDEX = "model.safetensors.index.json"  # {"weight_map": {tensor name: shard file}} of a sharded checkpoint
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # {"weight_map": {tensor name: shard file}} of a sharded checkpoint
 
 
 def save_pretrained(model: PreTrainedModel, directory: str | Path, tokenizer=None) -> Path:
@@ -45,7 +45,7 @@ def save_pretrained(model: PreTrainedModel, directory: str | Path, tokenizer=Non
             model.save_pretrained(tmp)
         else:
             model.config.save_pretrained(tmp)
-            save_model(model, str(tmp / _WEIGHTS), metadata={"format": "pt", FORMAT_FIELD: "fused"})
+            save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", FORMAT_FIELD: "fused"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if any(tmp.glob("*.bin")) or any(tmp.glob("*.pt")):
@@ -83,7 +83,7 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | str = "auto", **
     directory = Path(directory)
     info = _config_json(directory)
     if info.get(FORMAT_FIELD) != "fused":
-        single = directory / _WEIGHTS
+        single = directory / WEIGHTS_FILE
         with _reading(single if single.is_file() else directory):  # a sharded checkpoint: its directory
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
         if info.get(FORMAT_FIELD) == "stock":
@@ -155,7 +155,7 @@ def _init_non_persistent_buffers(model: PreTrainedModel) -> None:
 
 
 # safetensors' header: u64 little-endian length N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then data
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -184,7 +184,7 @@ def read_header(path: Path) -> tuple[dict[str, tuple[torch.dtype, list[int], int
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, stop) = _DTYPES[entry["dtype"]], list(entry["shape"]), entry["data_offsets"]
+            dtype, shape, (start, stop) = SAFETENSORS_DTYPES[entry["dtype"]], list(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError) as err:
             raise _corrupt(path, f"tensor {name!r} has a malformed entry {entry!r}") from err
         numel = 1
@@ -218,7 +218,7 @@ def _read_tensor(f, path: Path, base: int, entry) -> torch.Tensor:
 
 def weight_files(directory: Path) -> dict[Path, set[str] | None]:
     """{weights file: the tensor names the index assigns to it (None: a single file, all of its tensors)}."""
-    index = directory / _INDEX
+    index = directory / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -228,11 +228,13 @@ def weight_files(directory: Path) -> dict[Path, set[str] | None]:
             files.setdefault(directory / file, set()).add(name)
         absent = sorted(f.name for f in files if not f.is_file())
         if absent:
-            raise FileNotFoundError(f"{index} names weight files that are not in {directory}: {absent[:3]}")
+            raise FileNotFoundError(f"{index} names weight files that are not in {directory} (it lists shards that "
+                                    f"are missing): {absent[:3]}")
         return files
-    if not (directory / _WEIGHTS).is_file():
-        raise FileNotFoundError(f"{directory} has neither {_WEIGHTS} nor {_INDEX}")
-    return {directory / _WEIGHTS: None}
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{directory} has neither {WEIGHTS_FILE} nor {INDEX_FILE} (only safetensors "
+                                "checkpoints are read; pickle .bin weights are not)")
+    return {directory / WEIGHTS_FILE: None}
 
 
 def _slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, bool]]]:
@@ -263,7 +265,7 @@ def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     for path, expected in weight_files(directory).items():
         tensors, base = read_header(path)
         if expected is not None and not expected <= set(tensors):
-            raise _corrupt(path, f"{_INDEX} places {sorted(expected - set(tensors))[:3]} in it, it does not hold them")
+            raise _corrupt(path, f"{INDEX_FILE} places {sorted(expected - set(tensors))[:3]} in it, it does not hold them")
         with open(path, "rb", buffering=0) as f:
             for name in sorted(tensors, key=lambda n: tensors[n][2]):  # file order: sequential reads
                 if expected is not None and name not in expected:
@@ -285,7 +287,7 @@ def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
                 filled.add(id(sites))  # tied names share one list of sites
     missing = [name for name, sites in slots.items() if id(sites) not in filled]
     if missing or unexpected:
-        where = directory / (_INDEX if (directory / _INDEX).is_file() else _WEIGHTS)
+        where = directory / (INDEX_FILE if (directory / INDEX_FILE).is_file() else WEIGHTS_FILE)
         raise ValueError(f"{where} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
 

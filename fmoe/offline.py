@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from .checkpoint import FORMAT_FIELD
+from .checkpoint import FORMAT_FIELD, INDEX_FILE, SAFETENSORS_DTYPES, WEIGHTS_FILE, weight_files
 from .compat import is_stock_loadable
 from .experts import RaggedExperts, expert_widths, find_experts, fingerprint_of, slice_expert, width_buckets
 from .io import atomic_directory
@@ -47,12 +47,9 @@ from .plan import PruningPlan
 from .prune import WIDTHS_FIELD, apply_widths, check_plan_fits
 from .scores import Scores
 
-SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 # files of a model directory worth carrying over (tokenizer and chat template); weights and configs are rewritten
 _CARRIED = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "chat_template*", "*.model",
             "added_tokens.json")
-_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -66,19 +63,8 @@ class Source:
         self.directory = Path(directory)
         if not (self.directory / "config.json").is_file():
             raise FileNotFoundError(f"{self.directory} has no config.json: not a model directory")
-        if (self.directory / INDEX).is_file():
-            weight_map = json.loads((self.directory / INDEX).read_text()).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"{self.directory / INDEX} has no weight_map: not a safetensors index")
-        elif (self.directory / SINGLE).is_file():
-            weight_map = None
-        else:
-            raise FileNotFoundError(f"{self.directory} has neither {SINGLE} nor {INDEX} (only safetensors "
-                                    "checkpoints are read; pickle .bin weights are not)")
-        self.files = sorted(set(weight_map.values())) if weight_map else [SINGLE]
-        missing = [f for f in self.files if not (self.directory / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{self.directory / INDEX} lists shards that are missing: {missing[:3]}")
+        files = weight_files(self.directory)  # {shard: the names the index places in it (None: one file)}
+        self.files = sorted(str(path.relative_to(self.directory)) for path in files)
         self.file_of: dict[str, str] = {}
         self.info: dict[str, tuple[str, list[int]]] = {}  # key: (safetensors dtype, shape)
         for name in self.files:
@@ -87,10 +73,10 @@ class Source:
                 part = handle.get_slice(key)
                 self.file_of[key], self.info[key] = name, (part.get_dtype(), list(part.get_shape()))
         self._close()
-        if weight_map:
-            wrong = [k for k, f in weight_map.items() if self.file_of.get(k) != f]
-            if wrong:
-                raise ValueError(f"{self.directory / INDEX} maps {wrong[:3]} to files that do not hold them")
+        wrong = [k for path, names in files.items() for k in names or ()
+                 if self.file_of.get(k) != str(path.relative_to(self.directory))]
+        if wrong:
+            raise ValueError(f"{self.directory / INDEX_FILE} maps {wrong[:3]} to files that do not hold them")
 
     _handle, _handle_name = None, None
 
@@ -312,9 +298,9 @@ class Out:
 
     @property
     def nbytes(self) -> int:
-        if self.dtype not in _ITEMSIZE:
+        if self.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{self.name}: dtype {self.dtype} is not supported (quantized checkpoints are not read)")
-        return _ITEMSIZE[self.dtype] * int(torch.Size(self.shape).numel())
+        return SAFETENSORS_DTYPES[self.dtype].itemsize * int(torch.Size(self.shape).numel())
 
 
 class Pruned:
@@ -432,15 +418,15 @@ def _write_shards(directory: Path, outs: list[Out], metadata: dict[str, str], ma
         if shards[-1] and sum(o.nbytes for o in shards[-1]) + out.nbytes > max_shard_size:
             shards.append([])
         shards[-1].append(out)
-    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    names = [WEIGHTS_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        shard.sort(key=lambda o: (-_ITEMSIZE[o.dtype], o.name))
+        shard.sort(key=lambda o: (-SAFETENSORS_DTYPES[o.dtype].itemsize, o.name))
         _write_safetensors(directory / name, shard, metadata)
     if len(shards) > 1:
         index = {"metadata": {"total_parameters": total_parameters, "total_size": sum(o.nbytes for o in outs)},
                  "weight_map": {o.name: name for name, shard in zip(names, shards) for o in shard}}
-        (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names
 
 
