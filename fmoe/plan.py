@@ -140,7 +140,8 @@ def limit_widths(scores: torch.Tensor, widths: list[int], max_widths: int, multi
             price = math.exp((low + high) / 2)
             levels = _best_levels(mass, candidates, price, max_widths)
             assign(levels)
-            chosen = sum(max(levels, key=lambda w, e=e: float(mass[e, w]) - price * w) for e in range(n_exp))
+            widths_at = torch.tensor(levels, dtype=torch.float64)  # [L]
+            chosen = int(widths_at[(mass[:, levels] - price * widths_at).argmax(1)].sum())  # each expert's best level
             if chosen // unit > budget:
                 low = (low + high) / 2
             else:
@@ -161,11 +162,13 @@ def _climb(levels: list[int], assign, grid: list[int]) -> tuple[int, float, list
                 j = grid.index(w) + step
                 if 0 <= j < len(grid) and grid[j] not in levels:
                     trials.append(sorted(levels[:i] + [grid[j]] + levels[i + 1:]))
-        best = max(trials, key=lambda t: (-assign(t)[0], assign(t)[1]), default=None)
-        if best is None or (assign(best)[0], -assign(best)[1]) >= (gap, -kept - 1e-12 * abs(kept)):
+        if not trials:
             break
-        levels = best
-        gap, kept, assigned = assign(best)
+        trial = max(trials, key=lambda t: (-assign(t)[0], assign(t)[1]))  # nearest the budget, then most mass
+        t_gap, t_kept, t_assigned = assign(trial)  # (cached)
+        if (t_gap, -t_kept) >= (gap, -kept - 1e-12 * abs(kept)):
+            break
+        levels, gap, kept, assigned = trial, t_gap, t_kept, t_assigned
     return gap, kept, assigned
 
 
@@ -218,7 +221,6 @@ def _best_levels(mass: torch.Tensor, candidates: torch.Tensor, price: float, max
 def _assign(mass: torch.Tensor, levels: list[int], unit: int, budget: int) -> tuple[int, float, list[int]]:
     """(|total - budget| in units, kept mass, width per expert): each expert of mass [E, I+1] takes one of
     `levels`, maximising the kept mass at the reachable total nearest `budget` (a knapsack, solved exactly)."""
-
     n_exp = mass.shape[0]
     units = np.array([w // unit for w in levels])  # [L]
     lowest, highest = n_exp * int(units.min()), n_exp * int(units.max())
