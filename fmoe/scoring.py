@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import on_meta
 from .compat import experts_hooks
 from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, num_experts, up_name
 from .loss import Batch, prepare_batch, sequence_nll
@@ -284,7 +285,7 @@ class Scorer:
         self.model, self.method = model, method
         self.modules = find_experts(model)
         _check_scorable(self.modules)
-        empty = any(p.is_meta for p in model.parameters())  # an empty (meta) model has no weights to fingerprint
+        empty = on_meta(model)  # an empty (meta) model has no weights to fingerprint
         self.fingerprint = None if empty else fingerprint(model)
         self.device = torch.device("cpu") if empty else next(model.parameters()).device
         self.acc = DATA_METHODS[method](self.modules, self.device)
