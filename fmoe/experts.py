@@ -14,7 +14,9 @@ from functools import partial
 import torch
 from torch import nn
 
-# hook(routing: Routing, h[S, I]) -> h'[S, I], once per grouped call (a layer, or a width bucket of ragged experts)
+# hook(routing: Routing, h[S, I]) -> h'[S, I], once per grouped call (a layer, or a width bucket of ragged experts).
+# A hook may also define `on_output(routing, o[S, H]) -> o'`: it sees each row's expert output before the routing
+# weight multiplies it (expert-level statistics: REAP's norm, a mask on the expert's output).
 IntermediateHook = Callable[["Routing", torch.Tensor], torch.Tensor]
 HOOKS_ATTR = "_fmoe_hooks"  # a module's attached hooks, outermost first (see fmoe.compat.experts_hooks)
 
@@ -157,9 +159,19 @@ def _real_rows_only(t: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
     return t if real is None else t.where(real[:, None], 0.0)
 
 
-def grouped_experts(module: nn.Module, x: torch.Tensor, routing: Routing, hooks=()) -> torch.Tensor:
+def gate_rows(width: int, module: nn.Module) -> torch.Tensor:
+    """[2I] bool: which outputs of a gated up projection are gate rows (the rest are up rows)."""
+    rows = torch.zeros(2 * width, dtype=torch.bool)
+    rows[slice(0, width) if module.is_concatenated else slice(0, None, 2)] = True  # [gate.., up..] or [g, u, ...]
+    return rows
+
+
+def grouped_experts(module: nn.Module, x: torch.Tensor, routing: Routing, hooks=(),
+                    x_up: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted output [S, H] of rows x [S, H] through the experts of `module` (fused tensors in the stock layout,
-    described by its flags), one grouped matmul per projection; `hooks` see (and may replace) h = act(gate) * up."""
+    described by its flags), one grouped matmul per projection; `hooks` see (and may replace) h = act(gate) * up,
+    and those with `on_output` the expert output o [S, H]. With `x_up`, the up rows read x_up and the gate rows x
+    (the up projection runs twice: compressed experts scale the two inputs differently)."""
     from .compat import grouped_linear
 
     name = up_name(module)
@@ -168,14 +180,21 @@ def grouped_experts(module: nn.Module, x: torch.Tensor, routing: Routing, hooks=
         return x.new_zeros(0, x.shape[1]) + 0 * touched
     real = partial(_real_rows_only, real=routing.real)  # rows past the last offset stay uninitialised in grouped_mm
     up_bias = getattr(module, f"{name}_bias")[routing.local] if module.has_bias else None
-    y = real(grouped_linear(real(x), getattr(module, name), routing.offsets, up_bias, module.is_transposed))
-    h = module._apply_gate(y) if module.has_gate else module.act_fn(y)  # [S, I]; y [S, 2I] or [S, I]
+    up = partial(grouped_linear, weight=getattr(module, name), offsets=routing.offsets, bias=up_bias,
+                 transposed=module.is_transposed)
+    y = real(up(real(x if x_up is None or module.has_gate else x_up)))  # [S, 2I] or [S, I]
+    if x_up is not None and module.has_gate:
+        y = torch.where(gate_rows(y.shape[1] // 2, module).to(y.device), y, real(up(real(x_up))))
+    h = module._apply_gate(y) if module.has_gate else module.act_fn(y)  # [S, I]
     for hook in hooks:
         h = hook(routing, h)
     down_bias = module.down_proj_bias[routing.local] if module.has_bias else None
     o = real(grouped_linear(real(h), module.down_proj, routing.offsets, down_bias, module.is_transposed))  # [S, H]
     if getattr(module, "has_post_expert_norm", False):
         o = module.post_expert_norm(o)
+    for hook in hooks:
+        if hasattr(hook, "on_output"):
+            o = hook.on_output(routing, o)
     return real(o * routing.weights[:, None].to(o.dtype))
 
 
@@ -185,6 +204,7 @@ def experts_forward(
     top_k_index: torch.Tensor,  # [T, K]
     top_k_weights: torch.Tensor,  # [T, K]
     hooks: list[IntermediateHook] = (),
+    hidden_up: torch.Tensor | None = None,  # [T, H] input of the up rows, if not hidden_states (grouped_experts)
 ) -> torch.Tensor:
     """Routed experts output [T, H]: (token, slot) pairs sorted by expert once, then one grouped matmul per
     projection (per width bucket for ragged experts). Each of `hooks` in turn sees (and may replace) the
@@ -200,11 +220,12 @@ def experts_forward(
     weights = top_k_weights.reshape(-1)[order]  # [S]
     ends = torch.searchsorted(sorted_key, torch.arange(1, n_exp + 1, device=flat.device))  # rows with rank < e+1
     x = hidden_states[tokens]  # [S, H]
+    x_up = None if hidden_up is None else hidden_up[tokens]  # [S, H]
     out = torch.zeros_like(hidden_states)
     if not ragged:
         routing = Routing(torch.arange(n_exp, device=flat.device), sorted_key.clamp(max=n_exp - 1),
                           ends.to(torch.int32), tokens, slots, weights, sorted_key < n_exp)
-        return out.index_add_(0, tokens, grouped_experts(module, x, routing, hooks).to(out.dtype))
+        return out.index_add_(0, tokens, grouped_experts(module, x, routing, hooks, x_up).to(out.dtype))
     row_ends = ends.tolist()  # one host sync: where each expert's rows end, in bucket-major order
     start, rank0 = 0, 0
     for b, bucket in enumerate(module.buckets):
@@ -217,7 +238,8 @@ def experts_forward(
             offsets = (ends[rank0 : rank0 + size] - start).to(torch.int32)  # [G]
             routing = Routing(bucket_ids[b], sorted_key[rows] - rank0, offsets, tokens[rows], slots[rows],
                               weights[rows], None, b)  # no sentinel rows here: they rank after every bucket
-            out.index_add_(0, tokens[rows], bucket(x[rows], routing, hooks).to(out.dtype))
+            rows_up = None if x_up is None else x_up[rows]
+            out.index_add_(0, tokens[rows], bucket(x[rows], routing, hooks, rows_up).to(out.dtype))
         start, rank0 = stop, rank0 + size
     return out
 
@@ -248,8 +270,8 @@ class ExpertBucket(nn.Module):
     def post_expert_norm(self, o: torch.Tensor) -> torch.Tensor:
         return self.owner.post_expert_norm(o)
 
-    def forward(self, x: torch.Tensor, routing: Routing, hooks=()) -> torch.Tensor:
-        return grouped_experts(self, x, routing, hooks)
+    def forward(self, x: torch.Tensor, routing: Routing, hooks=(), x_up: torch.Tensor | None = None) -> torch.Tensor:
+        return grouped_experts(self, x, routing, hooks, x_up)
 
 
 class RaggedExperts(nn.Module):
