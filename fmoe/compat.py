@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,64 @@ FAMILIES: dict[str, tuple[str, bool]] = {
     "glm4_moe": ("moe_intermediate_size", True),
     "ernie4_5_moe": ("moe_intermediate_size", True),
 }
+
+
+# MoE structure beyond the experts: every family's MoE block holds its router as `gate` or `router` (a module with
+# `weight` [E, H], `top_k`, `num_experts`, optionally `bias` [E] and `e_score_correction_bias` [E] or, ERNIE,
+# `moe_statics.e_score_correction_bias` [1, E]) and returns (logits [T, E], top-k weights, top-k ids); the decoder
+# layer runs `residual + block(post_attention_layernorm(residual))`.
+ROUTER_NAMES = ("gate", "router")
+MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe")
+POST_ATTENTION_NORM = "post_attention_layernorm"
+SIGMOID_ROUTERS = ("deepseek_v3", "glm4_moe")  # rank experts by sigmoid(logits); the others by softmax
+# config fields holding the routed expert count (aliases of each other where a family has several)
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclass
+class MoELayer:
+    """One decoder layer's MoE sublayer, by name in model.named_modules()."""
+
+    index: int  # decoder layer index
+    layer: str  # "model.layers.3"
+    block: str  # "model.layers.3.mlp": MoE block (router, routed and shared experts)
+    experts: str  # "model.layers.3.mlp.experts"
+    router: str  # "model.layers.3.mlp.gate"
+    norm: str  # "model.layers.3.post_attention_layernorm": the norm in front of the block
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, ModuleList) of the model's decoder layers: the `layers` list whose items hold a self-attention."""
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] == "layers" and isinstance(module, nn.ModuleList) and len(module) and all(
+                hasattr(layer, "self_attn") for layer in module):
+            return name, module
+    raise ValueError(f"no decoder layers (a `layers` ModuleList with self_attn) in {type(model).__name__}")
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
+    """{experts module name: its MoELayer}, in layer order; dense layers (DeepSeek's first_k_dense_replace) are
+    not included."""
+    prefix, layers = decoder_layers(model)
+    experts = find_experts(model)
+    found = {}
+    for index, layer in enumerate(layers):
+        for block_name in MOE_BLOCK_NAMES:
+            block = getattr(layer, block_name, None)
+            name = f"{prefix}.{index}.{block_name}"
+            if block is None or f"{name}.experts" not in experts:
+                continue
+            router = next((r for r in ROUTER_NAMES if hasattr(getattr(block, r, None), "weight")), None)
+            if router is None:
+                raise ValueError(f"{name} ({type(block).__name__}) has no router named {' or '.join(ROUTER_NAMES)}")
+            found[f"{name}.experts"] = MoELayer(index, f"{prefix}.{index}", name, f"{name}.experts",
+                                                f"{name}.{router}", f"{prefix}.{index}.{POST_ATTENTION_NORM}")
+    return found
+
+
+def router_probabilities(model_type: str, logits: torch.Tensor) -> torch.Tensor:
+    """[T, E] probabilities a router ranks experts by (its own softmax, or sigmoid for DeepSeek-V3/GLM-4-MoE)."""
+    return logits.float().sigmoid() if model_type in SIGMOID_ROUTERS else logits.float().softmax(-1)
 
 
 def _fmoe_experts(self, hidden_states, top_k_index, top_k_weights):

@@ -8,8 +8,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .compat import ensure_aligned_implementation, experts_hooks, has_hooks, width_field
-from .experts import RaggedExperts, attached_hooks, expert_widths, find_experts, fingerprint, slice_experts
+from .compat import ensure_aligned_implementation, experts_hooks, has_hooks, moe_layers, width_field
+from .experts import (RaggedExperts, attached_hooks, expert_widths, find_experts, fingerprint, num_experts,
+                      slice_experts)
 from .plan import PruningPlan
 
 WIDTHS_FIELD = "fmoe_expert_widths"  # config field: {module name: [width per expert]} of a pruned model
@@ -121,6 +122,19 @@ def masked(model: nn.Module, keep: PruningPlan | dict[str, list[torch.Tensor]]) 
                                for w, k in zip(expert_widths(modules[name]), keeps, strict=True)])  # [I_e] each
     with experts_hooks(model, hooks):
         yield model
+
+
+def active_parameters(model: nn.Module) -> float:
+    """Parameters a token runs through: every non-routed parameter, plus per MoE layer the experts it computes
+    (the router's `top_k`, or a module's own `active_experts`: compressed experts compute fewer) times the mean
+    parameter count of that layer's experts (expected under uniform routing when widths differ)."""
+    total = float(sum(p.numel() for p in model.parameters()))
+    for name, layer in moe_layers(model).items():
+        experts = model.get_submodule(name)
+        routed = sum(p.numel() for p in experts.parameters())
+        computed = getattr(experts, "active_experts", None) or model.get_submodule(layer.router).top_k
+        total += routed * (computed / num_experts(experts) - 1)
+    return total
 
 
 def weight_bytes(model: nn.Module, routed_only: bool = False) -> int:
