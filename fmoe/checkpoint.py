@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .compat import ensure_aligned_implementation, is_stock_loadable
+from .compressed import rebuild_compressed
 from .experts import expert_widths, find_experts
 from .io import atomic_directory
 from .prune import WIDTHS_FIELD, apply_widths
@@ -132,6 +133,7 @@ def empty_model(source: str | Path | PretrainedConfig, dtype: torch.dtype | str 
         apply_widths(model, {name: [torch.arange(w) for w in ws] for name, ws in widths.items()})
     else:
         ensure_aligned_implementation(model)
+    rebuild_compressed(model, config)
     return model
 
 

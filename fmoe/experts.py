@@ -244,6 +244,23 @@ def experts_forward(
     return out
 
 
+def adopt_stock(module: nn.Module, stock: nn.Module) -> None:
+    """Give `module` what computes like the stock experts module `stock`: its layout flags, sizes and scalars
+    (gpt-oss alpha/limit), config, activation, post-expert norm and gate function (`module._gate_fn(module, y)`
+    is the stock `_apply_gate` run on `module`'s attributes)."""
+    for key, value in vars(stock).items():  # flags, sizes, gpt-oss alpha/limit
+        if not key.startswith("_") and isinstance(value, (bool, int, float, str)):
+            setattr(module, key, value)
+    module.config = getattr(stock, "config", None)
+    module.has_post_expert_norm = getattr(stock, "has_post_expert_norm", False)
+    if hasattr(stock, "act_fn"):
+        module.act_fn = stock.act_fn
+    if module.has_post_expert_norm:
+        module.post_expert_norm = stock.post_expert_norm
+    module._gate_fn = type(stock)._apply_gate if module.has_gate else None
+    module.stock_class = type(stock).__name__
+
+
 class ExpertBucket(nn.Module):
     """Experts of one kept width, stored like the stock module they were cut from (fused `gate_up_proj`
     [G, 2I, H] or `up_proj`, `down_proj` [G, H, I], biases; same layout flags), so peft's `target_parameters`
@@ -287,17 +304,7 @@ class RaggedExperts(nn.Module):
         super().__init__()
         if not is_routed_experts(stock) or isinstance(stock, RaggedExperts):
             raise TypeError(f"RaggedExperts is cut from a fused transformers experts module, got {type(stock).__name__}")
-        for key, value in vars(stock).items():  # flags, sizes, gpt-oss alpha/limit
-            if not key.startswith("_") and isinstance(value, (bool, int, float, str)):
-                setattr(self, key, value)
-        self.config = getattr(stock, "config", None)
-        self.has_post_expert_norm = getattr(stock, "has_post_expert_norm", False)
-        if hasattr(stock, "act_fn"):
-            self.act_fn = stock.act_fn
-        if self.has_post_expert_norm:
-            self.post_expert_norm = stock.post_expert_norm
-        self._gate_fn = type(stock)._apply_gate if self.has_gate else None
-        self.stock_class = type(stock).__name__
+        adopt_stock(self, stock)
         self.widths = [int(k.numel()) for k in keep]
         self.num_experts = len(keep)
         layout = width_buckets(self.widths)

@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
 from ..compat import peft_adapts_experts
+from ..compressed import VECTORS
 from ..experts import find_experts, fused_parts, up_name
 from ..loss import mean_nll, prepare_batch, sequence_nll
 from ..tasks import exact_match
@@ -107,14 +108,22 @@ class Evaluation(L.LightningModule):
 class LoRARecovery(Evaluation):
     """Fine-tune LoRA adapters on the (pruned) model; `validation_step` logs perplexity per eval loader. An empty
     (meta) model, a non-zero rank's, gets rank 0's weights and adapters when a fit starts (sharded under FSDP2,
-    where it stays empty)."""
+    where it stays empty). The vectors of compressed experts (fmoe.compressed) train too unless `compressed` is
+    False; r=0 trains them alone (no adapters)."""
 
     def __init__(self, model: nn.Module, r: int = 16, alpha: int = 32, lr: float = 2e-4, weight_decay: float = 0.0,
                  experts: bool = True, eval_names: tuple[str, ...] = ("domain", "general"),
-                 tasks: Tasks | None = None, tokenizer=None):
+                 tasks: Tasks | None = None, tokenizer=None, compressed: bool = True):
         from peft import get_peft_model
 
-        super().__init__(get_peft_model(model, lora_config(model, r, alpha, experts)), eval_names, tasks, tokenizer)
+        vectors = [p for n, p in model.named_parameters() if compressed and n.rpartition(".")[2] in VECTORS]
+        if r == 0 and not vectors:
+            raise ValueError("r=0 trains only the vectors of compressed experts, and the model has none "
+                             "(fmoe.compressed.compress_experts makes them)")
+        model = get_peft_model(model, lora_config(model, r, alpha, experts)) if r else model.requires_grad_(False)
+        for p in vectors:  # peft froze every base parameter
+            p.requires_grad_(True)
+        super().__init__(model, eval_names, tasks, tokenizer)
         self.lr, self.weight_decay = lr, weight_decay
 
     def on_fit_start(self):
@@ -130,8 +139,9 @@ class LoRARecovery(Evaluation):
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
     def merged(self) -> nn.Module:
-        """The plain transformers model with the adapters folded in (stock or RaggedExperts modules again)."""
-        return self.model.merge_and_unload()
+        """The plain transformers model with the adapters folded in (stock or RaggedExperts modules again; trained
+        compressed experts' vectors are kept)."""
+        return self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
 
 
 def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None, tasks: Tasks | None = None,
