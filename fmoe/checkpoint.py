@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from .compat import ensure_aligned_implementation, is_stock_loadable
 from .compressed import rebuild_compressed
-from .experts import expert_widths, find_experts
+from .experts import expert_widths, find_experts, on_meta
 from .io import atomic_directory
 from .prune import WIDTHS_FIELD, apply_widths
 
@@ -292,11 +292,6 @@ def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
         where = directory / (INDEX_FILE if (directory / INDEX_FILE).is_file() else WEIGHTS_FILE)
         raise ValueError(f"{where} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
-
-
-def on_meta(model: nn.Module) -> bool:
-    """Does any parameter or buffer of `model` still lack storage (built by `empty_model`, not yet filled)?"""
-    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 def broadcast_weights(model: nn.Module) -> nn.Module:

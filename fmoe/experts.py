@@ -344,6 +344,12 @@ class RaggedExperts(nn.Module):
         return f"{self.stock_class}, widths={self.widths}"
 
 
+def on_meta(model: nn.Module) -> bool:
+    """Does any parameter or buffer of `model` still lack storage (built by `fmoe.checkpoint.empty_model`, not yet
+    filled)?"""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
 def fingerprint(model: nn.Module) -> str:
     """Identity of a model's routed experts: names, shapes and a bf16 sample of each module's weights.
 

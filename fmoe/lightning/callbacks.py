@@ -1,4 +1,6 @@
-"""Callbacks: FisherScoring (scores during someone else's fit) and IntermediatePruning (plan + prune at fit end)."""
+"""Callbacks: FisherScoring (scores during someone else's fit), and at the end of a calibration fit a compression
+method's plan + physical edit: IntermediatePruning (dims), ExpertPruning, LayerDropping, BlockDropping, or any
+registered method through Compression."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from .. import methods
 from ..checkpoint import on_meta
-from ..experts import expert_widths, find_experts, fingerprint
-from ..plan import SCOPES, make_plan
-from ..prune import apply_widths, check_plan_fits, prune, weight_bytes
+from ..experts import find_experts, fingerprint
+from ..plan import SCOPES
+from ..prune import weight_bytes
+from ..methods import Calibration
 from ..scores import Scores
 from ..scoring import Scorer
 from .calibration import (CalibrationModule, grad_scaler, loss_scale, refuse_repeated_samples, sum_across_ranks,
@@ -108,67 +112,128 @@ class FisherScoring(L.Callback):
             self.scorer.detach()
 
 
-def prune_shapes(model: nn.Module, plan) -> nn.Module:
-    """`prune` for an empty (meta) model, a non-zero rank's under FSDP2: it has no weights to fingerprint, so the
-    plan is checked by widths only (every rank's plan comes from the same SUM-reduced scores, and rank 0 checks
-    the fingerprint); shapes and config change exactly as `prune` changes them."""
-    widths = {name: expert_widths(m) for name, m in find_experts(model).items()}
-    check_plan_fits(plan, widths, plan.fingerprint)
-    return apply_widths(model, plan.keep)
+class Compression(L.Callback):
+    """At the end of a calibration fit: a registered compression method (`fmoe.methods.METHODS`) plans from the
+    fit's dim scores or expert/layer statistics and edits the model physically; calibration and plan are saved.
+
+    Scores and statistics come from a CalibrationModule (statistics need `structure=True`, which this callback
+    turns on before the fit) or, for dim scores, a FisherScoring callback of the same Trainer. Shapes change only
+    in `on_fit_end`, after the loop and before anything else uses the model. In a multi-process run rank 0 plans
+    and every rank applies its plan, so ranks cannot disagree; an empty (meta) model, a non-zero rank's under
+    FSDP2, is cut to the plan's shapes.
+    """
+
+    def __init__(self, method: str = "dims", amount: float | None = 0.5, save_dir: str | Path | None = None,
+                 verbose: bool = True, model_attr: str | None = None, **options):
+        self.entry = methods.method(method)
+        if amount is not None and not 0 <= amount < 1:
+            raise ValueError(f"amount must be in [0, 1), got {amount}")
+        self.method, self.amount, self.options = method, amount, options
+        self.save_dir, self.verbose, self.model_attr = save_dir, verbose, model_attr
+        self.plan = None
+
+    def setup(self, trainer, pl_module, stage):
+        if type(trainer.strategy).__name__ == "FSDPStrategy":  # checked before a calibration run is spent
+            raise TypeError(f"{type(self).__name__} needs the model's own parameters, which FSDP1 flattens: use "
+                            "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2) or DDP")
+        if self.entry.reads == "statistics":
+            if not isinstance(pl_module, CalibrationModule):
+                raise TypeError(f"{self.method} plans from expert/layer statistics, which a CalibrationModule fit "
+                                f"measures; {type(pl_module).__name__} is not one")
+            pl_module.measure_structure()
+
+    def _calibration(self, trainer, pl_module) -> Calibration:
+        if isinstance(pl_module, CalibrationModule) and pl_module.scores is not None:
+            return Calibration(pl_module.scores, pl_module.statistics)
+        for callback in trainer.callbacks:
+            if isinstance(callback, FisherScoring) and callback.scores is not None:
+                return Calibration(callback.scores)
+        raise RuntimeError(f"{type(self).__name__} found no calibration: train a CalibrationModule or add "
+                           "FisherScoring()")
+
+    def on_fit_end(self, trainer, pl_module):
+        calibration = self._calibration(trainer, pl_module)
+        unshard(pl_module, trainer)  # FSDP2 via fmoe's shard(): the plain model, with what the fit trained
+        model = pl_module.model if isinstance(pl_module, CalibrationModule) else find_hf_model(pl_module, self.model_attr)
+        if is_sharded(model):
+            raise TypeError(f"{type(self).__name__} cannot edit a model sharded in place: under "
+                            "ModelParallelStrategy call fmoe.lightning.sharding.shard(self, '<model attribute>') in "
+                            "configure_model, which keeps the plain model to edit")
+        before, params, empty = weight_bytes(model), sum(p.numel() for p in model.parameters()), on_meta(model)
+        plan = None if empty else methods.make(model, self.method, self.amount, calibration, **self.options)
+        self.plan = rank0_object(plan)
+        self.entry.edit(model, self.plan)  # an empty model: shapes only (its plan was checked on rank 0)
+        directory = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            if calibration.scores is not None:
+                calibration.scores.save(directory / "scores")
+            if calibration.statistics is not None:
+                calibration.statistics.save(directory / "statistics")
+            self.plan.save(directory / "plan.json")
+        if self.verbose:
+            after = sum(p.numel() for p in model.parameters())
+            rank_zero_info(f"{type(self).__name__} ({self.method}): parameters {params:,} -> {after:,}, weights "
+                           f"{before / 2**20:.1f} MB -> {weight_bytes(model) / 2**20:.1f} MB; calibration and plan "
+                           f"in {directory}")
 
 
-class IntermediatePruning(L.Callback):
-    """At the end of a calibration fit: plan from the fit's scores, prune physically, save scores and plan.
+def rank0_object(obj):
+    """Rank 0's `obj` on every rank of a multi-process run (a collective); `obj` itself otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    sent = [obj]
+    dist.broadcast_object_list(sent, src=0)
+    return sent[0]
+
+
+class IntermediatePruning(Compression):
+    """Remove routed intermediate dims (method "dims"): plan from the fit's dim scores, prune physically.
 
     Follows `ModelPruning` conventions: `amount` is the share of routed intermediate dims removed, `verbose`
     logs (rank zero) what was removed. Scores come from a CalibrationModule or a FisherScoring callback of the
-    same Trainer. Shapes change only in `on_fit_end`, after the loop and before anything else uses the model. An
-    empty (meta) model, a non-zero rank's under FSDP2, is cut to the plan's shapes (`prune_shapes`).
+    same Trainer.
     """
 
     def __init__(self, amount: float = 0.5, scope: str = "layer", multiple_of: int = 16,
                  min_width: int | None = None, normalize: str = "mean", max_widths: int | None = 4,
                  save_dir: str | Path | None = None, verbose: bool = True, model_attr: str | None = None):
-        if not 0 <= amount < 1:
-            raise ValueError(f"amount must be in [0, 1), got {amount}")
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
-        self.amount, self.scope, self.multiple_of, self.min_width = amount, scope, multiple_of, min_width
-        self.normalize, self.save_dir, self.verbose, self.model_attr = normalize, save_dir, verbose, model_attr
-        self.max_widths = max_widths
-        self.plan = None
+        super().__init__("dims", amount, save_dir, verbose, model_attr, scope=scope, multiple_of=multiple_of,
+                         min_width=min_width, normalize=normalize, max_widths=max_widths)
 
-    def setup(self, trainer, pl_module, stage):
-        if type(trainer.strategy).__name__ == "FSDPStrategy":  # checked before a calibration run is spent
-            raise TypeError("IntermediatePruning needs the model's own parameters, which FSDP1 flattens: use "
-                            "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2) or DDP")
 
-    def _scores(self, trainer, pl_module) -> Scores:
-        if isinstance(pl_module, CalibrationModule) and pl_module.scores is not None:
-            return pl_module.scores
-        for callback in trainer.callbacks:
-            if isinstance(callback, FisherScoring) and callback.scores is not None:
-                return callback.scores
-        raise RuntimeError("IntermediatePruning found no scores: train a CalibrationModule or add FisherScoring()")
+class ExpertPruning(Compression):
+    """Drop whole routed experts, ranked by `criterion`: "router" (mean routing probability: Expert Drop),
+    "frequency" (share of tokens routed), "reap" (REAP: routing weight x output norm) or "fisher" (expert-level
+    Fisher). `amount`: share of routed parameters removed (or `count` experts per layer / in all, by scope)."""
 
-    def on_fit_end(self, trainer, pl_module):
-        scores = self._scores(trainer, pl_module)
-        unshard(pl_module, trainer)  # FSDP2 via fmoe's shard(): the plain model, with what the fit trained
-        model = pl_module.model if isinstance(pl_module, CalibrationModule) else find_hf_model(pl_module, self.model_attr)
-        if is_sharded(model):
-            raise TypeError("IntermediatePruning cannot slice a model sharded in place: under ModelParallelStrategy "
-                            "call fmoe.lightning.sharding.shard(self, '<model attribute>') in configure_model, "
-                            "which keeps the plain model to prune")
-        before, empty = weight_bytes(model), on_meta(model)
-        self.plan = make_plan(scores, self.amount, self.scope, multiple_of=self.multiple_of,
-                              min_width=self.min_width, normalize=self.normalize, max_widths=self.max_widths,
-                              model=None if empty else model)
-        prune_shapes(model, self.plan) if empty else prune(model, self.plan)
-        directory = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
-        if trainer.is_global_zero:
-            scores.save(directory / "scores")
-            self.plan.save(directory / "plan.json")
-        if self.verbose:
-            rank_zero_info(f"IntermediatePruning: removed {self.plan.removed_fraction():.1%} of routed dims "
-                           f"({self.scope} scope, {scores.method}); weights {before / 2**20:.1f} MB -> "
-                           f"{weight_bytes(model) / 2**20:.1f} MB; scores and plan in {directory}")
+    CRITERIA = {"router": "expert_drop", "frequency": "expert_frequency", "reap": "reap", "fisher": "expert_fisher"}
+
+    def __init__(self, amount: float | None = 0.25, criterion: str = "router", scope: str = "layer",
+                 count: int | None = None, normalize: str = "mean", save_dir: str | Path | None = None,
+                 verbose: bool = True):
+        if criterion not in self.CRITERIA:
+            raise ValueError(f"unknown expert criterion {criterion!r}; valid: {', '.join(self.CRITERIA)}")
+        super().__init__(self.CRITERIA[criterion], amount, save_dir, verbose, scope=scope, count=count,
+                         normalize=normalize)
+
+
+class LayerDropping(Compression):
+    """Drop whole MoE sublayers (norm, router, routed and shared experts), the most redundant by
+    cos(x', x' + MoE(norm(x'))). `amount`: share of routed parameters removed, or `count` sublayers."""
+
+    def __init__(self, amount: float | None = 0.25, count: int | None = None, save_dir: str | Path | None = None,
+                 verbose: bool = True):
+        super().__init__("layer_drop", amount, save_dir, verbose, count=count)
+
+
+class BlockDropping(Compression):
+    """Drop whole decoder blocks, the most redundant by cos(h_l, h_l+1) ("discrete") or the best window of
+    consecutive blocks ("consecutive"). `amount`: share of routed parameters removed, or `count` blocks."""
+
+    def __init__(self, amount: float | None = 0.25, count: int | None = None, mode: str = "discrete",
+                 save_dir: str | Path | None = None, verbose: bool = True):
+        super().__init__("block_drop", amount, save_dir, verbose, count=count, mode=mode)

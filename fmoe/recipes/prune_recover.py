@@ -3,15 +3,19 @@
     fmoe prune-recover                                   # the shipped toy MoE: CPU, no network, about a minute
     fmoe prune-recover --prune.amount 0.25 --prune.scope expert --recover.max_steps 50
     fmoe prune-recover --config recipes/configs/qwen1.5-moe-a2.7b.yaml   # 8x80 GB, real checkpoint
+    fmoe prune-recover --prune.method reap --prune.amount 0.25  # or expert_drop, layer_drop, block_drop, ...
     fmoe prune-recover --help                            # or: python recipes/prune_recover.py ...
 
-Stages: calibrate (a CalibrationModule fit that accumulates scores), prune (IntermediatePruning at its end),
-recover (LoRA via peft, merged back), evaluate (perplexity of each eval set before and after, and exact-match
-accuracy of each `tasks` file), export (fmoe.save_pretrained + results.json). A before/after table is printed at
-the end. Every `--trainer.*` option reaches every stage's Trainer (fresh callbacks, logger, strategy and plugins
-each time); `accumulate_grad_batches` and `gradient_clip_*` apply to the LoRA stage only, since a calibration steps
-no weights, and the LoRA stage runs `--recover.max_steps` steps whatever `--trainer.max_epochs` says. The default compresses fmoe's toy MoE (fmoe/assets/toy_moe) into an arithmetic specialist: calibrated and
-recovered on arithmetic word problems, measured on arithmetic, facts and general reading.
+Stages: calibrate (a CalibrationModule fit that accumulates dim scores and, for the methods that plan from them,
+expert and layer statistics), prune (`--prune.method`, any of fmoe.methods.METHODS, planned and applied at its
+end by a Compression callback), recover (LoRA via peft, merged back; compressed experts also train their
+vectors), evaluate (perplexity of each eval set before and after, and exact-match accuracy of each `tasks` file),
+export (fmoe.save_pretrained + results.json). A before/after table (total and active parameters, weight bytes,
+metrics) is printed at the end. Every `--trainer.*` option reaches every stage's Trainer (fresh callbacks, logger,
+strategy and plugins each time); `accumulate_grad_batches` and `gradient_clip_*` apply to the LoRA stage only,
+since a calibration steps no weights, and the LoRA stage runs `--recover.max_steps` steps whatever
+`--trainer.max_epochs` says. The default compresses fmoe's toy MoE (fmoe/assets/toy_moe) into an arithmetic
+specialist: calibrated and recovered on arithmetic word problems, measured on arithmetic, facts and general reading.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import fmoe
 from fmoe.data import TextDataModule
 from fmoe import toy
 from fmoe.tasks import load_tasks
-from fmoe.lightning import CalibrationModule, IntermediatePruning
+from fmoe import methods
+from fmoe.lightning import CalibrationModule, Compression
 from fmoe.lightning.recovery import LoRARecovery, evaluate
 from fmoe.lightning.sharding import load_model
 
@@ -47,12 +52,15 @@ class Stages:
 
 @dataclass
 class Prune:
-    amount: float = 0.5  # share of routed intermediate dims removed
-    scope: str = "layer"  # expert | layer | global
+    method: str = "dims"  # a compression method of fmoe.methods.METHODS (dims, expert_drop, reap, layer_drop, ...)
+    amount: float = 0.5  # share removed: of routed intermediate dims (dims), of routed parameters (the others)
+    scope: str = "layer"  # dims: expert | layer | global; expert drops: layer | global
     multiple_of: int = 16
     min_width: int | None = None
     normalize: str = "mean"
     max_widths: int | None = 4  # distinct widths per layer (one grouped matmul each); null: unbounded
+    count: int | None = None  # expert/layer/block drops: how many to drop instead of `amount`
+    mode: str = "discrete"  # block_drop: discrete | consecutive
 
 
 @dataclass
@@ -121,8 +129,10 @@ def trainer_kwargs(cfg, stage: str, callbacks: list | None = None, **overrides) 
     return {**options, **overrides}
 
 
-def params_and_bytes(model) -> tuple[int, int]:
-    return sum(p.numel() for p in model.parameters()), fmoe.weight_bytes(model)
+def sizes(model) -> dict:
+    """Total parameters, parameters a token runs through, weight bytes."""
+    return {"params": sum(p.numel() for p in model.parameters()), "active": int(fmoe.active_parameters(model)),
+            "weight_MB": fmoe.weight_bytes(model) / 2**20}
 
 
 def main(args=None) -> dict:
@@ -137,15 +147,20 @@ def main(args=None) -> dict:
     rows = {}
 
     def record(stage, model):
-        params, nbytes = params_and_bytes(model)
-        row = {"params": params, "weight_MB": nbytes / 2**20}
+        row = sizes(model)
         if stages.evaluate:
             row.update(evaluate(model, data, trainer_kwargs(cfg, "evaluate"), tasks, data.tokenizer))
         rows[stage] = row
 
     record("dense", module.model)
-    if stages.calibrate:
-        callbacks = [IntermediatePruning(**asdict(prune_cfg), save_dir=Path(cfg.export_dir).parent)] if stages.prune else []
+    options = {k: v for k, v in asdict(prune_cfg).items() if k not in ("method", "amount")}
+    options = methods.options_of(prune_cfg.method, options)
+    if stages.prune and not methods.method(prune_cfg.method).reads:  # nothing to calibrate (compressed experts)
+        methods.compress(module.model, prune_cfg.method, prune_cfg.amount, **options)
+        record("pruned", module.model)
+    elif stages.calibrate:
+        callbacks = [Compression(prune_cfg.method, prune_cfg.amount, save_dir=Path(cfg.export_dir).parent,
+                                 **options)] if stages.prune else []
         calib = L.Trainer(**trainer_kwargs(cfg, "calibrate", callbacks))
         calib.fit(module, datamodule=data)
         if stages.prune:
@@ -173,7 +188,8 @@ def main(args=None) -> dict:
 
 
 def print_table(rows: dict) -> None:
-    columns = sorted({k for r in rows.values() for k in r}, key=lambda k: (k not in ("params", "weight_MB"), k))
+    first = ("params", "active", "weight_MB")
+    columns = sorted({k for r in rows.values() for k in r}, key=lambda k: (k not in first, first.index(k) if k in first else 0, k))
     widths = [max(len(c) + 2, 11) for c in columns]
     print(f"\n{'stage':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
     for stage, row in rows.items():

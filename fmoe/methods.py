@@ -1,0 +1,191 @@
+"""Every compression method in one registry: what it reads from a calibration, how it plans, how it edits.
+
+    calibration = fmoe.measure(model, batches)                  # dim scores + expert/layer statistics, one pass
+    plan = fmoe.compress(model, "reap", 0.25, calibration)      # plan from the calibration, then the physical edit
+    plan.save("plan.json")
+
+A method is a `Method` in `METHODS` (a plain dict, as peft registers its tuners): `plan(model, calibration, amount,
+**options)` returns plain data that saves as JSON, `edit(model, plan)` applies it in place. `amount` is the share of
+routed expert parameters removed (of routed experts computed per token, for compressed experts); plans report
+what they reached in `plan.meta["achieved"]`. The Lightning callbacks and the recipe look methods up here, so a
+new method needs one entry and no other code.
+
+| method | reads | removes |
+|---|---|---|
+| dims | dim scores (fisher, ...) | intermediate dims of routed experts (Less is MoE) |
+| expert_drop | mean router probability | whole experts per layer (unified MoE compression) |
+| expert_frequency | share of tokens routed | whole experts |
+| reap | routing weight x expert output norm | whole experts (REAP) |
+| expert_fisher | expert-level Fisher | whole experts |
+| layer_drop | cos(x', x' + MoE(norm(x'))) | MoE sublayers (norm, router, routed and shared experts) |
+| block_drop | cos(h_l, h_l+n) | whole decoder blocks |
+| compressed_experts | (nothing: trained) | auxiliary experts' compute, replaced by trained vectors |
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .compressed import compress_experts
+from .expert_drop import ExpertPlan, drop_experts, plan_experts
+from .io import atomic_write_text
+from .layer_drop import DropPlan, drop, plan_block_drop, plan_layer_drop
+from .plan import PruningPlan, make_plan
+from .prune import prune
+from .scores import Scores
+from .statistics import Statistics
+
+
+@dataclass
+class Calibration:
+    """What one calibration pass measured: dim scores and/or expert and layer statistics."""
+
+    scores: Scores | None = None
+    statistics: Statistics | None = None
+
+    def need(self, what: str, method: str):
+        value = getattr(self, what)
+        if value is None:
+            raise ValueError(f"method {method!r} plans from {what}, which this calibration did not measure "
+                             f"(fmoe.measure, or CalibrationModule(structure=True) for statistics)")
+        return value
+
+
+@dataclass
+class CompressionPlan:
+    """Compressed experts: each token computes its `main` highest-weight experts; the others act through trained
+    vectors (fmoe.compressed)."""
+
+    main: int
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"format": "fmoe.CompressionPlan/1", "main": self.main, "meta": self.meta}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CompressionPlan:
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != "fmoe.CompressionPlan/1":
+            raise ValueError(f"{path} is not an fmoe compression plan (format={data.get('format')!r})")
+        return cls(main=data["main"], meta=data["meta"])
+
+
+@dataclass(frozen=True)
+class Method:
+    plan: Callable[..., Any]  # (model, calibration, amount, **options) -> plan
+    edit: Callable[[nn.Module, Any], nn.Module]  # (model, plan) -> model, physical and in place
+    plan_type: type  # what `plan` returns (its `load` reads a saved plan)
+    reads: str  # "scores", "statistics" or "" (nothing from calibration)
+    about: str
+
+
+def _dims(model, calibration, amount, scope="layer", multiple_of=16, min_width=None, normalize="mean",
+          max_widths=4):
+    scores = calibration.need("scores", "dims")
+    return make_plan(scores, amount, scope, multiple_of=multiple_of, min_width=min_width, normalize=normalize,
+                     max_widths=max_widths, model=model)
+
+
+def _experts(criterion: str) -> Callable:
+    def plan(model, calibration, amount=None, scope="layer", count=None, normalize="mean"):
+        statistics = calibration.need("statistics", criterion)
+        if criterion not in statistics.experts:
+            raise ValueError(f"expert criterion {criterion!r} was not measured (measured: "
+                             f"{', '.join(statistics.experts)}; expert Fisher needs a pass with a backward)")
+        return plan_experts(model, statistics.experts[criterion], ratio=None if count is not None else amount,
+                            count=count, scope=scope, normalize=normalize, criterion=criterion)
+
+    return plan
+
+
+def _layers(model, calibration, amount=None, count=None):
+    statistics = calibration.need("statistics", "layer_drop")
+    return plan_layer_drop(model, statistics.moe_similarity, count=count, ratio=None if count is not None else amount)
+
+
+def _blocks(model, calibration, amount=None, count=None, mode="discrete"):
+    statistics = calibration.need("statistics", "block_drop")
+    return plan_block_drop(model, statistics.block_similarity, count=count,
+                           ratio=None if count is not None else amount, mode=mode)
+
+
+def _compressed(model, calibration, amount=0.5, main=None):
+    from .compat import moe_layers
+
+    top_k = max(model.get_submodule(layer.router).top_k for layer in moe_layers(model).values())
+    main = main if main is not None else max(1, round(top_k * (1 - amount)))
+    if not 1 <= main <= top_k:
+        raise ValueError(f"compressed experts compute 1 to top_k={top_k} main experts per token, got main={main}")
+    return CompressionPlan(main, {"top_k": top_k, "achieved": 1 - main / top_k})
+
+
+METHODS: dict[str, Method] = {
+    "dims": Method(_dims, prune, PruningPlan, "scores", "remove intermediate dims of routed experts"),
+    "expert_drop": Method(_experts("router"), drop_experts, ExpertPlan, "statistics",
+                          "drop experts with the lowest mean routing probability"),
+    "expert_frequency": Method(_experts("frequency"), drop_experts, ExpertPlan, "statistics",
+                               "drop the experts routed the fewest tokens"),
+    "reap": Method(_experts("reap"), drop_experts, ExpertPlan, "statistics",
+                   "drop experts with the lowest mean routing weight x output norm (REAP)"),
+    "expert_fisher": Method(_experts("fisher"), drop_experts, ExpertPlan, "statistics",
+                            "drop experts with the lowest expert-level Fisher"),
+    "layer_drop": Method(_layers, drop, DropPlan, "statistics", "drop the MoE sublayers that change the residual least"),
+    "block_drop": Method(_blocks, drop, DropPlan, "statistics", "drop the decoder blocks that change the residual least"),
+    "compressed_experts": Method(_compressed, lambda model, plan: compress_experts(model, plan.main), CompressionPlan,
+                                 "", "compute the top experts per token; the others act through trained vectors"),
+}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown compression method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def options_of(name: str, options: dict) -> dict:
+    """The entries of `options` that method `name`'s planner takes (a recipe passes one flat set of options)."""
+    import inspect
+
+    accepted = inspect.signature(method(name).plan).parameters
+    return {k: v for k, v in options.items() if k in accepted and k not in ("model", "calibration", "amount")}
+
+
+def make(model: nn.Module, name: str, amount: float | None, calibration: Calibration | None = None, **options):
+    """The plan of method `name` for `model` at `amount` (options: the method's own, e.g. scope, mode, count)."""
+    return method(name).plan(model, calibration or Calibration(), amount, **options)
+
+
+def compress(model: nn.Module, name: str, amount: float | None, calibration: Calibration | None = None, **options):
+    """Plan with method `name` and apply the plan physically (in place); returns the plan."""
+    plan = make(model, name, amount, calibration, **options)
+    method(name).edit(model, plan)
+    return plan
+
+
+PLAN_FORMATS = {"fmoe.PruningPlan/1": PruningPlan, "fmoe.ExpertPlan/1": ExpertPlan, "fmoe.DropPlan/1": DropPlan,
+                "fmoe.CompressionPlan/1": CompressionPlan}
+
+
+def load_plan(path: str | Path):
+    """Any saved fmoe plan, by its format."""
+    found = json.loads(Path(path).read_text()).get("format")
+    if found not in PLAN_FORMATS:
+        raise ValueError(f"{path} is not an fmoe plan (format={found!r}; valid: {', '.join(PLAN_FORMATS)})")
+    return PLAN_FORMATS[found].load(path)
+
+
+def apply_plan(model: nn.Module, plan) -> nn.Module:
+    """Apply any fmoe plan with the edit registered for its type."""
+    for entry in METHODS.values():
+        if isinstance(plan, entry.plan_type):
+            return entry.edit(model, plan)
+    raise TypeError(f"not an fmoe plan: {type(plan).__name__}")
