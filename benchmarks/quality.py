@@ -32,10 +32,10 @@ from fmoe.tasks import accuracy, load_tasks
 RANDOM_SEEDS = (0, 1, 2)
 
 
-def recovered(model, plan, train_batches, steps: int, r: int, lr: float):
-    """Physically prune a copy of `model` with `plan`, LoRA-tune it on `train_batches` with Lightning, merge."""
-    pruned = fmoe.prune(copy.deepcopy(model), plan)
-    recovery = LoRARecovery(pruned, r=r, alpha=2 * r, lr=lr, eval_names=())
+def recovered(pruned, train_batches, steps: int, r: int, lr: float, **options):
+    """LoRA-tune a compressed model on `train_batches` with Lightning (in place), merge; `options` go to
+    LoRARecovery."""
+    recovery = LoRARecovery(pruned, r=r, alpha=2 * r, lr=lr, eval_names=(), **options)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, limit_val_batches=0, accelerator="cpu", devices=1)
     trainer.fit(recovery, train_dataloaders=torch.utils.data.DataLoader(train_batches, batch_size=None, shuffle=False))
@@ -76,7 +76,7 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
                 results["sweep"].append(row)
                 print(row, flush=True)
                 if lora_steps > 0:
-                    row = {**row, "lora": True, **acc(recovered(model, plan, lora_data, lora_steps, lora_r, lora_lr))}
+                    row = {**row, "lora": True, **acc(recovered(fmoe.prune(copy.deepcopy(model), plan), lora_data, lora_steps, lora_r, lora_lr))}
                     results["sweep"].append(row)
                     print(row, flush=True)
 
