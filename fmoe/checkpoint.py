@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from .compat import ensure_aligned_implementation, is_stock_loadable
 from .compressed import rebuild_compressed
+from .expert_drop import rebuild_expert_counts
 from .experts import expert_widths, find_experts, on_meta
 from .io import atomic_directory
 from .prune import WIDTHS_FIELD, apply_widths
@@ -120,6 +121,7 @@ def empty_model(source: str | Path | PretrainedConfig, dtype: torch.dtype | str 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=_resolve_dtype(config, dtype), **kwargs)
     _init_non_persistent_buffers(model)
+    rebuild_expert_counts(model, config)  # experts dropped unevenly: before the widths, which list kept experts
     widths = getattr(config, WIDTHS_FIELD, None) or {}  # absent for an unpruned model
     if widths:
         modules = find_experts(model)

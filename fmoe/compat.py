@@ -210,7 +210,12 @@ def ensure_aligned_implementation(model: nn.Module) -> None:
 
 
 def is_stock_loadable(model: nn.Module) -> bool:
-    """True when the stock config describes every experts module (uniform widths in a rewritable field)."""
+    """True when the stock config describes every experts module (uniform widths in a rewritable field, the same
+    expert count in every layer)."""
+    from .expert_drop import EXPERT_COUNTS_FIELD
+
+    if getattr(model.config, EXPERT_COUNTS_FIELD, None):
+        return False
     field = width_field(model.config.model_type)
     if field is None or getattr(model.config, COMPRESSED_FIELD, None):  # stock classes have no compressed experts
         return False

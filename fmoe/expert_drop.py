@@ -1,0 +1,355 @@
+"""Expert drop: remove whole routed experts (their weights, router rows and biases), planned from per-expert scores.
+
+Scores come from any criterion as {experts module name: Tensor[E]} (higher = keep); `plan_experts` turns them into
+an `ExpertPlan` (which experts each layer keeps), `drop_experts` edits the model in place so it computes exactly
+what the original computes with the dropped experts' router logits at -inf. `select_scores` carries dim scores
+over to the dropped model, so a dims plan (`fmoe.make_plan`) can follow without a second calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .compat import EXPERT_COUNT_FIELDS, ensure_aligned_implementation, has_hooks, moe_layers
+from .experts import RaggedExperts, expert_parameters, expert_widths, find_experts, fingerprint, num_experts, up_name
+from .io import atomic_write_text
+from .plan import _ranked
+from .prune import WIDTHS_FIELD, _replace
+from .scores import Scores
+
+FORMAT = "fmoe.ExpertPlan/1"
+EXPERT_COUNTS_FIELD = "fmoe_expert_counts"  # config field {experts module name: kept count} when counts differ
+SCOPES = ("layer", "global")
+NORMALIZATIONS = ("mean", "none")
+TOP2_GROUP_ROUTERS = ("deepseek_v3", "glm4_moe")  # rank expert groups by the sum of their best two experts
+TWO_PICK_ROUTERS = ("phimoe",)  # sparsemixer always picks two experts, whatever top_k says
+
+
+@dataclass
+class ExpertPlan:
+    """keep[name] = ascending ids of the experts module `name` keeps (ids of the model planned for)."""
+
+    keep: dict[str, list[int]]
+    num_experts: dict[str, int]  # original expert counts, to check the plan against a model
+    sizes: dict[str, list[int]]  # parameters of every original expert (the removed share without the model)
+    fingerprint: str
+    meta: dict = field(default_factory=dict)  # criterion, scope, normalize, ratio, count, achieved
+
+    def kept_counts(self) -> dict[str, int]:
+        return {name: len(ids) for name, ids in self.keep.items()}
+
+    def removed_fraction(self) -> float:
+        """Share of routed expert parameters the plan removes."""
+        total = sum(sum(s) for s in self.sizes.values())
+        kept = sum(self.sizes[name][e] for name, ids in self.keep.items() for e in ids)
+        return 1 - kept / total
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "fingerprint": self.fingerprint, "meta": self.meta, "num_experts": self.num_experts,
+                "sizes": self.sizes, "keep": self.keep}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertPlan:
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an fmoe expert plan (format={data.get('format')!r})")
+        return cls(keep={n: [int(e) for e in ids] for n, ids in data["keep"].items()},
+                   num_experts={n: int(k) for n, k in data["num_experts"].items()},
+                   sizes=data["sizes"], fingerprint=data["fingerprint"], meta=data["meta"])
+
+
+def expert_sizes(module: nn.Module) -> list[int]:
+    """Parameters of each expert of a (fused or ragged) experts module."""
+    params = module.expert_parameters if isinstance(module, RaggedExperts) else (lambda e: expert_parameters(module, e))
+    return [sum(t.numel() for t in params(e).values()) for e in range(num_experts(module))]
+
+
+def router_groups(router: nn.Module) -> tuple[int, int] | None:
+    """(n_group, topk_group) of a group-limited router (tokens first pick groups, then experts within them), else
+    None: DeepSeek-V3/GLM-4-MoE with n_group > 1, DeepSeek-V2 with topk_method="group_limited_greedy"."""
+    n_group = getattr(router, "num_group", None) or 1
+    if n_group <= 1 or getattr(router, "topk_method", "group_limited_greedy") != "group_limited_greedy":
+        return None
+    return int(n_group), int(router.topk_group)
+
+
+def check_keep(model_type: str, name: str, router: nn.Module, total: int, ids: list[int]) -> None:
+    """A clear ValueError when keeping experts `ids` of `total` breaks the layer's router."""
+    if not ids:
+        raise ValueError(f"{name}: the plan keeps no expert of {total}; every MoE layer needs at least one")
+    if model_type in TWO_PICK_ROUTERS and len(ids) < 2:
+        raise ValueError(f"{name}: {model_type}'s router (sparsemixer) always picks two experts; keep at least 2")
+    groups = router_groups(router)
+    if groups is None:
+        return
+    n_group, topk_group = groups
+    size = total // n_group
+    per_group = [sum(g * size <= e < (g + 1) * size for e in ids) for g in range(n_group)]
+    if len(set(per_group)) > 1:
+        raise ValueError(f"{name}: the plan keeps {per_group} experts in the router's {n_group} groups; a "
+                         "group-limited router reshapes its scores to [n_group, E / n_group], so every group must "
+                         "keep the same number")
+    kept = per_group[0]
+    if model_type in TOP2_GROUP_ROUTERS and kept < 2:
+        raise ValueError(f"{name}: {model_type}'s router ranks groups by their two best experts; each of the "
+                         f"{n_group} groups must keep at least 2, the plan keeps {kept}")
+    if router.top_k > topk_group * kept:
+        raise ValueError(f"{name}: top_k={router.top_k} experts must come from topk_group={topk_group} groups of "
+                         f"{kept} kept experts each; keep at least {-(-router.top_k // topk_group)} per group")
+
+
+def _layer_keep(name: str, scores: torch.Tensor, drop: int, groups: tuple[int, int] | None) -> list[int]:
+    """The experts a layer keeps when it drops its `drop` lowest-scored ones (the same number from every group of a
+    group-limited router)."""
+    total = scores.numel()
+    if drop >= total:
+        raise ValueError(f"{name}: dropping {drop} of {total} experts leaves the layer no expert")
+    if groups is None:
+        return sorted(_ranked(scores)[: total - drop].tolist())
+    n_group = groups[0]
+    if drop % n_group:
+        raise ValueError(f"{name}: its router is group-limited ({n_group} groups) and drops the same number of "
+                         f"experts from every group, so the count per layer must divide by {n_group}, got {drop}")
+    size, per = total // n_group, drop // n_group
+    kept = [g * size + _ranked(scores[g * size:(g + 1) * size])[: size - per] for g in range(n_group)]
+    return sorted(torch.cat(kept).tolist())
+
+
+def plan_experts(model: nn.Module, scores: dict[str, torch.Tensor], ratio: float | None = None,
+                 count: int | None = None, scope: str = "layer", normalize: str = "mean",
+                 criterion: str = "") -> ExpertPlan:
+    """Drop the lowest-scored experts: `ratio` (share of routed parameters to remove) or `count` (experts per layer
+    for scope "layer", in all for "global"). Scope "layer" drops the same number in every MoE layer (ratio: round(
+    ratio x E)); "global" ranks experts across layers (each layer's scores divided by their mean first when
+    normalize="mean") and keeps at least one per layer (two where the router always picks two)."""
+    if (ratio is None) == (count is None):
+        raise ValueError("give exactly one of ratio (share of routed parameters to remove) or count (experts)")
+    if ratio is not None and not 0 <= ratio <= 1:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    if count is not None and (not isinstance(count, int) or count < 0):
+        raise ValueError(f"count must be a non-negative int, got {count!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalize {normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
+    model_type = model.config.model_type
+    modules, layers = find_experts(model), moe_layers(model)
+    totals = {name: num_experts(m) for name, m in modules.items()}
+    if set(scores) != set(modules):
+        raise ValueError(f"scores name experts modules {sorted(set(scores) - set(modules))[:3]} the model does not "
+                         f"have, or lack {sorted(set(modules) - set(scores))[:3]}")
+    for name, s in scores.items():
+        if tuple(s.shape) != (totals[name],) or not bool(torch.isfinite(s).all()):
+            raise ValueError(f"scores of {name} must be {totals[name]} finite values (one per expert), got "
+                             f"shape {tuple(s.shape)}")
+    values = {name: scores[name].detach().double().cpu() for name in modules}
+    routers = {name: model.get_submodule(layers[name].router) for name in modules}
+    sizes = {name: expert_sizes(m) for name, m in modules.items()}
+    if scope == "layer":
+        keep = {name: _layer_keep(name, values[name], round(ratio * totals[name]) if count is None else count,
+                                  router_groups(routers[name])) for name in modules}
+    else:
+        grouped = [name for name in modules if router_groups(routers[name])]
+        if grouped:
+            raise ValueError(f"global scope cannot plan for group-limited routers ({grouped[0]}, ...): they need the "
+                             "same number of experts dropped from every group, which a ranking across layers does "
+                             "not give; use scope='layer'")
+        keep = _global_keep(values, sizes, ratio, count, normalize, 2 if model_type in TWO_PICK_ROUTERS else 1)
+    for name, ids in keep.items():
+        check_keep(model_type, name, routers[name], totals[name], ids)
+    meta = dict(criterion=criterion, scope=scope, normalize=normalize, ratio=ratio, count=count)
+    plan = ExpertPlan(keep=keep, num_experts=totals, sizes=sizes, fingerprint=fingerprint(model), meta=meta)
+    plan.meta["achieved"] = plan.removed_fraction()
+    return plan
+
+
+def _global_keep(values: dict[str, torch.Tensor], sizes: dict[str, list[int]], ratio: float | None,
+                 count: int | None, normalize: str, min_keep: int) -> dict[str, list[int]]:
+    """Experts dropped lowest first across layers (ties by layer, then expert order), never below `min_keep` per
+    layer: `count` of them, or while the removed parameters come nearer to `ratio` of the total."""
+    if normalize == "mean":
+        for name, v in values.items():
+            if not v.mean() > 0:
+                raise ValueError(f"normalize='mean' divides each layer's scores by their mean, which is not positive "
+                                 f"for {name}; use normalize='none'")
+        values = {name: v / v.mean() for name, v in values.items()}
+    order = sorted((float(v[e]), i, e) for i, v in enumerate(values.values()) for e in range(v.numel()))
+    names = list(values)
+    left = {name: v.numel() for name, v in values.items()}
+    dropped: set[tuple[str, int]] = set()
+    target = None if ratio is None else ratio * sum(sum(s) for s in sizes.values())
+    removed = 0
+    for _, i, e in order:
+        name = names[i]
+        if count is not None and len(dropped) == count:
+            break
+        if left[name] <= min_keep:
+            continue
+        if target is not None:
+            if abs(removed + sizes[name][e] - target) >= abs(removed - target):
+                break
+            removed += sizes[name][e]
+        dropped.add((name, e))
+        left[name] -= 1
+    if count is not None and len(dropped) < count:
+        raise ValueError(f"count={count} drops more experts than the layers can lose while each keeps {min_keep}: "
+                         f"at most {len(dropped)}")
+    return {name: [e for e in range(v.numel()) if (name, e) not in dropped] for name, v in values.items()}
+
+
+def check_expert_plan(model: nn.Module, plan: ExpertPlan) -> dict[str, nn.Module]:
+    """The model's experts modules, after checking the plan was made for exactly this model."""
+    modules = find_experts(model)
+    counts = {name: num_experts(m) for name, m in modules.items()}
+    if plan.num_experts != counts or set(plan.keep) != set(counts):
+        made, has = dict(list(plan.num_experts.items())[:2]), dict(list(counts.items())[:2])
+        raise ValueError(f"expert plan does not fit this model: it was made for expert counts {made}..., the model "
+                         f"has {has}... (a plan applies once, to the model it was made for)")
+    if plan.fingerprint != fingerprint(model):
+        raise ValueError(f"expert plan was made for another model (fingerprint {plan.fingerprint} != "
+                         f"{fingerprint(model)})")
+    for name, ids in plan.keep.items():
+        if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= counts[name]:
+            raise ValueError(f"expert plan keeps invalid experts for {name}: need ascending, unique, in range, "
+                             "at least one")
+    return modules
+
+
+@torch.no_grad()
+def drop_experts(model: nn.Module, plan: ExpertPlan) -> nn.Module:
+    """Physically remove the experts `plan` drops (in place), with their router rows, and rewrite the config so
+    checkpoints rebuild the result; returns the model."""
+    if has_hooks(model):
+        raise RuntimeError("cannot drop experts while fmoe hooks are attached (inside fmoe.masked or a scoring "
+                           "pass); drop after the block ends")
+    check_expert_plan(model, plan)
+    layers = moe_layers(model)
+    for name, ids in plan.keep.items():
+        check_keep(model.config.model_type, name, model.get_submodule(layers[name].router), plan.num_experts[name], ids)
+    select_experts(model, plan.keep)
+    config, counts = model.config, plan.kept_counts()
+    if getattr(config, WIDTHS_FIELD, None):
+        setattr(config, WIDTHS_FIELD, {name: expert_widths(m) for name, m in find_experts(model).items()})
+    if len(set(counts.values())) == 1:  # a stock config describes it: rewrite the count fields
+        kept = next(iter(counts.values()))
+        for key in EXPERT_COUNT_FIELDS:
+            if hasattr(config, key):
+                setattr(config, key, kept)  # aliases (attribute_map) write the same field again
+        if isinstance(getattr(config, "num_experts_per_tok", None), int):
+            config.num_experts_per_tok = min(config.num_experts_per_tok, kept)
+        config.__dict__.pop(EXPERT_COUNTS_FIELD, None)
+        top_k = getattr(config, "num_experts_per_tok", None)
+        for key, value in (("num_experts", kept), ("num_experts_per_tok", top_k)):
+            if isinstance(getattr(model, key, None), int):  # the causal LM's copies (load-balancing loss)
+                setattr(model, key, value)
+    else:  # routers keep min(num_experts_per_tok, count) experts per token: the rebuild derives the same
+        setattr(config, EXPERT_COUNTS_FIELD, counts)
+    ensure_aligned_implementation(model)
+    return model
+
+
+def select_experts(model: nn.Module, keep: dict[str, list[int]]) -> None:
+    """Cut every listed MoE layer to experts keep[name] (ascending ids): expert tensors, router rows and biases,
+    expert counts and top_k of router, block and experts module. Works on the meta device (checkpoint rebuilds)."""
+    layers = moe_layers(model)
+    for name, ids in keep.items():
+        layer, index = layers[name], torch.tensor(ids, dtype=torch.long)
+        experts = model.get_submodule(name)
+        if isinstance(experts, RaggedExperts):
+            experts = _select_ragged(model, name, experts, ids)
+        else:
+            _select_params(experts, index, [up_name(experts), "down_proj"])
+        router, block = model.get_submodule(layer.router), model.get_submodule(layer.block)
+        _select_params(router, index, ["weight", "bias"])
+        if isinstance(router, nn.Linear):
+            router.out_features = len(ids)
+        buffer = router._buffers.get("e_score_correction_bias")
+        if buffer is not None:
+            router._buffers["e_score_correction_bias"] = buffer.index_select(0, index.to(buffer.device))
+        statics = getattr(router, "moe_statics", None)
+        if statics is not None:
+            _select_params(statics, index, ["e_score_correction_bias"], dim=1)
+        for module in (router, block, experts):
+            if isinstance(getattr(module, "num_experts", None), int):
+                module.num_experts = len(ids)
+            if isinstance(getattr(module, "top_k", None), int):
+                module.top_k = min(module.top_k, len(ids))
+
+
+def _select_params(module: nn.Module, index: torch.Tensor, keys: list[str], dim: int = 0) -> None:
+    """Parameters `keys` (and their `_bias`, where present) of `module` cut to `index` along `dim`."""
+    for key in keys + [f"{k}_bias" for k in keys]:
+        p = module._parameters.get(key)
+        if p is not None:
+            module._parameters[key] = nn.Parameter(p.index_select(dim, index.to(p.device)),
+                                                   requires_grad=p.requires_grad)
+
+
+def _select_ragged(model: nn.Module, name: str, ragged: RaggedExperts, ids: list[int]) -> nn.Module:
+    """Ragged experts cut to `ids`: their width buckets cut in place, or, when the kept experts share one width,
+    the stock module they were cut from (what `fmoe.prune.apply_widths` builds for uniform widths)."""
+    position = {e: i for i, e in enumerate(ids)}
+    buckets, bucket_ids = [], []
+    for bucket, members in zip(ragged.buckets, ragged.bucket_ids, strict=True):
+        local = [i for i, e in enumerate(members) if e in position]
+        if local:
+            _select_params(bucket, torch.tensor(local), [up_name(bucket), "down_proj"])
+            buckets.append(bucket)
+            bucket_ids.append([position[members[i]] for i in local])
+    widths = [ragged.widths[e] for e in ids]
+    if len(buckets) > 1:
+        ragged.buckets, ragged.bucket_ids, ragged.widths = nn.ModuleList(buckets), bucket_ids, widths
+        ragged.num_experts, ragged._order = len(ids), {}
+        return ragged
+    block = model.get_submodule(name.rpartition(".")[0])
+    stock_class = getattr(sys.modules[type(block).__module__], ragged.stock_class)  # the family's modeling module
+    with torch.device("meta"):
+        stock = stock_class(ragged.config)
+    for key, p in buckets[0]._parameters.items():
+        stock._parameters[key] = p
+    stock.num_experts = len(ids)
+    for attr in ("intermediate_dim", "intermediate_size"):
+        if isinstance(getattr(stock, attr, None), int):
+            setattr(stock, attr, widths[0])
+    _replace(model, name, stock)
+    return stock
+
+
+def rebuild_expert_counts(model: nn.Module, config=None) -> nn.Module:
+    """Cut a freshly built model (meta device) to the per-layer expert counts its config records
+    (`fmoe_expert_counts`, written when layers keep different numbers); a no-op without that field."""
+    config = model.config if config is None else config
+    counts = getattr(config, EXPERT_COUNTS_FIELD, None) or {}
+    if not counts:
+        return model
+    modules = find_experts(model)
+    wrong = [n for n, k in counts.items() if n not in modules or not 0 < int(k) <= num_experts(modules[n])]
+    if wrong:
+        raise ValueError(f"{EXPERT_COUNTS_FIELD} names experts modules the model does not have, or counts that do "
+                         f"not fit: {wrong[:3]}; the model's modules are {sorted(modules)[:3]}...")
+    select_experts(model, {name: list(range(int(k))) for name, k in counts.items()})
+    return model
+
+
+def select_scores(scores: Scores, plan: ExpertPlan, model: nn.Module) -> Scores:
+    """The dim scores ([E, I] per module) of the experts `plan` keeps, fingerprinted for `model` (dropped by that
+    plan), so a dims plan can follow an expert drop without a second calibration."""
+    if scores.fingerprint != plan.fingerprint:
+        raise ValueError(f"scores come from another model than the expert plan (fingerprint {scores.fingerprint} "
+                         f"!= {plan.fingerprint})")
+    counts = {name: num_experts(m) for name, m in find_experts(model).items()}
+    if counts != plan.kept_counts() or set(scores.tensors) != set(plan.keep):
+        raise ValueError("the model is not the one this expert plan dropped (expert counts differ), or the scores "
+                         "name other experts modules")
+    tensors = {name: t[torch.tensor(plan.keep[name])].contiguous() for name, t in scores.tensors.items()}
+    meta = {**scores.meta, "experts_kept": plan.keep}
+    return Scores(tensors, scores.method, fingerprint(model), scores.samples, scores.tokens, meta)
