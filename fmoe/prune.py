@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .compat import ensure_aligned_implementation, experts_hooks, has_hooks, moe_layers, width_field
+from .compressed import CompressedExperts
 from .experts import (RaggedExperts, attached_hooks, expert_widths, find_experts, fingerprint, num_experts, on_meta,
                       slice_experts)
 from .plan import PruningPlan
@@ -20,6 +21,10 @@ def check_plan(model: nn.Module, plan: PruningPlan) -> dict[str, nn.Module]:
     """The model's experts modules, after checking the plan was made for exactly this model. An empty (meta)
     model has no weights to fingerprint (a non-zero rank's under FSDP2, whose plan rank 0 checked): widths only."""
     modules = find_experts(model)
+    compressed = [name for name, m in modules.items() if isinstance(m, CompressedExperts)]
+    if compressed:
+        raise ValueError(f"cannot prune the dims of compressed experts ({compressed[0]}): their trained vectors have "
+                         "the experts' width; prune dims first, then compress")
     fp = plan.fingerprint if on_meta(model) else fingerprint(model)
     check_plan_fits(plan, {name: expert_widths(m) for name, m in modules.items()}, fp)
     return modules

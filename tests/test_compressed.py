@@ -226,3 +226,11 @@ def test_refusals_are_clear():
         CompressedExperts(torch.nn.Linear(2, 2), 1)
     with pytest.raises(ValueError, match="between 1 and"):
         compress_experts(tiny_model("olmoe"), main=3)
+
+
+def test_pruning_dims_of_compressed_experts_is_refused():
+    model = tiny_model("olmoe")
+    plan = fmoe.make_plan(fmoe.score(model, method="magnitude"), 0.5, "layer", multiple_of=8, model=model)
+    compress_experts(model)
+    with pytest.raises(ValueError, match="prune dims first, then compress"):
+        fmoe.prune(model, plan)
