@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from .compat import ensure_aligned_implementation, is_stock_loadable
 from .experts import expert_widths, find_experts
 from .io import atomic_directory
+from .layer_drop import rebuild_dropped_moe
 from .prune import WIDTHS_FIELD, apply_widths
 
 FORMAT_FIELD = "fmoe_format"  # "stock" | "fused"
@@ -119,6 +120,7 @@ def empty_model(source: str | Path | PretrainedConfig, dtype: torch.dtype | str 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=_resolve_dtype(config, dtype), **kwargs)
     _init_non_persistent_buffers(model)
+    rebuild_dropped_moe(model, config)  # MoE sublayers a layer drop removed (before widths: their experts are gone)
     widths = getattr(config, WIDTHS_FIELD, None) or {}  # absent for an unpruned model
     if widths:
         modules = find_experts(model)

@@ -209,7 +209,12 @@ def ensure_aligned_implementation(model: nn.Module) -> None:
 
 
 def is_stock_loadable(model: nn.Module) -> bool:
-    """True when the stock config describes every experts module (uniform widths in a rewritable field)."""
+    """True when the stock config describes every experts module (uniform widths in a rewritable field) and every
+    MoE sublayer (none removed by a layer drop)."""
+    from .layer_drop import DROPPED_MOE_FIELD  # here: layer_drop builds on this module
+
+    if getattr(model.config, DROPPED_MOE_FIELD, None):
+        return False
     field = width_field(model.config.model_type)
     if field is None:
         return False
