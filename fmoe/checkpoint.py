@@ -25,16 +25,33 @@ from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from .compat import ensure_aligned_implementation, is_stock_loadable
-from .compressed import rebuild_compressed
-from .expert_drop import rebuild_expert_counts
-from .experts import expert_widths, find_experts, on_meta
+from .compat import ensure_aligned_implementation, width_field
+from .compressed import COMPRESSED_FIELD, rebuild_compressed
+from .expert_drop import EXPERT_COUNTS_FIELD, rebuild_expert_counts
+from .experts import RaggedExperts, expert_widths, find_experts, on_meta
 from .io import atomic_directory
+from .layer_drop import DROPPED_MOE_FIELD, rebuild_dropped_moe
 from .prune import WIDTHS_FIELD, apply_widths
 
 FORMAT_FIELD = "fmoe_format"  # "stock" | "fused"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # {"weight_map": {tensor name: shard file}} of a sharded checkpoint
+
+
+# config fields of structures no stock class builds (fmoe.from_pretrained rebuilds them in `empty_model`)
+STRUCTURE_FIELDS = (DROPPED_MOE_FIELD, EXPERT_COUNTS_FIELD, COMPRESSED_FIELD)
+
+
+def is_stock_loadable(model: nn.Module) -> bool:
+    """True when the stock config describes the model: uniform widths in a rewritable field, the same expert count
+    in every layer, every MoE sublayer present, no compressed experts."""
+    field = width_field(model.config.model_type)
+    if field is None or any(getattr(model.config, f, None) for f in STRUCTURE_FIELDS):
+        return False
+    for module in find_experts(model).values():
+        if isinstance(module, RaggedExperts) or set(expert_widths(module)) != {getattr(model.config, field)}:
+            return False
+    return True
 
 
 def save_pretrained(model: PreTrainedModel, directory: str | Path, tokenizer=None) -> Path:
@@ -121,6 +138,7 @@ def empty_model(source: str | Path | PretrainedConfig, dtype: torch.dtype | str 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=_resolve_dtype(config, dtype), **kwargs)
     _init_non_persistent_buffers(model)
+    rebuild_dropped_moe(model, config)  # MoE sublayers a layer drop removed (before widths: their experts are gone)
     rebuild_expert_counts(model, config)  # experts dropped unevenly: before the widths, which list kept experts
     widths = getattr(config, WIDTHS_FIELD, None) or {}  # absent for an unpruned model
     if widths:

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from .compressed import COMPRESSED_FIELD
 from .experts import (HOOKS_ATTR, IntermediateHook, RaggedExperts, attached_hooks, expert_widths, experts_forward,
                       find_experts)
 
@@ -207,20 +206,4 @@ def ensure_aligned_implementation(model: nn.Module) -> None:
             )
             model.set_experts_implementation("batched_mm")
             return
-
-
-def is_stock_loadable(model: nn.Module) -> bool:
-    """True when the stock config describes every experts module (uniform widths in a rewritable field, the same
-    expert count in every layer)."""
-    from .expert_drop import EXPERT_COUNTS_FIELD
-
-    if getattr(model.config, EXPERT_COUNTS_FIELD, None):
-        return False
-    field = width_field(model.config.model_type)
-    if field is None or getattr(model.config, COMPRESSED_FIELD, None):  # stock classes have no compressed experts
-        return False
-    for module in find_experts(model).values():
-        if isinstance(module, RaggedExperts) or set(expert_widths(module)) != {getattr(model.config, field)}:
-            return False
-    return True
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import fmoe
-from fmoe.compat import is_stock_loadable
+from fmoe.checkpoint import is_stock_loadable
 from fmoe.compressed import COMPRESSED_FIELD, VECTORS, CompressedExperts, compress_experts
 from fmoe.experts import is_routed_experts
 from fmoe.lightning.recovery import LoRARecovery

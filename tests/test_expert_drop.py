@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fmoe
-from fmoe.compat import EXPERT_COUNT_FIELDS, is_stock_loadable, moe_layers
+from fmoe.checkpoint import is_stock_loadable
+from fmoe.compat import EXPERT_COUNT_FIELDS, moe_layers
 from fmoe.expert_drop import (EXPERT_COUNTS_FIELD, ExpertPlan, drop_experts, plan_experts, router_groups,
                               select_scores)
 from fmoe.experts import expert_widths, num_experts
