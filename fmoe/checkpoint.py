@@ -138,6 +138,12 @@ def empty_model(source: str | Path | PretrainedConfig, dtype: torch.dtype | str 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=_resolve_dtype(config, dtype), **kwargs)
     _init_non_persistent_buffers(model)
+    return rebuild(model, config, where)
+
+
+def rebuild(model: nn.Module, config: PretrainedConfig, where: str = "config") -> nn.Module:
+    """Cut a model built from `config` (on meta, by the stock class) to the structure fmoe's config fields record:
+    MoE sublayers removed, experts dropped, widths, compressed experts, in the order they were applied."""
     rebuild_dropped_moe(model, config)  # MoE sublayers a layer drop removed (before widths: their experts are gone)
     rebuild_expert_counts(model, config)  # experts dropped unevenly: before the widths, which list kept experts
     widths = getattr(config, WIDTHS_FIELD, None) or {}  # absent for an unpruned model

@@ -39,12 +39,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from .checkpoint import FORMAT_FIELD, INDEX_FILE, SAFETENSORS_DTYPES, WEIGHTS_FILE, is_stock_loadable, weight_files
+from .checkpoint import (FORMAT_FIELD, INDEX_FILE, SAFETENSORS_DTYPES, WEIGHTS_FILE, is_stock_loadable, rebuild,
+                         weight_files)
 from .experts import RaggedExperts, expert_widths, find_experts, fingerprint_of, slice_expert, width_buckets
 from .io import atomic_directory
-from .layer_drop import rebuild_dropped_moe
 from .plan import PruningPlan
-from .prune import WIDTHS_FIELD, apply_widths, check_plan_fits
+from .prune import apply_widths, check_plan_fits
 from .scores import Scores
 
 # files of a model directory worth carrying over (tokenizer and chat template); weights and configs are rewritten
@@ -106,11 +106,7 @@ def meta_model(config):
     fmoe checkpoint records, so its state dict describes that checkpoint."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    rebuild_dropped_moe(model, config)
-    widths = getattr(config, WIDTHS_FIELD, None) or {}
-    if widths:
-        apply_widths(model, {name: [torch.arange(w) for w in ws] for name, ws in widths.items()})
-    return model
+    return rebuild(model, config)
 
 
 @dataclass(frozen=True)
