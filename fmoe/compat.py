@@ -49,6 +49,9 @@ ROUTER_NAMES = ("gate", "router")
 MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe")
 POST_ATTENTION_NORM = "post_attention_layernorm"
 SIGMOID_ROUTERS = ("deepseek_v3", "glm4_moe")  # rank experts by sigmoid(logits); the others by softmax
+TOP2_GROUP_ROUTERS = ("deepseek_v3", "glm4_moe")  # rank expert groups by the sum of their best two experts
+TWO_PICK_ROUTERS = ("phimoe",)  # sparsemixer always picks two experts, whatever top_k says
+TUPLE_BLOCKS = ("gpt_oss",)  # MoE blocks returning (hidden states, router scores); the others return a tensor
 # config fields holding the routed expert count (aliases of each other where a family has several)
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .compat import EXPERT_COUNT_FIELDS, ensure_aligned_implementation, has_hooks, moe_layers
+from .compat import (EXPERT_COUNT_FIELDS, TOP2_GROUP_ROUTERS, TWO_PICK_ROUTERS, ensure_aligned_implementation,
+                     has_hooks, moe_layers)
 from .experts import RaggedExperts, expert_parameters, expert_widths, find_experts, fingerprint, num_experts, up_name
 from .io import atomic_write_text
 from .plan import _ranked
@@ -27,8 +28,6 @@ FORMAT = "fmoe.ExpertPlan/1"
 EXPERT_COUNTS_FIELD = "fmoe_expert_counts"  # config field {experts module name: kept count} when counts differ
 SCOPES = ("layer", "global")
 NORMALIZATIONS = ("mean", "none")
-TOP2_GROUP_ROUTERS = ("deepseek_v3", "glm4_moe")  # rank expert groups by the sum of their best two experts
-TWO_PICK_ROUTERS = ("phimoe",)  # sparsemixer always picks two experts, whatever top_k says
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .compat import decoder_layers, has_hooks, moe_layers
+from .compat import TUPLE_BLOCKS, decoder_layers, has_hooks, moe_layers
 from .experts import find_experts, fingerprint
 from .io import atomic_write_text
 
@@ -33,7 +33,6 @@ DROPPED_MOE_FIELD = "fmoe_dropped_moe"  # config field: [decoder layer index] wh
 FMOE_FIELD_PREFIX = "fmoe_"
 PLAN_FORMAT = "fmoe.DropPlan/1"
 BLOCK_MODES = ("discrete", "consecutive")
-TUPLE_BLOCKS = ("gpt_oss",)  # MoE blocks returning (hidden states, router scores); the others return a tensor
 LAYER_INDEX_ATTRS = ("layer_idx",)  # attributes holding a module's decoder layer index (the KV cache's slot)
 
 
@@ -46,7 +45,7 @@ class DropPlan:
     blocks: list[int]
     num_layers: int
     fingerprint: str
-    meta: dict = field(default_factory=dict)  # criterion, mode, count, ratio, routed_removed, params_removed
+    meta: dict = field(default_factory=dict)  # criterion, mode, count, ratio, achieved (share of routed parameters removed), params_removed
 
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, "fingerprint": self.fingerprint, "num_layers": self.num_layers,
@@ -143,7 +142,7 @@ def plan_layer_drop(model: nn.Module, moe_similarity: torch.Tensor, count: int |
     chosen = sorted(order[:count])
     routed, params = _shares(model, chosen, [])
     meta = dict(criterion="moe_similarity", mode="layer", count=count if ratio is None else None, ratio=ratio,
-                dropped=len(chosen), routed_removed=routed, params_removed=params)
+                dropped=len(chosen), achieved=routed, params_removed=params)
     return DropPlan(chosen, [], len(layers), fingerprint(model), meta)
 
 
@@ -185,7 +184,7 @@ def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int
         raise ValueError(f"dropping blocks {chosen} removes every MoE layer {sorted(moe)}; drop fewer")
     routed, params = _shares(model, [], chosen)
     meta = dict(criterion="block_similarity", mode=mode, count=count if ratio is None else None, ratio=ratio,
-                dropped=len(chosen), routed_removed=routed, params_removed=params)
+                dropped=len(chosen), achieved=routed, params_removed=params)
     return DropPlan([], chosen, n, fingerprint(model), meta)
 
 

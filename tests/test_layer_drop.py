@@ -205,7 +205,7 @@ def test_block_plans():
     s = similarity({1: [0.1, 0.9, 0.5, 0.8], 2: [0.3, 0.7, 0.6]})
     plan = plan_block_drop(model, s, count=2)
     assert (plan.blocks, plan.moe_layers, plan.num_layers) == ([1, 3], [], 4)
-    assert plan.meta["routed_removed"] == 0.5 and 0 < plan.meta["params_removed"] < 0.5
+    assert plan.meta["achieved"] == 0.5 and 0 < plan.meta["params_removed"] < 0.5
     assert plan_block_drop(model, s, count=2, mode="consecutive").blocks == [1, 2]
     assert plan_block_drop(model, s, ratio=0.3).blocks == [1]  # 1/4 of the routed parameters is nearest
     assert plan_block_drop(model, s, ratio=0.5, mode="consecutive").blocks == [1, 2]
@@ -216,7 +216,7 @@ def test_layer_plans():
     sim = torch.tensor([float("nan"), 0.2, 0.9, 0.5])
     plan = plan_layer_drop(model, sim, count=2)
     assert (plan.moe_layers, plan.blocks) == ([2, 3], [])
-    assert plan.meta["routed_removed"] == pytest.approx(2 / 3)
+    assert plan.meta["achieved"] == pytest.approx(2 / 3)
     assert plan_layer_drop(model, sim, ratio=0.4).moe_layers == [2]  # 1/3 nearer 0.4 than 2/3
     drop(model, plan)
     assert [m.index for m in moe_layers(model).values()] == [1]
