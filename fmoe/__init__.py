@@ -7,9 +7,11 @@ from .plan import PruningPlan, make_plan
 from .prune import masked, prune, weight_bytes
 from .scores import Scores
 from .scoring import METHODS, score
+from .statistics import Statistics, measure
 
 __all__ = [
-    "METHODS", "PruningPlan", "RaggedExperts", "Scores", "find_experts", "fingerprint", "from_pretrained",
-    "make_plan", "masked", "prune", "prune_checkpoint", "save_pretrained", "score", "score_checkpoint", "weight_bytes",
+    "METHODS", "PruningPlan", "RaggedExperts", "Scores", "Statistics", "find_experts", "fingerprint",
+    "from_pretrained", "make_plan", "masked", "measure", "prune", "prune_checkpoint", "save_pretrained", "score",
+    "score_checkpoint", "weight_bytes",
 ]
 __version__ = "0.1.0"

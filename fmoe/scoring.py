@@ -30,6 +30,7 @@ from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, nu
 from .loss import Batch, prepare_batch, sequence_nll
 from .prune import active_mask
 from .scores import Scores
+from .statistics import Statistics, StructureStatistics
 
 
 def sequence_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,10 +277,12 @@ class Scorer:
                 scorer.step(batch)       # forward (+ one backward for fisher)
         scores = scorer.result()
 
-    Lightning hooks that cannot hold a `with` block call `attach()` and `detach()` instead.
+    Lightning hooks that cannot hold a `with` block call `attach()` and `detach()` instead. With `structure`, the
+    same pass also measures the expert- and layer-level statistics of fmoe.statistics (`statistics()`); their sums
+    join `state()` under "structure/" keys, so rank reduction and checkpoints cover them.
     """
 
-    def __init__(self, model: nn.Module, method: str = "fisher"):
+    def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False):
         if method not in DATA_METHODS:
             raise ValueError(f"Scorer runs the data methods {', '.join(DATA_METHODS)}; got {method!r}")
         self.model, self.method = model, method
@@ -289,6 +292,8 @@ class Scorer:
         self.fingerprint = None if empty else fingerprint(model)
         self.device = torch.device("cpu") if empty else next(model.parameters()).device
         self.acc = DATA_METHODS[method](self.modules, self.device)
+        self.structure = StructureStatistics(model, self.device, fisher=self.acc.needs_grad,
+                                             gradient_scale=lambda: self.acc.gradient_scale) if structure else None
         self.ctx = _Context()
         self.samples = self.tokens = 0
         self._stack: ExitStack | None = None
@@ -307,6 +312,8 @@ class Scorer:
         if freeze:
             stack.enter_context(frozen(self.model))
         stack.enter_context(experts_hooks(self.model, {name: self.acc.hook(name, self.ctx) for name in self.modules}))
+        if self.structure is not None:
+            stack.enter_context(self.structure.attached(self.model, self.ctx))
         self._stack = stack
 
     @property
@@ -336,6 +343,8 @@ class Scorer:
         """Move the accumulated state (the model is moved by its owner)."""
         self.device = torch.device(device)
         self.acc.to(self.device)
+        if self.structure is not None:
+            self.structure.to(self.device)
         return self
 
     def step(self, raw: Mapping[str, torch.Tensor], backward=None, sync: Callable | None = None,
@@ -367,13 +376,16 @@ class Scorer:
         """After a backward: keep the step's Fisher sums if the loss and every gradient were finite on every rank
         (one host sync). Otherwise drop them and raise; with `skip_non_finite` (fp16 loss scaling, whose scaled
         gradients can overflow) a finite loss with non-finite gradients returns False instead."""
-        flags = torch.stack([~torch.as_tensor(loss_ok, device=self.device), ~self.acc.finite.all()]).float()
+        finite = self.acc.finite.all()
+        if self.structure is not None:
+            finite = finite & self.structure.finite.all()
+        flags = torch.stack([~torch.as_tensor(loss_ok, device=self.device), ~finite]).float()
         ranks = sync(flags.clone()) if sync is not None else flags  # [ranks with a bad loss, with a bad gradient]
         if not bool((ranks > 0).any()):
-            self.acc.end_step(commit=True)
+            self._end_step(commit=True)
             return True
-        bad_module = self.acc.bad_module()
-        self.acc.end_step(commit=False)
+        bad_module = self.acc.bad_module() or (self.structure.bad_module() if self.structure is not None else None)
+        self._end_step(commit=False)
         if skip_non_finite and ranks[0] == 0:
             return False
         if flags[0] > 0:
@@ -384,13 +396,20 @@ class Scorer:
             cause = f"non-finite loss or gradient on {int(ranks.max())} other rank(s)"
         raise FloatingPointError(f"{cause}: Fisher scores would be poisoned (under fp16, use bf16 or fp32)")
 
+    def _end_step(self, commit: bool) -> None:
+        self.acc.end_step(commit)
+        if self.structure is not None:
+            self.structure.end_step(commit)
+
     def count(self, samples: int, tokens: int) -> None:
         self.samples += samples
         self.tokens += tokens
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every accumulated tensor (sums over samples), e.g. to SUM-reduce across ranks or checkpoint."""
-        return self.acc.state()
+        if self.structure is None:
+            return self.acc.state()
+        return {**self.acc.state(), **{f"structure/{k}": t for k, t in self.structure.state().items()}}
 
     def load_state(self, state: dict[str, torch.Tensor], samples: int, tokens: int) -> None:
         """Replace the accumulated state (resume, or the SUM over ranks); updates tensors in place."""
@@ -407,6 +426,15 @@ class Scorer:
         tensors = {n: t.float().cpu() for n, t in self.acc.result().items()}
         meta = {"model_type": getattr(self.model.config, "model_type", None)}
         return Scores(tensors, self.method, self.fingerprint, self.samples, self.tokens, meta)
+
+    def statistics(self) -> Statistics:
+        """The expert- and layer-level statistics of the pass (a Scorer made with `structure=True`)."""
+        if self.structure is None:
+            raise ValueError("this scorer measures no statistics: make it with structure=True")
+        if self.samples == 0:
+            raise ValueError("no calibration sample with a supervised token: no statistics")
+        meta = {"model_type": getattr(self.model.config, "model_type", None), "method": self.method}
+        return self.structure.result(self.fingerprint, self.samples, self.tokens, meta)
 
 
 def score(

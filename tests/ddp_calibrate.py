@@ -42,12 +42,13 @@ def resume(out: Path, strategy: str = "ddp") -> None:
     make = fsdp2 if strategy == "fsdp2" else lambda: strategy
     # 8 sequences, 2 ranks, batches of 2: 2 steps an epoch; stopping at step 3 interrupts the second epoch
     two_cpus(max_epochs=2, max_steps=3, callbacks=[ckpt], enable_checkpointing=True, strategy=make()).fit(
-        CalibrationModule(tiny_model("qwen3_moe")), ResumableDataLoader(sequences(), batch_size=2))
-    resumed = CalibrationModule(tiny_model("qwen3_moe"))
+        CalibrationModule(tiny_model("qwen3_moe"), structure=True), ResumableDataLoader(sequences(), batch_size=2))
+    resumed = CalibrationModule(tiny_model("qwen3_moe"), structure=True)
     trainer = two_cpus(max_epochs=2, strategy=make())
     trainer.fit(resumed, ResumableDataLoader(sequences(), batch_size=2), ckpt_path=out / "ckpt" / "last.ckpt")
     if trainer.is_global_zero:
         resumed.scores.save(out / "scores")
+        resumed.statistics.save(out / "statistics")
 
 
 def fsdp2() -> ModelParallelStrategy:
@@ -180,7 +181,8 @@ if __name__ == "__main__":
         stages[kind](out, *sys.argv[3:])
         close()
         sys.exit()
-    module = CalibrationModule(tiny_model("qwen3_moe"), method="fisher" if kind != "activation" else "activation")
+    module = CalibrationModule(tiny_model("qwen3_moe"), method="fisher" if kind != "activation" else "activation",
+                               structure=kind != "recover")
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out)
     trainer = two_cpus(strategy=fsdp2() if kind == "fsdp2" else "ddp", max_epochs=1, callbacks=[pruning],
                        default_root_dir=out)
@@ -199,4 +201,6 @@ if __name__ == "__main__":
             (out / "ppl.txt").write_text(f"{before} {after}")
     else:  # every rank must reach the same plan (IntermediatePruning saved rank 0's scores to OUT_DIR/scores)
         pruning.plan.save(out / f"plan_rank{trainer.global_rank}.json")
+        if trainer.is_global_zero:
+            module.statistics.save(out / "statistics")
     close()

@@ -213,6 +213,14 @@ def test_two_processes_equal_one_process(tmp_path, kind):
     expected = fmoe.score(model, batches, method="activation" if kind == "activation" else "fisher")
     close(fmoe.Scores.load(tmp_path / "scores"), expected)
     assert fmoe.Scores.load(tmp_path / "scores").samples == 8 * epochs  # each sample once per epoch, SUM-reduced
+    stats = fmoe.Statistics.load(tmp_path / "statistics")  # measured in the same pass, reduced in the same step
+    reference = fmoe.measure(model, batches, fisher=kind != "activation")
+    assert stats.experts.keys() == reference.experts.keys() and stats.samples == reference.samples
+    for criterion, by_name in reference.experts.items():
+        for name, t in by_name.items():
+            torch.testing.assert_close(stats.experts[criterion][name], t, rtol=1e-4, atol=1e-6 * float(t.max()))
+    torch.testing.assert_close(stats.moe_similarity, reference.moe_similarity, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats.block_similarity, reference.block_similarity, rtol=1e-4, atol=1e-6)
     if kind in ("ddp", "activation", "fsdp2"):
         plans = [json.loads((tmp_path / f"plan_rank{r}.json").read_text()) for r in (0, 1)]
         assert plans[0] == plans[1]

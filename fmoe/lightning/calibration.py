@@ -3,6 +3,9 @@
     trainer = L.Trainer(max_epochs=1, callbacks=[IntermediatePruning(amount=0.5, scope="layer")])
     trainer.fit(CalibrationModule(model, method="fisher"), calibration_dataloader)
 
+With `structure=True` the same pass measures the expert- and layer-level statistics of fmoe.statistics: after the
+fit `self.statistics` holds their SUM over ranks, reduced in the same collective step as the scores.
+
 No weight update and no weight gradient: the model's weights are frozen; for Fisher the only trainable parameters
 are zero scalars added to each layer's expert activations (DDP needs a parameter the forward uses). Each rank
 accumulates locally; at the end of the fit the sums are SUM-reduced once, so every rank holds the same scores (and
@@ -26,6 +29,7 @@ from torch import nn
 from ..checkpoint import on_meta
 from ..scores import Scores
 from ..scoring import Scorer
+from ..statistics import Statistics
 from .sharding import RestoreOnException, data_parallel_mesh, is_sharded, materialize, shard, unshard
 
 _STATE_KEY = "fmoe_scorer"
@@ -108,10 +112,11 @@ def rank0_fingerprint(own: str | None) -> str | None:
 
 
 class CalibrationModule(L.LightningModule):
-    def __init__(self, model: nn.Module, method: str = "fisher"):
+    def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False):
         super().__init__()
         self.model = model
         self.method = method
+        self.structure = structure
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints carry the scorer state, not the (frozen, unchanged) weights
         # what the no-op optimizer steps: frozen, so DDP ignores it, but a registered parameter, which distributed
@@ -121,11 +126,12 @@ class CalibrationModule(L.LightningModule):
         if not on_meta(model):  # an empty model (a non-zero rank's, see load_model) is scored once it is filled
             self._make_scorer()
         self.scores: Scores | None = None
+        self.statistics: Statistics | None = None
         self._seconds = 0.0
 
     def _make_scorer(self) -> None:
         """The scorer over the model's weights (its fingerprint reads them) and the parameters DDP must see."""
-        self.scorer = Scorer(self.model, self.method)
+        self.scorer = Scorer(self.model, self.method, structure=self.structure)
         anchors = getattr(self.scorer.acc, "anchors", {})
         self.anchors = nn.ParameterList(anchors.values())  # registered so DDP and device moves see them
         if not anchors:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
@@ -194,6 +200,7 @@ class CalibrationModule(L.LightningModule):
     def on_train_end(self) -> None:
         self.scorer.detach()
         self.scores = sum_across_ranks(self.scorer, self.trainer.strategy)
+        self.statistics = self.scorer.statistics() if self.structure else None
         self.teardown("fit")  # weights are frozen: nothing to gather; the plain model is back for pruning
 
     def teardown(self, stage: str) -> None:
@@ -218,7 +225,8 @@ class CalibrationModule(L.LightningModule):
         if not is_sharded(self.model):  # a distributed (FSDP2) checkpoint cannot be loaded without the weights
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
         checkpoint[_STATE_KEY] = {"state": {k: t.cpu() for k, t in state.items()}, "samples": samples,
-                                  "tokens": tokens, "method": self.method, "fingerprint": self.scorer.fingerprint}
+                                  "tokens": tokens, "method": self.method, "fingerprint": self.scorer.fingerprint,
+                                  "structure": self.structure}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(_STATE_KEY)
@@ -227,5 +235,8 @@ class CalibrationModule(L.LightningModule):
         if saved["method"] != self.method or saved["fingerprint"] != self.scorer.fingerprint:
             raise ValueError(f"checkpoint is a {saved['method']!r} calibration of model {saved['fingerprint']}, "
                              f"this run is {self.method!r} on {self.scorer.fingerprint}")
+        if saved.get("structure", False) != self.structure:
+            raise ValueError(f"checkpoint was a calibration with structure={saved.get('structure', False)}, this run "
+                             f"has structure={self.structure}")
         if data_parallel_rank(self.trainer.strategy) == 0:  # the saved sums cover every rank; others start at 0
             self.scorer.load_state(saved["state"], saved["samples"], saved["tokens"])
