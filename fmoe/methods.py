@@ -1,6 +1,6 @@
 """Every compression method in one registry: what it reads from a calibration, how it plans, how it edits.
 
-    calibration = fmoe.measure(model, batches)                  # dim scores + expert/layer statistics, one pass
+    calibration = fmoe.calibrate(model, batches)                # dim scores + expert/layer statistics, one pass
     plan = fmoe.compress(model, "reap", 0.25, calibration)      # plan from the calibration, then the physical edit
     plan.save("plan.json")
 
@@ -25,12 +25,15 @@ new method needs one entry and no other code.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .compressed import compress_experts
 from .expert_drop import ExpertPlan, drop_experts, plan_experts
@@ -39,6 +42,7 @@ from .layer_drop import DropPlan, drop, plan_block_drop, plan_layer_drop
 from .plan import PruningPlan, make_plan
 from .prune import prune
 from .scores import Scores
+from .scoring import Scorer
 from .statistics import Statistics
 
 
@@ -53,8 +57,20 @@ class Calibration:
         value = getattr(self, what)
         if value is None:
             raise ValueError(f"method {method!r} plans from {what}, which this calibration did not measure "
-                             f"(fmoe.measure, or CalibrationModule(structure=True) for statistics)")
+                             f"(fmoe.calibrate, or CalibrationModule(structure=True) for statistics)")
         return value
+
+
+def calibrate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], method: str = "fisher",
+              progress: bool | None = None) -> Calibration:
+    """Dim scores (`method`: a data method of fmoe.scoring) and expert and layer statistics of `model`, from one
+    pass over calibration `batches` (dicts with input_ids and optionally attention_mask, labels)."""
+    progress = sys.stderr.isatty() if progress is None else progress
+    scorer = Scorer(model, method, structure=True)
+    with scorer.attached():
+        for batch in tqdm(batches, disable=not progress, desc=f"calibrating ({method})"):
+            scorer.step(batch)
+    return Calibration(scorer.result(), scorer.statistics())
 
 
 @dataclass
@@ -91,8 +107,10 @@ class Method:
 def _dims(model, calibration, amount, scope="layer", multiple_of=16, min_width=None, normalize="mean",
           max_widths=4):
     scores = calibration.need("scores", "dims")
-    return make_plan(scores, amount, scope, multiple_of=multiple_of, min_width=min_width, normalize=normalize,
+    plan = make_plan(scores, amount, scope, multiple_of=multiple_of, min_width=min_width, normalize=normalize,
                      max_widths=max_widths, model=model)
+    plan.meta["achieved"] = plan.removed_fraction()  # of routed dims: of routed parameters up to expert biases
+    return plan
 
 
 def _experts(criterion: str) -> Callable:

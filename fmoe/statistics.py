@@ -300,15 +300,6 @@ def measure(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], fis
     """Expert- and layer-level statistics of `model` over calibration `batches` (dicts with input_ids and optionally
     attention_mask, labels), from one pass with the dim scorer (method "fisher", or "activation" without `fisher`:
     forward only, no expert Fisher). Weights are left untouched."""
-    import sys
+    from .methods import calibrate  # methods plans from these statistics
 
-    from tqdm.auto import tqdm
-
-    from .scoring import Scorer
-
-    progress = sys.stderr.isatty() if progress is None else progress
-    scorer = Scorer(model, "fisher" if fisher else "activation", structure=True)
-    with scorer.attached():
-        for batch in tqdm(batches, disable=not progress, desc="statistics"):
-            scorer.step(batch)
-    return scorer.statistics()
+    return calibrate(model, batches, "fisher" if fisher else "activation", progress).statistics

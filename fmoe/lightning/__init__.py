@@ -1,6 +1,7 @@
 """Lightning layer: the calibration pass as `trainer.fit`, and callbacks that score and prune."""
 
 from .calibration import CalibrationModule
-from .callbacks import FisherScoring, IntermediatePruning
+from .callbacks import BlockDropping, Compression, ExpertPruning, FisherScoring, IntermediatePruning, LayerDropping
 
-__all__ = ["CalibrationModule", "FisherScoring", "IntermediatePruning"]
+__all__ = ["BlockDropping", "CalibrationModule", "Compression", "ExpertPruning", "FisherScoring", "IntermediatePruning",
+           "LayerDropping"]

@@ -129,6 +129,14 @@ class CalibrationModule(L.LightningModule):
         self.statistics: Statistics | None = None
         self._seconds = 0.0
 
+    def measure_structure(self) -> None:
+        """Measure expert and layer statistics in this fit too (callbacks whose method plans from them call it
+        before the fit starts)."""
+        if not self.structure:
+            self.structure = True
+            if self.scorer is not None:
+                self._make_scorer()
+
     def _make_scorer(self) -> None:
         """The scorer over the model's weights (its fingerprint reads them) and the parameters DDP must see."""
         self.scorer = Scorer(self.model, self.method, structure=self.structure)
