@@ -25,6 +25,7 @@ new method needs one entry and no other code.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -140,7 +141,7 @@ def _compressed(model, calibration, amount=0.5, main=None):
     from .compat import moe_layers
 
     top_k = max(model.get_submodule(layer.router).top_k for layer in moe_layers(model).values())
-    main = main if main is not None else max(1, round(top_k * (1 - amount)))
+    main = main if main is not None else max(1, top_k - math.ceil(top_k * amount - 1e-9))  # at least `amount` off
     if not 1 <= main <= top_k:
         raise ValueError(f"compressed experts compute 1 to top_k={top_k} main experts per token, got main={main}")
     return CompressionPlan(main, {"top_k": top_k, "achieved": 1 - main / top_k})

@@ -1,0 +1,114 @@
+"""The registry of compression methods: every method plans from one calibration, saves, loads and applies the same
+way, and the Lightning callbacks and the recipe reach exactly what the library computes."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import fmoe
+from fmoe import methods
+from fmoe.lightning import BlockDropping, CalibrationModule, ExpertPruning, LayerDropping
+from fmoe.tiny import tiny_model
+from tests.conftest import make_batches
+from tests.test_lightning import sequences, trainer
+
+# 4 layers of 8 experts (top-2): every method has room at 25% and 50%
+CONFIG = dict(num_experts=8, num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    model = tiny_model("olmoe", **CONFIG)
+    return model, methods.calibrate(model, make_batches(n_batches=2, seed=1), progress=False)
+
+
+def test_unknown_method_names_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: dims, expert_drop"):
+        methods.method("merge_experts")
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+@pytest.mark.parametrize("amount", [0.25, 0.5])
+def test_every_method_plans_saves_loads_and_applies_alike(calibrated, name, amount, tmp_path):
+    model, calibration = calibrated
+    compressed = copy.deepcopy(model)
+    plan = fmoe.compress(compressed, name, amount, calibration)
+    assert 0 < plan.meta["achieved"] <= 1
+    plan.save(tmp_path / "plan.json")
+    loaded = fmoe.load_plan(tmp_path / "plan.json")
+    assert type(loaded) is methods.METHODS[name].plan_type and loaded.to_dict() == plan.to_dict()
+    replayed = fmoe.apply_plan(copy.deepcopy(model), loaded)
+    probe = make_batches(n_batches=1, seed=7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(replayed(**probe).logits, compressed(**probe).logits, rtol=0, atol=0)
+        changed = not torch.allclose(compressed(**probe).logits, model(**probe).logits)
+    assert changed
+    fewer = fmoe.active_parameters(compressed) < fmoe.active_parameters(model)
+    assert fewer and (name == "compressed_experts" or
+                      sum(p.numel() for p in compressed.parameters()) < sum(p.numel() for p in model.parameters()))
+    fmoe.save_pretrained(compressed, tmp_path / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(fmoe.from_pretrained(tmp_path / "export")(**probe).logits,
+                                   compressed(**probe).logits, rtol=0, atol=0)
+
+
+def test_a_method_without_its_statistics_is_refused(calibrated):
+    model, calibration = calibrated
+    with pytest.raises(ValueError, match="plans from statistics"):
+        methods.make(model, "reap", 0.25, fmoe.Calibration(scores=calibration.scores))
+
+
+@pytest.mark.parametrize("callback, name, options", [
+    (lambda: ExpertPruning(amount=0.25, criterion="reap"), "reap", {}),
+    (lambda: ExpertPruning(amount=0.5, criterion="fisher", scope="global"), "expert_fisher", {"scope": "global"}),
+    (lambda: LayerDropping(count=1), "layer_drop", {"count": 1}),
+    (lambda: BlockDropping(count=2, mode="consecutive"), "block_drop", {"count": 2, "mode": "consecutive"}),
+])
+def test_callbacks_reach_what_the_library_computes(tmp_path, callback, name, options):
+    model = tiny_model("olmoe", **CONFIG)
+    reference = copy.deepcopy(model)
+    data = sequences()
+    compression = callback()
+    compression.save_dir = tmp_path / "out"
+    module = CalibrationModule(model)  # the callback turns on the expert and layer statistics
+    trainer(tmp_path, callbacks=[compression]).fit(module, DataLoader(data, batch_size=4))
+    batches = [torch.utils.data.default_collate(data[i:i + 4]) for i in (0, 4)]
+    calibration = methods.calibrate(reference, batches, progress=False)
+    amount = None if "count" in options else compression.amount
+    expected = fmoe.compress(reference, name, amount, calibration, **options)
+    assert compression.plan.to_dict() == expected.to_dict()
+    probe = make_batches(n_batches=1, seed=5)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**probe).logits, reference(**probe).logits, rtol=1e-5, atol=1e-6)
+    assert fmoe.load_plan(tmp_path / "out" / "plan.json").to_dict() == expected.to_dict()
+    saved = fmoe.Statistics.load(tmp_path / "out" / "statistics")
+    for criterion, tensors in calibration.statistics.experts.items():
+        for layer, t in tensors.items():
+            torch.testing.assert_close(saved.experts[criterion][layer], t, rtol=1e-5, atol=1e-8)
+
+
+def test_recipe_compresses_with_any_method(tmp_path):
+    from fmoe.recipes import prune_recover
+
+    common = ["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+              "--task_limit", "10", "--data.n_samples", "16"]
+    rows = prune_recover.main([*common, "--export_dir", str(tmp_path / "reap"), "--prune.method", "reap",
+                               "--prune.amount", "0.25", "--stages.recover", "false"])
+    plan = fmoe.load_plan(tmp_path / "plan.json")
+    assert isinstance(plan, fmoe.ExpertPlan) and set(plan.kept_counts().values()) == {6}
+    assert rows["pruned"]["params"] < rows["dense"]["params"]
+    loaded = fmoe.from_pretrained(tmp_path / "reap")
+    # still top-2 of equal experts: as much expert compute per token; 2 router rows per layer fewer
+    router_rows = 2 * loaded.config.num_hidden_layers * loaded.config.hidden_size
+    assert rows["dense"]["active"] - rows["pruned"]["active"] == router_rows
+    assert {m.down_proj.shape[0] for m in fmoe.find_experts(loaded).values()} == {6}
+
+    rows = prune_recover.main([*common, "--export_dir", str(tmp_path / "ce"), "--prune.method", "compressed_experts",
+                               "--recover.max_steps", "4", "--recover.val_check_interval", "2"])
+    assert list(rows) == ["dense", "pruned", "recovered"]
+    assert rows["recovered"]["active"] < rows["dense"]["active"] < rows["recovered"]["params"]
+    loaded = fmoe.from_pretrained(tmp_path / "ce")
+    vectors = [p for n, p in loaded.named_parameters() if "compress_" in n]
+    assert vectors and any(not torch.equal(v, torch.ones_like(v)) for v in vectors)  # trained in the recovery stage
