@@ -18,7 +18,8 @@ from torch import nn
 
 from .compat import (EXPERT_COUNT_FIELDS, TOP2_GROUP_ROUTERS, TWO_PICK_ROUTERS, ensure_aligned_implementation,
                      has_hooks, moe_layers)
-from .experts import RaggedExperts, expert_parameters, expert_widths, find_experts, fingerprint, num_experts, up_name
+from .experts import (RaggedExperts, expert_parameters, expert_widths, find_experts, fingerprint, num_experts,
+                      on_meta, up_name)
 from .io import atomic_write_text
 from .plan import _ranked
 from .prune import WIDTHS_FIELD, _replace
@@ -213,7 +214,7 @@ def check_expert_plan(model: nn.Module, plan: ExpertPlan) -> dict[str, nn.Module
         made, has = dict(list(plan.num_experts.items())[:2]), dict(list(counts.items())[:2])
         raise ValueError(f"expert plan does not fit this model: it was made for expert counts {made}..., the model "
                          f"has {has}... (a plan applies once, to the model it was made for)")
-    if plan.fingerprint != fingerprint(model):
+    if not on_meta(model) and plan.fingerprint != fingerprint(model):  # an empty model (FSDP2 rank > 0): shapes only
         raise ValueError(f"expert plan was made for another model (fingerprint {plan.fingerprint} != "
                          f"{fingerprint(model)})")
     for name, ids in plan.keep.items():

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .compat import TUPLE_BLOCKS, decoder_layers, has_hooks, moe_layers
-from .experts import find_experts, fingerprint
+from .experts import find_experts, fingerprint, on_meta
 from .io import atomic_write_text
 
 DROPPED_MOE_FIELD = "fmoe_dropped_moe"  # config field: [decoder layer index] whose MoE sublayer was removed
@@ -361,7 +361,7 @@ def drop(model: nn.Module, plan: DropPlan) -> nn.Module:
     _, layers = decoder_layers(model)
     if plan.num_layers != len(layers):
         raise ValueError(f"plan was made for {plan.num_layers} decoder layers, the model has {len(layers)}")
-    fp = fingerprint(model)
+    fp = plan.fingerprint if on_meta(model) else fingerprint(model)  # an empty model (FSDP2 rank > 0): shapes only
     if plan.fingerprint != fp:
         raise ValueError(f"plan was made for another model (fingerprint {plan.fingerprint} != {fp})")
     moe = {m.index for m in moe_layers(model).values()}

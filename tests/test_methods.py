@@ -112,3 +112,16 @@ def test_recipe_compresses_with_any_method(tmp_path):
     loaded = fmoe.from_pretrained(tmp_path / "ce")
     vectors = [p for n, p in loaded.named_parameters() if "compress_" in n]
     assert vectors and any(not torch.equal(v, torch.ones_like(v)) for v in vectors)  # trained in the recovery stage
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_every_edit_cuts_an_empty_model_to_the_same_shapes(calibrated, name):
+    """A non-zero rank under FSDP2 holds the model on meta: rank 0 plans, every rank applies the plan."""
+    from fmoe.checkpoint import empty_model
+
+    model, calibration = calibrated
+    plan = methods.make(model, name, 0.5, calibration)
+    empty = fmoe.apply_plan(empty_model(copy.deepcopy(model.config)), plan)
+    real = fmoe.apply_plan(copy.deepcopy(model), plan)
+    assert {k: v.shape for k, v in empty.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    assert empty.config.to_dict() == real.config.to_dict()
