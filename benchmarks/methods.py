@@ -61,7 +61,8 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
 
     train_texts = [r["text"] for r in toy.read_jsonl(files[calibrate]["train"])]
     calib = toy.batches(tokenizer, train_texts[:n_calibration], batch_size)
-    lora_data = toy.batches(tokenizer, train_texts[n_calibration: n_calibration + lora_steps * batch_size], batch_size)
+    lora_texts = train_texts[n_calibration: n_calibration + lora_steps * batch_size]
+    lora_data = toy.batches(tokenizer, lora_texts, batch_size) if lora_texts else []
     start = time.perf_counter()
     calibration = methods.calibrate(model, calib)
     results = {"calibrate": calibrate, "n_calibration": n_calibration, "split": split, "limit": limit,
@@ -83,8 +84,7 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
         for label, name, options in RUNS:
             run(label, name, amount, **options)
 
-    # equal active parameters: half the routed compute per token, three ways
-    run("dims 50% (equal active)", "dims", 0.5, scope="layer", multiple_of=1, max_widths=None)
+    # equal active parameters: half the routed compute per token (dims at 50% above), two more ways
     top1 = methods.compress(copy.deepcopy(model), "compressed_experts", 0.5)
     for label, vectors in (("top-1 routing", False), ("compressed experts", True)):
         compressed = copy.deepcopy(model)
@@ -93,10 +93,45 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
         if lora_steps > 0:
             tuned = recovered(compressed, lora_data, lora_steps, lora_r, lora_lr, compressed=vectors)
             results["rows"].append(measure(tuned, label, 0.5, top1, lora=True))
+    results["oracle"] = oracle(model, calibration, calib[: max(1, len(calib) // 4)])
     results["routed_params"] = routed
     results["seconds"] = round(time.perf_counter() - t0)
     write(results, Path(out), list(tasks))
     return results
+
+
+def oracle(model, calibration, batches) -> dict:
+    """How well each expert criterion predicts what removing one expert costs: the calibration loss increase when
+    expert e alone is dropped (its router row deleted), for every expert of every layer, against each criterion's
+    score; Spearman correlation within each layer (a higher score should mean a larger loss increase), averaged."""
+    from fmoe.expert_drop import ExpertPlan, drop_experts, expert_sizes
+    from fmoe.loss import mean_nll, prepare_batch
+
+    def loss(m) -> float:
+        with torch.no_grad():
+            return sum(float(mean_nll(m, prepare_batch(b, "cpu"))[0]) for b in batches) / len(batches)
+
+    base, modules = loss(model), fmoe.find_experts(model)
+    increase = {}
+    for name, module in modules.items():
+        n = module.down_proj.shape[0]
+        rise = []
+        for e in range(n):
+            keep = {k: [i for i in range(m.down_proj.shape[0]) if k != name or i != e] for k, m in modules.items()}
+            plan = ExpertPlan(keep, {k: m.down_proj.shape[0] for k, m in modules.items()},
+                              {k: expert_sizes(m) for k, m in modules.items()}, fmoe.fingerprint(model))
+            rise.append(loss(drop_experts(copy.deepcopy(model), plan)) - base)
+        increase[name] = torch.tensor(rise)
+
+    def rank(t):
+        return t.argsort().argsort().double()
+
+    out = {}
+    for criterion, tensors in calibration.statistics.experts.items():
+        per_layer = [float(torch.corrcoef(torch.stack([rank(tensors[n]), rank(increase[n])]))[0, 1]) for n in modules]
+        out[criterion] = round(sum(per_layer) / len(per_layer), 3)
+    out["loss"] = round(base, 4)
+    return out
 
 
 def write(results: dict, out: Path, domains: list[str]) -> None:
@@ -122,6 +157,12 @@ def write(results: dict, out: Path, domains: list[str]) -> None:
         removed = "" if r["achieved"] is None else f"{r['achieved']:.3f}"
         lines.append(f"| {r['method']} | {r['amount']} | {removed} | {r['params']:,} | {r['active']:,} | "
                      + " | ".join(cells) + " |")
+    lines += ["", "Which expert criterion predicts the cost of removing an expert: Spearman correlation, within each "
+              "layer and averaged, between a criterion's score and the calibration loss increase when that expert "
+              "alone is dropped (1: the same order).", "",
+              "| " + " | ".join(k for k in results["oracle"] if k != "loss") + " |",
+              "|" + "---|" * (len(results["oracle"]) - 1),
+              "| " + " | ".join(f"{v:.3f}" for k, v in results["oracle"].items() if k != "loss") + " |"]
     lines += ["", f"(calibration {results['calibration_seconds']} s; {results['seconds']} s in all on CPU)"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(results, out, domains)
@@ -133,7 +174,7 @@ def plot(results: dict, out: Path, domains: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results["rows"][1:] if r["amount"] in (0.25, 0.5) and "equal active" not in r["method"]]
+    rows = [r for r in results["rows"][1:] if r["method"] not in ("top-1 routing", "compressed experts")]
     labels = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 0.45 * len(labels) + 1.5), squeeze=False)
     for j, d in enumerate(domains):
