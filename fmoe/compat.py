@@ -48,7 +48,7 @@ FAMILIES: dict[str, tuple[str, bool]] = {
 ROUTER_NAMES = ("gate", "router")
 MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe")
 POST_ATTENTION_NORM = "post_attention_layernorm"
-SIGMOID_ROUTERS = ("deepseek_v3", "glm4_moe")  # rank experts by sigmoid(logits); the others by softmax
+SIGMOID_ROUTERS = ("deepseek_v3", "glm4_moe")  # score experts by sigmoid(logits); the others by softmax
 TOP2_GROUP_ROUTERS = ("deepseek_v3", "glm4_moe")  # rank expert groups by the sum of their best two experts
 TWO_PICK_ROUTERS = ("phimoe",)  # sparsemixer always picks two experts, whatever top_k says
 TUPLE_BLOCKS = ("gpt_oss",)  # MoE blocks returning (hidden states, router scores); the others return a tensor
@@ -97,9 +97,56 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
     return found
 
 
-def router_probabilities(model_type: str, logits: torch.Tensor) -> torch.Tensor:
-    """[T, E] probabilities a router ranks experts by (its own softmax, or sigmoid for DeepSeek-V3/GLM-4-MoE)."""
-    return logits.float().sigmoid() if model_type in SIGMOID_ROUTERS else logits.float().softmax(-1)
+def router_groups(router: nn.Module) -> tuple[int, int] | None:
+    """(n_group, topk_group) of a group-limited router (tokens first pick groups, then experts within them), else
+    None: DeepSeek-V3/GLM-4-MoE with n_group > 1, DeepSeek-V2 with topk_method="group_limited_greedy"."""
+    n_group = getattr(router, "num_group", None) or 1
+    if n_group <= 1 or getattr(router, "topk_method", "group_limited_greedy") != "group_limited_greedy":
+        return None
+    return int(n_group), int(router.topk_group)
+
+
+def select_rows(module: nn.Module, key: str, index: torch.Tensor, dim: int = 0) -> None:
+    """A parameter or buffer `key` of `module` (if it has one) cut to `index` along `dim`, in place."""
+    for store in (module._parameters, module._buffers):
+        t = store.get(key)
+        if t is not None:
+            cut = t.index_select(dim, index.to(t.device))
+            store[key] = nn.Parameter(cut, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else cut
+
+
+def cut_router(router: nn.Module, index: torch.Tensor) -> None:
+    """A router cut to experts `index`: its weight rows [E, H] and, where the family has them, bias [E] (gpt-oss),
+    `e_score_correction_bias` [E] (DeepSeek-V3, GLM-4-MoE: a buffer) or `moe_statics.e_score_correction_bias`
+    [1, E] (ERNIE), and the `out_features` of an nn.Linear router (Phi-MoE)."""
+    for key in ("weight", "bias", "e_score_correction_bias"):
+        select_rows(router, key, index)
+    statics = getattr(router, "moe_statics", None)
+    if statics is not None:
+        select_rows(statics, "e_score_correction_bias", index, dim=1)
+    if isinstance(router, nn.Linear):
+        router.out_features = len(index)
+
+
+def family_class(module: nn.Module, name: str) -> type:
+    """Class `name` of the transformers modeling module `module` comes from (e.g. a family's stock experts class)."""
+    import sys
+
+    return getattr(sys.modules[type(module).__module__], name)
+
+
+def router_probabilities(model_type: str, logits: torch.Tensor, top_weights: torch.Tensor,
+                         top_ids: torch.Tensor) -> torch.Tensor:
+    """[T, E] routing probabilities for Expert Drop's score: the router's own softmax over all experts; for sigmoid
+    routers (DeepSeek-V3, GLM-4-MoE), whose scores are not a distribution, the top-k weights the model applies
+    scattered into zeros (as the unified MoE compression code does for DeepSeek)."""
+    if model_type in SIGMOID_ROUTERS:
+        ids = top_ids.reshape(logits.shape[0], -1)
+        real = ids < logits.shape[-1]  # expert-parallel sentinels route nowhere
+        weights = top_weights.reshape(ids.shape).float().where(real, 0.0)
+        return logits.new_zeros(logits.shape, dtype=torch.float32).scatter_add_(1, ids.clamp(max=logits.shape[-1] - 1),
+                                                                               weights)
+    return logits.float().softmax(-1)
 
 
 def _fmoe_experts(self, hidden_states, top_k_index, top_k_weights):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .experts import RaggedExperts, adopt_stock, attached_hooks, experts_forward, is_routed_experts
+from .experts import RaggedExperts, adopt_stock, attached_hooks, experts_forward, is_routed_experts, replace_module
 
 COMPRESSED_FIELD = "fmoe_compressed"  # config field: {"main": experts computed per token} of a compressed model
 VECTORS = ("compress_gate", "compress_up", "compress_act")  # parameter names of the trained vectors
@@ -81,11 +81,6 @@ class CompressedExperts(nn.Module):
         return f"{self.stock_class}, main={self.main}"
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _compress(model: nn.Module, main: int | None) -> int:
     """Replace every routed experts module by CompressedExperts; returns `main`."""
     from .compat import moe_layers
@@ -97,7 +92,7 @@ def _compress(model: nn.Module, main: int | None) -> int:
         raise ValueError(f"main must be between 1 and the routers' top_k {min(top_k)} (experts computed per "
                          f"token), got {main}")
     for name in layers:
-        _replace(model, name, CompressedExperts(model.get_submodule(name), main))
+        replace_module(model, name, CompressedExperts(model.get_submodule(name), main))
     return main
 
 
@@ -115,8 +110,8 @@ def compress_experts(model: nn.Module, main: int | None = None) -> nn.Module:
         raise ValueError("the model's experts are compressed already")
     ragged = [name for name, m in modules.items() if isinstance(m, RaggedExperts)]
     if ragged:
-        raise ValueError(f"cannot compress experts of different widths ({ragged[0]} is RaggedExperts): compress "
-                         "before dim pruning, or prune uniformly")
+        raise ValueError(f"cannot compress experts of different widths ({ragged[0]} is RaggedExperts): prune "
+                         "dims uniformly (expert scope), then compress")
     main = _compress(model, main)
     setattr(model.config, COMPRESSED_FIELD, {"main": main})
     return model

@@ -9,20 +9,20 @@ over to the dropped model, so a dims plan (`fmoe.make_plan`) can follow without 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .compat import (EXPERT_COUNT_FIELDS, TOP2_GROUP_ROUTERS, TWO_PICK_ROUTERS, ensure_aligned_implementation,
-                     has_hooks, moe_layers)
+from .compat import (EXPERT_COUNT_FIELDS, TOP2_GROUP_ROUTERS, TWO_PICK_ROUTERS, cut_router, ensure_aligned_implementation,
+                     family_class, has_hooks, moe_layers, router_groups, select_rows)
+from .compressed import VECTORS
 from .experts import (RaggedExperts, expert_parameters, expert_widths, find_experts, fingerprint, num_experts,
-                      on_meta, up_name)
+                      on_meta, replace_module, up_name)
 from .io import atomic_write_text
 from .plan import _ranked
-from .prune import WIDTHS_FIELD, _replace
+from .prune import WIDTHS_FIELD
 from .scores import Scores
 
 FORMAT = "fmoe.ExpertPlan/1"
@@ -71,15 +71,6 @@ def expert_sizes(module: nn.Module) -> list[int]:
     """Parameters of each expert of a (fused or ragged) experts module."""
     params = module.expert_parameters if isinstance(module, RaggedExperts) else (lambda e: expert_parameters(module, e))
     return [sum(t.numel() for t in params(e).values()) for e in range(num_experts(module))]
-
-
-def router_groups(router: nn.Module) -> tuple[int, int] | None:
-    """(n_group, topk_group) of a group-limited router (tokens first pick groups, then experts within them), else
-    None: DeepSeek-V3/GLM-4-MoE with n_group > 1, DeepSeek-V2 with topk_method="group_limited_greedy"."""
-    n_group = getattr(router, "num_group", None) or 1
-    if n_group <= 1 or getattr(router, "topk_method", "group_limited_greedy") != "group_limited_greedy":
-        return None
-    return int(n_group), int(router.topk_group)
 
 
 def check_keep(model_type: str, name: str, router: nn.Module, total: int, ids: list[int]) -> None:
@@ -266,18 +257,10 @@ def select_experts(model: nn.Module, keep: dict[str, list[int]]) -> None:
         experts = model.get_submodule(name)
         if isinstance(experts, RaggedExperts):
             experts = _select_ragged(model, name, experts, ids)
-        else:
-            _select_params(experts, index, [up_name(experts), "down_proj"])
+        else:  # fused experts (and compressed experts' per-expert vectors)
+            _select_params(experts, index, [up_name(experts), "down_proj", *VECTORS])
         router, block = model.get_submodule(layer.router), model.get_submodule(layer.block)
-        _select_params(router, index, ["weight", "bias"])
-        if isinstance(router, nn.Linear):
-            router.out_features = len(ids)
-        buffer = router._buffers.get("e_score_correction_bias")
-        if buffer is not None:
-            router._buffers["e_score_correction_bias"] = buffer.index_select(0, index.to(buffer.device))
-        statics = getattr(router, "moe_statics", None)
-        if statics is not None:
-            _select_params(statics, index, ["e_score_correction_bias"], dim=1)
+        cut_router(router, index)
         for module in (router, block, experts):
             if isinstance(getattr(module, "num_experts", None), int):
                 module.num_experts = len(ids)
@@ -285,13 +268,10 @@ def select_experts(model: nn.Module, keep: dict[str, list[int]]) -> None:
                 module.top_k = min(module.top_k, len(ids))
 
 
-def _select_params(module: nn.Module, index: torch.Tensor, keys: list[str], dim: int = 0) -> None:
-    """Parameters `keys` (and their `_bias`, where present) of `module` cut to `index` along `dim`."""
+def _select_params(module: nn.Module, index: torch.Tensor, keys: list[str]) -> None:
+    """Parameters `keys` (and their `_bias`, where present) of `module` cut to `index` along the expert axis."""
     for key in keys + [f"{k}_bias" for k in keys]:
-        p = module._parameters.get(key)
-        if p is not None:
-            module._parameters[key] = nn.Parameter(p.index_select(dim, index.to(p.device)),
-                                                   requires_grad=p.requires_grad)
+        select_rows(module, key, index)
 
 
 def _select_ragged(model: nn.Module, name: str, ragged: RaggedExperts, ids: list[int]) -> nn.Module:
@@ -311,7 +291,7 @@ def _select_ragged(model: nn.Module, name: str, ragged: RaggedExperts, ids: list
         ragged.num_experts, ragged._order = len(ids), {}
         return ragged
     block = model.get_submodule(name.rpartition(".")[0])
-    stock_class = getattr(sys.modules[type(block).__module__], ragged.stock_class)  # the family's modeling module
+    stock_class = family_class(block, ragged.stock_class)
     with torch.device("meta"):
         stock = stock_class(ragged.config)
     for key, p in buckets[0]._parameters.items():
@@ -320,7 +300,7 @@ def _select_ragged(model: nn.Module, name: str, ragged: RaggedExperts, ids: list
     for attr in ("intermediate_dim", "intermediate_size"):
         if isinstance(getattr(stock, attr, None), int):
             setattr(stock, attr, widths[0])
-    _replace(model, name, stock)
+    replace_module(model, name, stock)
     return stock
 
 

@@ -344,6 +344,12 @@ class RaggedExperts(nn.Module):
         return f"{self.stock_class}, widths={self.widths}"
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where model.get_submodule(name) is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def on_meta(model: nn.Module) -> bool:
     """Does any parameter or buffer of `model` still lack storage (built by `fmoe.checkpoint.empty_model`, not yet
     filled)?"""

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .compressed import compress_experts
 from .expert_drop import ExpertPlan, drop_experts, plan_experts
+from .experts import fingerprint
 from .io import atomic_write_text
 from .layer_drop import DropPlan, drop, plan_block_drop, plan_layer_drop
 from .plan import PruningPlan, make_plan
@@ -54,11 +55,15 @@ class Calibration:
     scores: Scores | None = None
     statistics: Statistics | None = None
 
-    def need(self, what: str, method: str):
+    def need(self, what: str, method: str, model: nn.Module):
+        """The scores or statistics `method` plans from, measured on this very model."""
         value = getattr(self, what)
         if value is None:
             raise ValueError(f"method {method!r} plans from {what}, which this calibration did not measure "
                              f"(fmoe.calibrate, or CalibrationModule(structure=True) for statistics)")
+        if value.fingerprint != fingerprint(model):
+            raise ValueError(f"method {method!r}: the {what} were measured on another model (fingerprint "
+                             f"{value.fingerprint} != {fingerprint(model)}); calibrate the model being compressed")
         return value
 
 
@@ -107,7 +112,7 @@ class Method:
 
 def _dims(model, calibration, amount, scope="layer", multiple_of=16, min_width=None, normalize="mean",
           max_widths=4):
-    scores = calibration.need("scores", "dims")
+    scores = calibration.need("scores", "dims", model)
     plan = make_plan(scores, amount, scope, multiple_of=multiple_of, min_width=min_width, normalize=normalize,
                      max_widths=max_widths, model=model)
     plan.meta["achieved"] = plan.removed_fraction()  # of routed dims: of routed parameters up to expert biases
@@ -116,7 +121,7 @@ def _dims(model, calibration, amount, scope="layer", multiple_of=16, min_width=N
 
 def _experts(criterion: str) -> Callable:
     def plan(model, calibration, amount=None, scope="layer", count=None, normalize="mean"):
-        statistics = calibration.need("statistics", criterion)
+        statistics = calibration.need("statistics", criterion, model)
         if criterion not in statistics.experts:
             raise ValueError(f"expert criterion {criterion!r} was not measured (measured: "
                              f"{', '.join(statistics.experts)}; expert Fisher needs a pass with a backward)")
@@ -127,12 +132,12 @@ def _experts(criterion: str) -> Callable:
 
 
 def _layers(model, calibration, amount=None, count=None):
-    statistics = calibration.need("statistics", "layer_drop")
+    statistics = calibration.need("statistics", "layer_drop", model)
     return plan_layer_drop(model, statistics.moe_similarity, count=count, ratio=None if count is not None else amount)
 
 
 def _blocks(model, calibration, amount=None, count=None, mode="discrete"):
-    statistics = calibration.need("statistics", "block_drop")
+    statistics = calibration.need("statistics", "block_drop", model)
     return plan_block_drop(model, statistics.block_similarity, count=count,
                            ratio=None if count is not None else amount, mode=mode)
 

@@ -10,8 +10,9 @@ from torch import nn
 
 from .compat import ensure_aligned_implementation, experts_hooks, has_hooks, moe_layers, width_field
 from .compressed import CompressedExperts
+from .experts import replace_module as _replace  # noqa: F401  (layer_drop, expert_drop)
 from .experts import (RaggedExperts, attached_hooks, expert_widths, find_experts, fingerprint, num_experts, on_meta,
-                      slice_experts)
+                      replace_module, slice_experts)
 from .plan import PruningPlan
 
 WIDTHS_FIELD = "fmoe_expert_widths"  # config field: {module name: [width per expert]} of a pruned model
@@ -49,11 +50,6 @@ def _summary(widths: dict[str, list[int]]) -> str:
     return f"{len(widths)} modules, e.g. {next(iter(widths.items()), None)}"
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def slice_uniform(module: nn.Module, keep: list[torch.Tensor]) -> None:
     """Slice a fused experts module in place to the same number of dims in every expert (stock class kept)."""
     for key, data in slice_experts(module, list(range(len(keep))), torch.stack(keep)).items():
@@ -71,7 +67,7 @@ def apply_widths(model: nn.Module, keep: dict[str, list[torch.Tensor]]) -> nn.Mo
         if len({int(k.numel()) for k in keeps}) == 1:
             slice_uniform(modules[name], keeps)
         else:
-            _replace(model, name, RaggedExperts(modules[name], keeps))
+            replace_module(model, name, RaggedExperts(modules[name], keeps))
     widths = {name: expert_widths(m) for name, m in find_experts(model).items()}
     setattr(model.config, WIDTHS_FIELD, widths)
     uniform = {w for ws in widths.values() for w in ws}

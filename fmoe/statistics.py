@@ -2,8 +2,8 @@
 
 What whole-expert and whole-layer compression plans from (higher = more used / more important, except the
 similarities, where higher = more redundant):
-- router:      mean routing probability of each expert over real tokens (the router's own probabilities over all
-               experts: softmax, or sigmoid for DeepSeek-V3/GLM-4-MoE);
+- router:      mean routing probability of each expert over real tokens (the router's own softmax over all
+               experts; for the sigmoid routers of DeepSeek-V3/GLM-4-MoE the applied top-k weights, zeros elsewhere);
 - frequency:   share of real tokens routed to each expert (top-k slots: the shares of a layer sum to top_k);
 - reap:        mean over an expert's routed real (token, slot) pairs of routing weight x ||o||_2, o the expert's
                output before the routing weight (REAP);
@@ -165,9 +165,10 @@ class StructureStatistics:
     # -- forward hooks --------------------------------------------------------------------------------------------
     def _router_hook(self, name: str, ctx):
         def hook(module, args, output):
-            logits, _, ids = output  # [T, E], [T, K], [T, K]
+            logits, weights, ids = output  # [T, E], [T, K], [T, K]
             valid = ctx.valid
-            probs = router_probabilities(self.model_type, logits.detach().reshape(valid.shape[0], -1))  # [T, E]
+            probs = router_probabilities(self.model_type, logits.detach().reshape(valid.shape[0], -1),
+                                         weights.detach(), ids.detach())  # [T, E]
             router = self.live[f"router/{name}"]
             router += probs[valid].sum(0).to(router.dtype)
             ids = ids.detach().reshape(valid.shape[0], -1)[valid].reshape(-1)  # [N*K]

@@ -7,8 +7,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import fmoe
 from fmoe.checkpoint import is_stock_loadable
-from fmoe.compat import EXPERT_COUNT_FIELDS, moe_layers
-from fmoe.expert_drop import (EXPERT_COUNTS_FIELD, ExpertPlan, drop_experts, plan_experts, router_groups,
+from fmoe.compat import EXPERT_COUNT_FIELDS, moe_layers, router_groups
+from fmoe.expert_drop import (EXPERT_COUNTS_FIELD, ExpertPlan, drop_experts, plan_experts,
                               select_scores)
 from fmoe.experts import expert_widths, num_experts
 from fmoe.prune import WIDTHS_FIELD
@@ -251,3 +251,31 @@ def test_plan_errors():
     narrow = eight("deepseek_v3", n_group=2, topk_group=1, num_experts_per_tok=3)
     with pytest.raises(ValueError, match="top_k=3"):  # 3 experts from 1 group of 2 kept
         plan_experts(narrow, random_scores(narrow), count=4)
+
+
+def test_dropping_compressed_experts_keeps_each_experts_vectors(tmp_path):
+    """Compressed experts, then an expert drop, equal the drop first and compressed experts holding the kept rows of
+    the same (random) vectors; the result round-trips."""
+    from fmoe.compressed import VECTORS, compress_experts
+
+    model, reference = eight("olmoe"), eight("olmoe")
+    scores = random_scores(model)
+    compress_experts(model, main=1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in fmoe.find_experts(model).values():
+            for key in VECTORS:
+                getattr(m, key).copy_(torch.rand(getattr(m, key).shape, generator=gen) + 0.5)
+    vectors = {n: {k: getattr(m, k).detach().clone() for k in VECTORS} for n, m in fmoe.find_experts(model).items()}
+    plan = plan_experts(model, scores, count=3)
+    drop_experts(model, plan)
+    drop_experts(reference, plan_experts(reference, scores, count=3))
+    compress_experts(reference, main=1)
+    with torch.no_grad():
+        for n, m in fmoe.find_experts(reference).items():
+            for key in VECTORS:
+                getattr(m, key).copy_(vectors[n][key][plan.keep[n]])
+    batch = make_batches(n_batches=1, seed=3)[0]
+    torch.testing.assert_close(logits(model, batch), logits(reference, batch), rtol=0, atol=0)
+    fmoe.save_pretrained(model, tmp_path / "m")
+    torch.testing.assert_close(logits(fmoe.from_pretrained(tmp_path / "m"), batch), logits(model, batch), rtol=0, atol=0)

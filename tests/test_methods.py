@@ -125,3 +125,11 @@ def test_every_edit_cuts_an_empty_model_to_the_same_shapes(calibrated, name):
     real = fmoe.apply_plan(copy.deepcopy(model), plan)
     assert {k: v.shape for k, v in empty.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
     assert empty.config.to_dict() == real.config.to_dict()
+
+
+def test_statistics_of_another_model_are_refused(calibrated):
+    _, calibration = calibrated
+    other = tiny_model("olmoe", seed=1, **CONFIG)
+    for name in ("reap", "layer_drop", "block_drop", "dims"):
+        with pytest.raises(ValueError, match="another model"):
+            methods.make(other, name, 0.25, calibration)

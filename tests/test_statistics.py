@@ -51,8 +51,11 @@ def test_router_and_frequency_equal_the_routers_own_outputs(family):
     for raw in batches:
         _, valid = plain_forward(model, raw)
         tokens += int(valid.sum())
-        for n, (logits, _, ids) in seen.items():
-            p = logits.float().sigmoid() if family == "deepseek_v3" else logits.float().softmax(-1)
+        for n, (logits, weights, ids) in seen.items():
+            if family == "deepseek_v3":  # sigmoid router: the applied top-k weights, zeros elsewhere
+                p = (F.one_hot(ids, logits.shape[-1]) * weights.float()[..., None]).sum(1)
+            else:
+                p = logits.float().softmax(-1)
             probs[n] = probs[n] + p[valid].double().sum(0)
             counts[n] = counts[n] + F.one_hot(ids[valid], 4).sum((0, 1)).double()
     for h in handles:

@@ -99,16 +99,23 @@ def refuse_repeated_samples(trainer) -> None:
                         "drop_last=True")
 
 
-def rank0_fingerprint(own: str | None) -> str | None:
-    """`own`, or rank 0's model fingerprint where `own` is None (an empty model has no weights to fingerprint);
-    a collective in a multi-process run: every rank calls it."""
+def rank0_object(obj):
+    """Rank 0's `obj` on every rank of a multi-process run (a collective: every rank calls it); `obj` itself
+    otherwise."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return own
-    sent = [own]
+        return obj
+    sent = [obj]
     dist.broadcast_object_list(sent, src=0)
-    return own if own is not None else sent[0]
+    return sent[0]
+
+
+def rank0_fingerprint(own: str | None) -> str | None:
+    """`own`, or rank 0's model fingerprint where `own` is None (an empty model has no weights to fingerprint);
+    a collective in a multi-process run: every rank calls it."""
+    sent = rank0_object(own)
+    return own if own is not None else sent
 
 
 class CalibrationModule(L.LightningModule):

@@ -11,15 +11,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .. import methods
-from ..checkpoint import on_meta
 from ..experts import find_experts, fingerprint
 from ..plan import SCOPES
 from ..prune import weight_bytes
 from ..methods import Calibration
 from ..scores import Scores
 from ..scoring import Scorer
-from .calibration import (CalibrationModule, grad_scaler, loss_scale, refuse_repeated_samples, sum_across_ranks,
-                          sync_flags)
+from .calibration import (CalibrationModule, grad_scaler, loss_scale, rank0_object, refuse_repeated_samples,
+                          sum_across_ranks, sync_flags)
 from .sharding import is_sharded, unshard
 
 
@@ -159,9 +158,17 @@ class Compression(L.Callback):
             raise TypeError(f"{type(self).__name__} cannot edit a model sharded in place: under "
                             "ModelParallelStrategy call fmoe.lightning.sharding.shard(self, '<model attribute>') in "
                             "configure_model, which keeps the plain model to edit")
-        before, params, empty = weight_bytes(model), sum(p.numel() for p in model.parameters()), on_meta(model)
-        plan = None if empty else methods.make(model, self.method, self.amount, calibration, **self.options)
-        self.plan = rank0_object(plan)
+        before, params = weight_bytes(model), sum(p.numel() for p in model.parameters())
+        plan = error = None
+        if trainer.is_global_zero:  # rank 0 plans (it holds the weights under FSDP2); a failure stops every rank
+            try:
+                plan = methods.make(model, self.method, self.amount, calibration, **self.options)
+            except Exception as raised:  # noqa: BLE001  (re-raised on every rank below)
+                error = raised
+        plan, error = rank0_object((plan, error))
+        if error is not None:
+            raise error
+        self.plan = plan
         self.entry.edit(model, self.plan)  # an empty model: shapes only (its plan was checked on rank 0)
         directory = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
@@ -175,17 +182,6 @@ class Compression(L.Callback):
             rank_zero_info(f"{type(self).__name__} ({self.method}): parameters {params:,} -> {after:,}, weights "
                            f"{before / 2**20:.1f} MB -> {weight_bytes(model) / 2**20:.1f} MB; calibration and plan "
                            f"in {directory}")
-
-
-def rank0_object(obj):
-    """Rank 0's `obj` on every rank of a multi-process run (a collective); `obj` itself otherwise."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    sent = [obj]
-    dist.broadcast_object_list(sent, src=0)
-    return sent[0]
 
 
 class IntermediatePruning(Compression):
