@@ -8,8 +8,8 @@ over to the dropped model, so a dims plan (`fmoe.make_plan`) can follow without 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -20,12 +20,11 @@ from .compat import (EXPERT_COUNT_FIELDS, TOP2_GROUP_ROUTERS, TWO_PICK_ROUTERS, 
 from .compressed import VECTORS
 from .experts import (RaggedExperts, expert_parameters, expert_widths, find_experts, fingerprint, num_experts,
                       on_meta, replace_module, up_name)
-from .io import atomic_write_text
+from .io import read_json, write_json
 from .plan import _ranked
 from .prune import WIDTHS_FIELD
 from .scores import Scores
 
-FORMAT = "fmoe.ExpertPlan/1"
 EXPERT_COUNTS_FIELD = "fmoe_expert_counts"  # config field {experts module name: kept count} when counts differ
 SCOPES = ("layer", "global")
 NORMALIZATIONS = ("mean", "none")
@@ -40,6 +39,7 @@ class ExpertPlan:
     sizes: dict[str, list[int]]  # parameters of every original expert (the removed share without the model)
     fingerprint: str
     meta: dict = field(default_factory=dict)  # criterion, scope, normalize, ratio, count, achieved
+    FORMAT: ClassVar[str] = "fmoe.ExpertPlan/1"
 
     def kept_counts(self) -> dict[str, int]:
         return {name: len(ids) for name, ids in self.keep.items()}
@@ -51,17 +51,15 @@ class ExpertPlan:
         return 1 - kept / total
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "fingerprint": self.fingerprint, "meta": self.meta, "num_experts": self.num_experts,
+        return {"format": self.FORMAT, "fingerprint": self.fingerprint, "meta": self.meta, "num_experts": self.num_experts,
                 "sizes": self.sizes, "keep": self.keep}
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertPlan:
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an fmoe expert plan (format={data.get('format')!r})")
+        data = read_json(path, cls.FORMAT, "fmoe expert plan")
         return cls(keep={n: [int(e) for e in ids] for n, ids in data["keep"].items()},
                    num_experts={n: int(k) for n, k in data["num_experts"].items()},
                    sizes=data["sizes"], fingerprint=data["fingerprint"], meta=data["meta"])

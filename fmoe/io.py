@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -23,6 +24,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """`data` as indented JSON at `path`, atomically (plans, and anything else fmoe saves as JSON)."""
+    atomic_write_text(Path(path), json.dumps(data, indent=1))
+
+
+def read_json(path: str | Path, fmt: str, what: str) -> dict:
+    """The JSON object at `path`, after checking its "format" field is `fmt` (a clear error naming `what`)."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ValueError(f"{path} is not an {what} (format={found!r}, expected {fmt!r})")
+    return data
 
 
 @contextmanager

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .compressed import compress_experts
 from .expert_drop import ExpertPlan, drop_experts, plan_experts
 from .experts import fingerprint
-from .io import atomic_write_text
+from .io import write_json, read_json
 from .layer_drop import DropPlan, drop, plan_block_drop, plan_layer_drop
 from .plan import PruningPlan, make_plan
 from .prune import prune
@@ -86,18 +86,17 @@ class CompressionPlan:
 
     main: int
     meta: dict = field(default_factory=dict)
+    FORMAT: ClassVar[str] = "fmoe.CompressionPlan/1"
 
     def to_dict(self) -> dict:
-        return {"format": "fmoe.CompressionPlan/1", "main": self.main, "meta": self.meta}
+        return {"format": self.FORMAT, "main": self.main, "meta": self.meta}
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> CompressionPlan:
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != "fmoe.CompressionPlan/1":
-            raise ValueError(f"{path} is not an fmoe compression plan (format={data.get('format')!r})")
+        data = read_json(path, cls.FORMAT, "fmoe compression plan")
         return cls(main=data["main"], meta=data["meta"])
 
 
@@ -195,8 +194,7 @@ def compress(model: nn.Module, name: str, amount: float | None, calibration: Cal
     return plan
 
 
-PLAN_FORMATS = {"fmoe.PruningPlan/1": PruningPlan, "fmoe.ExpertPlan/1": ExpertPlan, "fmoe.DropPlan/1": DropPlan,
-                "fmoe.CompressionPlan/1": CompressionPlan}
+PLAN_FORMATS = {entry.plan_type.FORMAT: entry.plan_type for entry in METHODS.values()}
 
 
 def load_plan(path: str | Path):

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .io import atomic_write_text
+from .io import read_json, write_json
 from .scores import Scores
 
 SCOPES = ("expert", "layer", "global")
@@ -25,6 +25,7 @@ class PruningPlan:
     widths: dict[str, list[int]]  # original widths, to check the plan against a model
     fingerprint: str
     meta: dict = field(default_factory=dict)  # ratio, scope, method, multiple_of, min_width, normalize
+    FORMAT: ClassVar[str] = "fmoe.PruningPlan/1"
 
     def kept_widths(self) -> dict[str, list[int]]:
         return {name: [int(k.numel()) for k in ks] for name, ks in self.keep.items()}
@@ -38,7 +39,7 @@ class PruningPlan:
 
     def to_dict(self) -> dict:
         return {
-            "format": "fmoe.PruningPlan/1",
+            "format": self.FORMAT,
             "fingerprint": self.fingerprint,
             "meta": self.meta,
             "widths": self.widths,
@@ -46,13 +47,11 @@ class PruningPlan:
         }
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> PruningPlan:
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != "fmoe.PruningPlan/1":
-            raise ValueError(f"{path} is not an fmoe pruning plan (format={data.get('format')!r})")
+        data = read_json(path, cls.FORMAT, "fmoe pruning plan")
         keep = {name: [torch.tensor(k, dtype=torch.long) for k in ks] for name, ks in data["keep"].items()}
         return cls(keep=keep, widths=data["widths"], fingerprint=data["fingerprint"], meta=data["meta"])
 
