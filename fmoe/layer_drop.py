@@ -11,29 +11,37 @@ A dropped MoE sublayer keeps its decoder layer: the norm in front becomes nn.Ide
 and shared experts) a `DroppedMoE` adding zeros to the residual; `config.fmoe_dropped_moe` lists those layers so
 `fmoe.from_pretrained` rebuilds them (`rebuild_dropped_moe`). A dropped block leaves the layer list; every
 `layer_idx` (the KV cache's slot) is renumbered, and so are the config fields describing layers: the count,
-`layer_types`, the family's dense/sparse layout, and every `fmoe_*` field naming layers (see `rename_layer_fields`).
+`layer_types`, the family's dense/sparse layout, and fmoe's fields naming layers (`LAYER_FIELDS`). The new config is
+computed and checked before the model changes, so a refused drop leaves model and config as they were.
 """
 
 from __future__ import annotations
 
-import json
+import copy
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .compat import TUPLE_BLOCKS, decoder_layers, has_hooks, moe_layers
-from .experts import find_experts, fingerprint, on_meta
-from .io import atomic_write_text
+from .expert_drop import EXPERT_COUNTS_FIELD
+from .experts import find_experts, fingerprint, on_meta, replace_module
+from .io import read_json, write_json
+from .plan import _ranked
+from .prune import WIDTHS_FIELD
 
 DROPPED_MOE_FIELD = "fmoe_dropped_moe"  # config field: [decoder layer index] whose MoE sublayer was removed
-FMOE_FIELD_PREFIX = "fmoe_"
-PLAN_FORMAT = "fmoe.DropPlan/1"
 BLOCK_MODES = ("discrete", "consecutive")
 LAYER_INDEX_ATTRS = ("layer_idx",)  # attributes holding a module's decoder layer index (the KV cache's slot)
+# config fields naming decoder layers, renumbered by a block drop: dicts keyed by module name (`<prefix>.<i>.…`) or
+# layer index, or lists of layer indices
+LAYER_FIELDS = (WIDTHS_FIELD, EXPERT_COUNTS_FIELD, DROPPED_MOE_FIELD)
+MAX_BLOCK_CHOICES = 10_000  # discrete block sets tried, best ranked first, before a plan gives up
 
 
 @dataclass
@@ -45,20 +53,19 @@ class DropPlan:
     blocks: list[int]
     num_layers: int
     fingerprint: str
-    meta: dict = field(default_factory=dict)  # criterion, mode, count, ratio, achieved (share of routed parameters removed), params_removed
+    meta: dict = field(default_factory=dict)  # criterion, mode, count, ratio, achieved (routed share), params_removed
+    FORMAT: ClassVar[str] = "fmoe.DropPlan/1"
 
     def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "fingerprint": self.fingerprint, "num_layers": self.num_layers,
+        return {"format": self.FORMAT, "fingerprint": self.fingerprint, "num_layers": self.num_layers,
                 "meta": self.meta, "moe_layers": self.moe_layers, "blocks": self.blocks}
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> DropPlan:
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != PLAN_FORMAT:
-            raise ValueError(f"{path} is not an fmoe drop plan (format={data.get('format')!r})")
+        data = read_json(path, cls.FORMAT, "fmoe drop plan")
         return cls(moe_layers=list(data["moe_layers"]), blocks=list(data["blocks"]), num_layers=data["num_layers"],
                    fingerprint=data["fingerprint"], meta=data["meta"])
 
@@ -112,11 +119,6 @@ def _nearest(options: list[tuple[float, list[int]]], ratio: float) -> list[int]:
     return min(options, key=lambda o: (abs(o[0] - ratio), len(o[1])))[1]
 
 
-def _ranked(values: torch.Tensor) -> list[int]:
-    """Indices by descending value, ties by ascending index."""
-    return torch.sort(values.double(), descending=True, stable=True).indices.tolist()
-
-
 def _check_vector(similarity: torch.Tensor, n: int, name: str) -> torch.Tensor:
     similarity = torch.as_tensor(similarity).detach().cpu().double()
     if similarity.shape != (n,):
@@ -136,7 +138,7 @@ def plan_layer_drop(model: nn.Module, moe_similarity: torch.Tensor, count: int |
     if missing:
         raise ValueError(f"moe_similarity is NaN at MoE layers {missing}: every MoE layer needs a value to rank")
     _count_or_ratio(count, ratio, len(candidates), "MoE layers")
-    order = [candidates[i] for i in _ranked(similarity[candidates])]
+    order = [candidates[i] for i in _ranked(similarity[candidates]).tolist()]
     if count is None:
         count = len(_nearest([(_shares(model, order[:n], [])[0], order[:n]) for n in range(len(order))], ratio))
     chosen = sorted(order[:count])
@@ -150,10 +152,12 @@ def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int
                     ratio: float | None = None, mode: str = "discrete") -> DropPlan:
     """Drop `count` decoder layers: "discrete" the ones of highest S[l, l+1], "consecutive" the window l..l+n-1 of
     highest S[l, l+n] (block_similarity S [L+1, L+1]). With `ratio` (share of routed expert parameters to
-    remove) instead, the count whose achieved share is nearest it. No plan may remove every MoE layer."""
+    remove) instead, the count whose achieved share is nearest it. A choice that removes every MoE layer, or whose
+    MoE layout the family's config fields cannot express (`drop_blocks` would refuse it), gives way to the next
+    best one."""
     if mode not in BLOCK_MODES:
         raise ValueError(f"unknown block drop mode {mode!r}; valid: {', '.join(BLOCK_MODES)}")
-    _, layers = decoder_layers(model)
+    prefix, layers = decoder_layers(model)
     n = len(layers)
     s = torch.as_tensor(block_similarity).detach().cpu().double()
     if s.shape != (n + 1, n + 1):
@@ -162,7 +166,17 @@ def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int
     _count_or_ratio(count, ratio, n, "decoder layers")
     moe = {m.index for m in moe_layers(model).values()}
 
-    def best(k: int) -> list[int]:
+    def acceptable(blocks: list[int]) -> bool:
+        if not moe - set(blocks):
+            return False
+        try:
+            _rewritten_config(model.config, prefix, n, [i for i in range(n) if i not in set(blocks)])
+        except ValueError:
+            return False
+        return True
+
+    def best(k: int) -> list[int] | None:
+        """The best ranked acceptable choice of k blocks (None: there is none)."""
         if k == 0:
             return []
         if mode == "discrete":
@@ -173,15 +187,21 @@ def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int
             starts = values.isnan().nonzero().flatten().tolist()
             raise ValueError(f"block_similarity is NaN for the {mode} candidates starting at layers {starts}: every "
                              "candidate needs a value to rank")
-        first = _ranked(values)
-        return sorted(first[:k]) if mode == "discrete" else list(range(first[0], first[0] + k))
+        order = _ranked(values).tolist()
+        if mode == "discrete":  # sets of k in rank order: the top k, then the last one swapped for the next, ...
+            choices = (sorted(c) for c in itertools.islice(itertools.combinations(order, k), MAX_BLOCK_CHOICES))
+        else:
+            choices = (list(range(l, l + k)) for l in order)
+        return next((c for c in choices if acceptable(c)), None)
 
     if count is None:
-        options = [best(k) for k in range(n)]
-        count = len(_nearest([(_shares(model, [], o)[0], o) for o in options if moe - set(o)], ratio))
+        options = [o for o in (best(k) for k in range(n)) if o is not None]
+        count = len(_nearest([(_shares(model, [], o)[0], o) for o in options], ratio))
     chosen = best(count)
-    if not moe - set(chosen):
-        raise ValueError(f"dropping blocks {chosen} removes every MoE layer {sorted(moe)}; drop fewer")
+    if chosen is None:
+        raise ValueError(f"no {mode} choice of {count} blocks (at most {MAX_BLOCK_CHOICES} tried, best ranked first) "
+                         f"keeps an MoE layer (MoE layers: {sorted(moe)}) with a layout the config fields can express: "
+                         "drop fewer blocks")
     routed, params = _shares(model, [], chosen)
     meta = dict(criterion="block_similarity", mode=mode, count=count if ratio is None else None, ratio=ratio,
                 dropped=len(chosen), achieved=routed, params_removed=params)
@@ -189,11 +209,6 @@ def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int
 
 
 # --- MoE sublayers ---------------------------------------------------------------------------------------------
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
 
 def _remove_sublayers(model: nn.Module, layers: list[int]) -> list[str]:
     """Replace the norm and MoE block of each listed layer; returns the block names."""
@@ -204,8 +219,8 @@ def _remove_sublayers(model: nn.Module, layers: list[int]) -> list[str]:
     returns_tuple = model.config.model_type in TUPLE_BLOCKS
     for i in layers:
         model.get_submodule(by_index[i].norm)  # the norm in front of the block exists under its usual name
-        _replace(model, by_index[i].norm, nn.Identity())
-        _replace(model, by_index[i].block, DroppedMoE(returns_tuple))
+        replace_module(model, by_index[i].norm, nn.Identity())
+        replace_module(model, by_index[i].block, DroppedMoE(returns_tuple))
     return [by_index[i].block for i in layers]
 
 
@@ -220,8 +235,9 @@ def drop_moe_sublayers(model: nn.Module, layers: list[int]) -> nn.Module:
         raise ValueError(f"dropping MoE layers {layers} leaves none: fmoe models keep at least one MoE layer")
     blocks = _remove_sublayers(model, layers)
     config = model.config
-    for name, value in list(vars(config).items()):
-        if name.startswith(FMOE_FIELD_PREFIX) and isinstance(value, dict):
+    for name in LAYER_FIELDS:  # entries of the removed experts modules go
+        value = getattr(config, name, None)
+        if isinstance(value, dict):
             setattr(config, name, {k: v for k, v in value.items()
                                    if not any(k == b or str(k).startswith(b + ".") for b in blocks)})
     setattr(config, DROPPED_MOE_FIELD, sorted(set(getattr(config, DROPPED_MOE_FIELD, None) or []) | set(layers)))
@@ -300,15 +316,12 @@ def _layer_key(prefix: str, key: str, mapping: dict[int, int | None]):
 
 
 def rename_layer_fields(config, prefix: str, kept: list[int]) -> None:
-    """Renumber every `fmoe_*` config field for the kept decoder layers (kept[j] = old index of new layer j).
-
-    The convention fmoe's own fields follow, so later fields stay right: a dict keyed by module name
-    (`<prefix>.<i>.…`, e.g. fmoe_expert_widths) or by layer index, or a list of layer indices (fmoe_dropped_moe).
-    Entries of removed layers go; other keys, and values, are left as they are."""
+    """Renumber the config fields `LAYER_FIELDS` names for the kept decoder layers (kept[j] = old index of new
+    layer j): a dict keyed by module name (`<prefix>.<i>.…`, e.g. fmoe_expert_widths) or by layer index, or a list
+    of layer indices (fmoe_dropped_moe). Entries of removed layers go; other keys, values and fields stay."""
     mapping = {old: new for new, old in enumerate(kept)}
-    for name, value in list(vars(config).items()):
-        if not name.startswith(FMOE_FIELD_PREFIX):
-            continue
+    for name in LAYER_FIELDS:
+        value = getattr(config, name, None)
         if isinstance(value, dict):
             renamed = {}
             for k, v in value.items():
@@ -319,9 +332,29 @@ def rename_layer_fields(config, prefix: str, kept: list[int]) -> None:
             setattr(config, name, [mapping[i] for i in value if i in mapping])
 
 
+def _rewritten_config(config, prefix: str, n: int, kept: list[int]):
+    """A copy of `config` (n decoder layers) describing the kept ones: num_hidden_layers, layer_types, the family's
+    dense/sparse layout, `LAYER_FIELDS`. ValueError if the layout fields cannot express which kept layers are MoE."""
+    new = copy.deepcopy(config)
+    new.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n:
+        new.layer_types = [config.layer_types[i] for i in kept]
+    for fields, read, write in SPARSE_LAYOUTS:
+        if not all(hasattr(config, f) for f in fields):
+            continue
+        target = {j for j, i in enumerate(kept) if i in read(config, n)}
+        write(new, target, len(kept), kept)
+        if read(new, len(kept)) != target:
+            raise ValueError(f"the kept layers' MoE layout {sorted(target)} cannot be written in the config fields "
+                             f"{', '.join(fields)}: drop other blocks")
+    rename_layer_fields(new, prefix, kept)
+    return new
+
+
 def drop_blocks(model: nn.Module, blocks: list[int]) -> nn.Module:
     """Remove the listed decoder layers in place, renumber `layer_idx` of every module that has one, and rewrite
-    the config (num_hidden_layers, layer_types, the family's dense/sparse layout, fmoe's layer-keyed fields)."""
+    the config (num_hidden_layers, layer_types, the family's dense/sparse layout, `LAYER_FIELDS`). All checks,
+    the config's included, come first: a refused drop changes nothing."""
     blocks = sorted(set(int(i) for i in blocks))
     if has_hooks(model):
         raise RuntimeError("cannot drop blocks while fmoe hooks are attached (inside fmoe.masked or a scoring pass)")
@@ -335,24 +368,18 @@ def drop_blocks(model: nn.Module, blocks: list[int]) -> nn.Module:
     if not {m.index for m in moe_layers(model).values()} - set(blocks):
         raise ValueError(f"dropping blocks {blocks} removes every MoE layer: fmoe models keep at least one")
     config = model.config
-    layouts = [layout for layout in SPARSE_LAYOUTS if all(hasattr(config, f) for f in layout[0])]
-    sparse = [{j for j, i in enumerate(kept) if i in read(config, n)} for _, read, _ in layouts]
+    new = _rewritten_config(config, prefix, n, kept)
 
-    _replace(model, prefix, nn.ModuleList([layers[i] for i in kept]))
+    replace_module(model, prefix, nn.ModuleList([layers[i] for i in kept]))
     for j, layer in enumerate(model.get_submodule(prefix)):
         for module in layer.modules():
             for attr in LAYER_INDEX_ATTRS:
                 if isinstance(getattr(module, attr, None), int):
                     setattr(module, attr, j)
-    config.num_hidden_layers = len(kept)
-    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == n:
-        config.layer_types = [config.layer_types[i] for i in kept]
-    for (fields, read, write), target in zip(layouts, sparse):
-        write(config, target, len(kept), kept)
-        if read(config, len(kept)) != target:
-            raise ValueError(f"the kept layers' MoE layout {sorted(target)} cannot be written in the config fields "
-                             f"{', '.join(fields)}: drop other blocks")
-    rename_layer_fields(config, prefix, kept)
+    fields = ["num_hidden_layers", "layer_types", *(f for layout in SPARSE_LAYOUTS for f in layout[0]), *LAYER_FIELDS]
+    for name in fields:  # onto the config the modules share, in place
+        if hasattr(new, name) and getattr(new, name) != getattr(config, name, None):
+            setattr(config, name, getattr(new, name))
     return model
 
 

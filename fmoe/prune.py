@@ -10,7 +10,6 @@ from torch import nn
 
 from .compat import ensure_aligned_implementation, experts_hooks, has_hooks, moe_layers, width_field
 from .compressed import CompressedExperts
-from .experts import replace_module as _replace  # noqa: F401  (layer_drop, expert_drop)
 from .experts import (RaggedExperts, attached_hooks, expert_widths, find_experts, fingerprint, num_experts, on_meta,
                       replace_module, slice_experts)
 from .plan import PruningPlan

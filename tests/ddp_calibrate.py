@@ -9,6 +9,7 @@
     python tests/ddp_calibrate.py OUT_DIR activation  # DDP with a method that runs no backward
     python tests/ddp_calibrate.py OUT_DIR accuracy STRATEGY  # evaluation of the toy model: perplexity + exact match
     python tests/ddp_calibrate.py OUT_DIR ranks   # TP=2 scores, an unsupervised rank, uneven data, a NaN on one rank
+    python tests/ddp_calibrate.py OUT_DIR methods # ExpertPruning under DDP, BlockDropping under FSDP2
 """
 
 import copy
@@ -173,10 +174,25 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+def methods(out: Path) -> None:
+    """ExpertPruning (REAP) under DDP and BlockDropping under FSDP2: every rank's plan and rank 0's export."""
+    from fmoe.lightning import BlockDropping, ExpertPruning
+
+    for name, callback, strategy in (("reap", ExpertPruning(criterion="reap", count=1), lambda: "ddp"),
+                                     ("block_drop", BlockDropping(count=1), fsdp2)):
+        module = CalibrationModule(tiny_model("qwen3_moe", num_hidden_layers=3))
+        callback.save_dir = out / name
+        trainer = two_cpus(strategy=strategy(), max_epochs=1, callbacks=[callback], default_root_dir=out)
+        trainer.fit(module, DataLoader(sequences(), batch_size=2))
+        callback.plan.save(out / name / f"plan_rank{trainer.global_rank}.json")
+        if trainer.is_global_zero:
+            fmoe.save_pretrained(module.model, out / name / "export")
+
+
 if __name__ == "__main__":
     out, kind = Path(sys.argv[1]), sys.argv[2]
     stages = {"resume": resume, "accuracy": accuracy, "fsdp2_lora": lora_under_both_strategies, "user": user_training,
-              "ranks": ranks}
+              "ranks": ranks, "methods": methods}
     if kind in stages:
         stages[kind](out, *sys.argv[3:])
         close()

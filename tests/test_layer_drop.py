@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 import fmoe
 from fmoe.checkpoint import empty_model
 from fmoe.compat import decoder_layers, moe_layers
+from fmoe.expert_drop import EXPERT_COUNTS_FIELD
 from fmoe.experts import expert_widths
 from fmoe.layer_drop import (DROPPED_MOE_FIELD, DropPlan, drop, drop_blocks, drop_moe_sublayers, plan_block_drop,
                              plan_layer_drop)
@@ -235,7 +236,6 @@ def test_plan_errors():
         (lambda: plan_layer_drop(model, torch.tensor([0.1, float("nan"), 0.9, 0.5]), count=1), "NaN at MoE layers"),
         (lambda: plan_layer_drop(model, sim[:3], count=1), "shape"),
         (lambda: plan_block_drop(model, s, count=4), "leaves none"),
-        (lambda: plan_block_drop(model, s, count=3), "every MoE layer"),
         (lambda: plan_block_drop(model, s[:4, :4], count=1), "shape"),
         (lambda: plan_block_drop(model, s, count=1, mode="window"), "valid: discrete, consecutive"),
         (lambda: plan_block_drop(model, s_nan, count=1), "NaN"),
@@ -248,3 +248,43 @@ def test_plan_errors():
     for call, message in errors:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_refused_block_drop_changes_nothing():
+    model = tiny_model("ernie4_5_moe", num_hidden_layers=6, moe_layer_interval=2)  # MoE at 1, 3, 5
+    keys, config = list(model.state_dict()), model.config.to_dict()
+    with pytest.raises(ValueError, match="cannot be written"):  # MoE at 1, 2, 4 of 5: no start/end/interval
+        drop_blocks(model, [2])
+    assert list(model.state_dict()) == keys
+    assert model.config.to_dict() == config
+    assert [layer.self_attn.layer_idx for layer in decoder_layers(model)[1]] == list(range(6))
+    drop_blocks(model, [2, 3])  # MoE at 1, 3 of 4
+    assert_described_by_config(model)
+
+
+def test_block_plans_skip_unwritable_layouts():
+    model = tiny_model("ernie4_5_moe", num_hidden_layers=6, moe_layer_interval=2)  # MoE at 1, 3, 5
+    s = similarity({1: [0.5, 0.6, 0.9, 0.7, 0.8, 0.1], 3: [0.9, 0.1, 0.5, 0.2]})
+    assert plan_block_drop(model, s, count=1).blocks == [5]  # dropping only 0, 1, 2, 3 or 4 cannot be written
+    assert plan_block_drop(model, s, ratio=0.3).blocks == [5]
+    plan = plan_block_drop(model, s, count=3, mode="consecutive")
+    assert plan.blocks == [2, 3, 4]  # window 0..2 leaves MoE at 0, 2 of 3: cannot be written
+    drop(model, plan)
+    assert_described_by_config(model)
+    model = tiny_model("deepseek_v3", num_hidden_layers=4, first_k_dense_replace=1)  # MoE at 1, 2, 3
+    s = similarity({1: [0.1, 0.9, 0.5, 0.8], 2: [0.3, 0.7, 0.6], 3: [0.2, 0.4]})
+    assert plan_block_drop(model, s, count=3).blocks == [0, 1, 3]  # the top 3 would remove every MoE layer
+    model = tiny_model("qwen2_moe", num_hidden_layers=4, mlp_only_layers=[0, 2, 3])  # MoE at 1 only
+    with pytest.raises(ValueError, match="no consecutive choice of 3 blocks"):
+        plan_block_drop(model, s, count=3, mode="consecutive")
+
+
+def test_block_drop_renames_only_layer_fields():
+    model = tiny_model("qwen3_moe", num_hidden_layers=4)
+    counts = {"model.layers.1.mlp.experts": 3, "model.layers.2.mlp.experts": 2, "model.layers.3.mlp.experts": 1}
+    setattr(model.config, EXPERT_COUNTS_FIELD, counts)
+    model.config.fmoe_other = [1, 2]  # not a layer field: left as it is
+    drop_blocks(model, [0, 2])
+    assert getattr(model.config, EXPERT_COUNTS_FIELD) == {"model.layers.0.mlp.experts": 3,
+                                                          "model.layers.1.mlp.experts": 1}
+    assert model.config.fmoe_other == [1, 2]

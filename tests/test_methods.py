@@ -133,3 +133,22 @@ def test_statistics_of_another_model_are_refused(calibrated):
     for name in ("reap", "layer_drop", "block_drop", "dims"):
         with pytest.raises(ValueError, match="another model"):
             methods.make(other, name, 0.25, calibration)
+
+
+def test_expert_and_block_callbacks_on_two_processes_equal_one(tmp_path):
+    """ExpertPruning under DDP and BlockDropping under FSDP2 (2 CPU processes): both ranks apply rank 0's plan, which
+    is the plan of one process calibrating on the same batches; the exports equal the one-process edit."""
+    from tests.test_lightning import run_two_processes
+
+    run_two_processes(tmp_path, "methods")
+    data = sequences()
+    batches = [torch.utils.data.default_collate(data[i:i + 2]) for i in range(0, 8, 2)]
+    probe = make_batches(n_batches=1, seed=5)[0]
+    for name, options in (("reap", {"count": 1}), ("block_drop", {"count": 1})):
+        plans = [fmoe.load_plan(tmp_path / name / f"plan_rank{r}.json").to_dict() for r in (0, 1)]
+        reference = tiny_model("qwen3_moe", num_hidden_layers=3)
+        expected = fmoe.compress(reference, name, None, methods.calibrate(reference, batches, progress=False), **options)
+        assert plans[0] == plans[1] == expected.to_dict()
+        with torch.no_grad():
+            torch.testing.assert_close(fmoe.from_pretrained(tmp_path / name / "export")(**probe).logits,
+                                       reference(**probe).logits, rtol=1e-5, atol=1e-6)
