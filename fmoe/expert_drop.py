@@ -22,7 +22,7 @@ from .experts import (RaggedExperts, expert_parameters, expert_widths, find_expe
                       on_meta, replace_module, up_name)
 from .io import read_json, write_json
 from .plan import _ranked
-from .prune import WIDTHS_FIELD
+from .prune import WIDTHS_FIELD, record_widths
 from .scores import Scores
 
 EXPERT_COUNTS_FIELD = "fmoe_expert_counts"  # config field {experts module name: kept count} when counts differ
@@ -226,8 +226,8 @@ def drop_experts(model: nn.Module, plan: ExpertPlan) -> nn.Module:
         check_keep(model.config.model_type, name, model.get_submodule(layers[name].router), plan.num_experts[name], ids)
     select_experts(model, plan.keep)
     config, counts = model.config, plan.kept_counts()
-    if getattr(config, WIDTHS_FIELD, None):
-        setattr(config, WIDTHS_FIELD, {name: expert_widths(m) for name, m in find_experts(model).items()})
+    if getattr(config, WIDTHS_FIELD, None):  # dims were pruned before: the kept experts' widths
+        record_widths(model)
     if len(set(counts.values())) == 1:  # a stock config describes it: rewrite the count fields
         kept = next(iter(counts.values()))
         for key in EXPERT_COUNT_FIELDS:

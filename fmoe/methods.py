@@ -4,7 +4,8 @@
     plan = fmoe.compress(model, "reap", 0.25, calibration)      # plan from the calibration, then the physical edit
     plan.save("plan.json")
 
-A method is a `Method` in `METHODS` (a plain dict, as peft registers its tuners): `plan(model, calibration, amount,
+Methods combine: `calibration.after(plan, model)` carries the dim scores over an expert drop, so the survivors'
+dims can be slimmed next. A method is a `Method` in `METHODS` (a plain dict, as peft registers its tuners): `plan(model, calibration, amount,
 **options)` returns plain data that saves as JSON, `edit(model, plan)` applies it in place. `amount` is the share of
 routed expert parameters removed (of routed experts computed per token, for compressed experts); plans report
 what they reached in `plan.meta["achieved"]`. The Lightning callbacks and the recipe look methods up here, so a
@@ -37,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .compressed import compress_experts
-from .expert_drop import ExpertPlan, drop_experts, plan_experts
+from .expert_drop import ExpertPlan, drop_experts, plan_experts, select_scores
 from .experts import fingerprint
 from .io import write_json, read_json
 from .layer_drop import DropPlan, drop, plan_block_drop, plan_layer_drop
@@ -55,16 +56,25 @@ class Calibration:
     scores: Scores | None = None
     statistics: Statistics | None = None
 
-    def need(self, what: str, method: str, model: nn.Module):
+    def need(self, what: str, method: str, model: nn.Module | None):
         """The scores or statistics `method` plans from, measured on this very model."""
         value = getattr(self, what)
         if value is None:
             raise ValueError(f"method {method!r} plans from {what}, which this calibration did not measure "
                              f"(fmoe.calibrate, or CalibrationModule(structure=True) for statistics)")
-        if value.fingerprint != fingerprint(model):
+        if model is not None and value.fingerprint != fingerprint(model):
             raise ValueError(f"method {method!r}: the {what} were measured on another model (fingerprint "
                              f"{value.fingerprint} != {fingerprint(model)}); calibrate the model being compressed")
         return value
+
+    def after(self, plan, model: nn.Module) -> Calibration:
+        """What this calibration still tells about `model` once an expert drop `plan` was applied to it: the dim
+        scores of the kept experts, so their dims can be slimmed next with no second pass (statistics describe
+        the experts and layers before the drop and are not carried)."""
+        if not isinstance(plan, ExpertPlan):
+            raise ValueError(f"only an expert drop carries a calibration over to the edited model, not a "
+                             f"{type(plan).__name__}: calibrate the edited model again")
+        return Calibration(select_scores(self.need("scores", "dims", None), plan, model))
 
 
 def calibrate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], method: str = "fisher",

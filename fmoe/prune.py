@@ -67,12 +67,18 @@ def apply_widths(model: nn.Module, keep: dict[str, list[torch.Tensor]]) -> nn.Mo
             slice_uniform(modules[name], keeps)
         else:
             replace_module(model, name, RaggedExperts(modules[name], keeps))
+    return record_widths(model)
+
+
+def record_widths(model: nn.Module) -> nn.Module:
+    """Write the experts' widths into the config (WIDTHS_FIELD, and the family's width field when every expert has
+    the same width, so a stock loader builds this exact shape); fall back from grouped_mm where it cannot run."""
     widths = {name: expert_widths(m) for name, m in find_experts(model).items()}
     setattr(model.config, WIDTHS_FIELD, widths)
     uniform = {w for ws in widths.values() for w in ws}
     field = width_field(model.config.model_type)
     if field is not None and len(uniform) == 1 and not any(isinstance(m, RaggedExperts) for m in find_experts(model).values()):
-        setattr(model.config, field, uniform.pop())  # a stock loader now builds this exact shape
+        setattr(model.config, field, uniform.pop())
     ensure_aligned_implementation(model)
     return model
 

@@ -152,3 +152,19 @@ def test_expert_and_block_callbacks_on_two_processes_equal_one(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(fmoe.from_pretrained(tmp_path / name / "export")(**probe).logits,
                                        reference(**probe).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_drop_experts_then_slim_the_survivors_from_one_calibration(calibrated, tmp_path):
+    model, calibration = calibrated
+    compressed = copy.deepcopy(model)
+    dropped = fmoe.compress(compressed, "reap", 0.25, calibration)
+    slimmed = fmoe.compress(compressed, "dims", 1 / 3, calibration.after(dropped, compressed), multiple_of=1,
+                            max_widths=None)
+    routed = lambda m: sum(p.numel() for e in fmoe.find_experts(m).values() for p in e.parameters())  # noqa: E731
+    assert routed(compressed) / routed(model) == pytest.approx(0.5, abs=0.01)
+    replayed = fmoe.apply_plan(fmoe.apply_plan(copy.deepcopy(model), dropped), slimmed)  # the two plans, replayed
+    probe = make_batches(n_batches=1, seed=7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(replayed(**probe).logits, compressed(**probe).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="only an expert drop"):
+        calibration.after(fmoe.methods.make(model, "layer_drop", 0.25, calibration), model)

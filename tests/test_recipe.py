@@ -159,6 +159,20 @@ def test_every_config_parses(recipe, config, capsys):
     assert "stages:" in printed and ("pack: true" in printed) == (config.stem != "default")
 
 
+@pytest.mark.parametrize("method", sorted((ROOT / "recipes" / "configs" / "methods").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_method_config_layers_on_a_model_config(recipe, method, capsys):
+    import yaml
+
+    with pytest.raises(SystemExit) as stop:
+        recipe.main(["--config", str(ROOT / "recipes" / "configs" / "mixtral-8x7b.yaml"), "--config", str(method),
+                     "--print_config"])
+    assert stop.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    wanted = yaml.safe_load(method.read_text())["prune"]
+    assert {k: printed["prune"][k] for k in wanted} == wanted
+    assert printed["model"]["model"] == "mistralai/Mixtral-8x7B-v0.1"  # the model config's choices stay
+
+
 STAGES_SEEN = []
 
 
