@@ -11,6 +11,7 @@ from .methods import Calibration, apply_plan, calibrate, compress, load_plan
 from .offline import prune_checkpoint, score_checkpoint
 from .plan import PruningPlan, make_plan
 from .prune import active_parameters, masked, prune, weight_bytes
+from .reconstruct import reconstruct
 from .scores import Scores
 from .scoring import METHODS, score
 from .statistics import Statistics, measure
@@ -19,7 +20,7 @@ __all__ = [
     "METHODS", "Calibration", "DropPlan", "ExpertPlan", "PruningPlan", "RaggedExperts", "Scores", "Statistics",
     "active_parameters", "apply_plan", "calibrate", "compress", "compress_experts", "drop_experts", "find_experts",
     "fingerprint", "from_pretrained", "load_plan", "make_plan", "masked", "measure", "methods", "plan_block_drop",
-    "plan_experts", "plan_layer_drop", "prune", "prune_checkpoint", "save_pretrained", "score", "score_checkpoint",
-    "weight_bytes",
+    "plan_experts", "plan_layer_drop", "prune", "prune_checkpoint", "reconstruct", "save_pretrained", "score",
+    "score_checkpoint", "weight_bytes",
 ]
 __version__ = "0.1.0"

@@ -29,6 +29,7 @@ from .compat import experts_hooks
 from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, num_experts, up_name
 from .loss import Batch, prepare_batch, sequence_nll
 from .prune import active_mask
+from .reconstruct import Gram, GramStatistics
 from .scores import Scores
 from .statistics import Statistics, StructureStatistics
 
@@ -279,10 +280,11 @@ class Scorer:
 
     Lightning hooks that cannot hold a `with` block call `attach()` and `detach()` instead. With `structure`, the
     same pass also measures the expert- and layer-level statistics of fmoe.statistics (`statistics()`); their sums
-    join `state()` under "structure/" keys, so rank reduction and checkpoints cover them.
+    join `state()` under "structure/" keys, so rank reduction and checkpoints cover them. With `gram`, the same
+    pass gathers the per-expert Gram sums of fmoe.reconstruct (`gram()`), under "gram/" keys.
     """
 
-    def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False):
+    def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False, gram: bool = False):
         if method not in DATA_METHODS:
             raise ValueError(f"Scorer runs the data methods {', '.join(DATA_METHODS)}; got {method!r}")
         self.model, self.method = model, method
@@ -294,6 +296,7 @@ class Scorer:
         self.acc = DATA_METHODS[method](self.modules, self.device)
         self.structure = StructureStatistics(model, self.device, fisher=self.acc.needs_grad,
                                              gradient_scale=lambda: self.acc.gradient_scale) if structure else None
+        self.grams = Gram(self.modules, self.device) if gram else None
         self.ctx = _Context()
         self.samples = self.tokens = 0
         self._stack: ExitStack | None = None
@@ -314,6 +317,8 @@ class Scorer:
         stack.enter_context(experts_hooks(self.model, {name: self.acc.hook(name, self.ctx) for name in self.modules}))
         if self.structure is not None:
             stack.enter_context(self.structure.attached(self.model, self.ctx))
+        if self.grams is not None:
+            stack.enter_context(experts_hooks(self.model, {n: self.grams.hook(n, self.ctx) for n in self.modules}))
         self._stack = stack
 
     @property
@@ -345,6 +350,8 @@ class Scorer:
         self.acc.to(self.device)
         if self.structure is not None:
             self.structure.to(self.device)
+        if self.grams is not None:
+            self.grams.to(self.device)
         return self
 
     def step(self, raw: Mapping[str, torch.Tensor], backward=None, sync: Callable | None = None,
@@ -400,6 +407,8 @@ class Scorer:
         self.acc.end_step(commit)
         if self.structure is not None:
             self.structure.end_step(commit)
+        if self.grams is not None:
+            self.grams.end_step(commit)
 
     def count(self, samples: int, tokens: int) -> None:
         self.samples += samples
@@ -407,9 +416,12 @@ class Scorer:
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every accumulated tensor (sums over samples), e.g. to SUM-reduce across ranks or checkpoint."""
-        if self.structure is None:
-            return self.acc.state()
-        return {**self.acc.state(), **{f"structure/{k}": t for k, t in self.structure.state().items()}}
+        state = dict(self.acc.state())
+        if self.structure is not None:
+            state.update({f"structure/{k}": t for k, t in self.structure.state().items()})
+        if self.grams is not None:
+            state.update({f"gram/{k}": t for k, t in self.grams.state().items()})
+        return state
 
     def load_state(self, state: dict[str, torch.Tensor], samples: int, tokens: int) -> None:
         """Replace the accumulated state (resume, or the SUM over ranks); updates tensors in place."""
@@ -435,6 +447,15 @@ class Scorer:
             raise ValueError("no calibration sample with a supervised token: no statistics")
         meta = {"model_type": getattr(self.model.config, "model_type", None), "method": self.method}
         return self.structure.result(self.fingerprint, self.samples, self.tokens, meta)
+
+    def gram(self) -> GramStatistics:
+        """The Gram sums of the pass, with the down projections of the scored model (a Scorer made with
+        `gram=True`; read before pruning the model)."""
+        if self.grams is None:
+            raise ValueError("this scorer gathers no Gram sums: make it with gram=True")
+        if self.samples == 0:
+            raise ValueError("no calibration sample with a supervised token: no Gram sums")
+        return self.grams.result(self.modules)
 
 
 def score(

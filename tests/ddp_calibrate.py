@@ -10,6 +10,7 @@
     python tests/ddp_calibrate.py OUT_DIR accuracy STRATEGY  # evaluation of the toy model: perplexity + exact match
     python tests/ddp_calibrate.py OUT_DIR ranks   # TP=2 scores, an unsupervised rank, uneven data, a NaN on one rank
     python tests/ddp_calibrate.py OUT_DIR methods # ExpertPruning under DDP, BlockDropping under FSDP2
+    python tests/ddp_calibrate.py OUT_DIR reconstruct  # DDP, IntermediatePruning with least-squares reconstruction
 """
 
 import copy
@@ -189,10 +190,21 @@ def methods(out: Path) -> None:
             fmoe.save_pretrained(module.model, out / name / "export")
 
 
+def reconstruct(out: Path) -> None:
+    """DDP calibration gathering Gram sums, then pruning and the refit on every rank: each rank's weights."""
+    import torch
+
+    module = CalibrationModule(tiny_model("qwen3_moe"), method="activation")
+    pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out, reconstruct=True)
+    trainer = two_cpus(strategy="ddp", max_epochs=1, callbacks=[pruning], default_root_dir=out)
+    trainer.fit(module, DataLoader(sequences(), batch_size=2))
+    torch.save(module.model.state_dict(), out / f"weights_rank{trainer.global_rank}.pt")
+
+
 if __name__ == "__main__":
     out, kind = Path(sys.argv[1]), sys.argv[2]
     stages = {"resume": resume, "accuracy": accuracy, "fsdp2_lora": lora_under_both_strategies, "user": user_training,
-              "ranks": ranks, "methods": methods}
+              "ranks": ranks, "methods": methods, "reconstruct": reconstruct}
     if kind in stages:
         stages[kind](out, *sys.argv[3:])
         close()

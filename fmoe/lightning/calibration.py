@@ -4,7 +4,9 @@
     trainer.fit(CalibrationModule(model, method="fisher"), calibration_dataloader)
 
 With `structure=True` the same pass measures the expert- and layer-level statistics of fmoe.statistics: after the
-fit `self.statistics` holds their SUM over ranks, reduced in the same collective step as the scores.
+fit `self.statistics` holds their SUM over ranks, reduced in the same collective step as the scores. With
+`gram=True` it also gathers the per-expert Gram sums of fmoe.reconstruct: after the fit `self.gram` holds their SUM
+over ranks (same collective), with the down projections of the unpruned model, for `fmoe.reconstruct.refit`.
 
 No weight update and no weight gradient: the model's weights are frozen; for Fisher the only trainable parameters
 are zero scalars added to each layer's expert activations (DDP needs a parameter the forward uses). Each rank
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import on_meta
+from ..reconstruct import GramStatistics
 from ..scores import Scores
 from ..scoring import Scorer
 from ..statistics import Statistics
@@ -119,11 +122,12 @@ def rank0_fingerprint(own: str | None) -> str | None:
 
 
 class CalibrationModule(L.LightningModule):
-    def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False):
+    def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False, gram: bool = False):
         super().__init__()
         self.model = model
         self.method = method
         self.structure = structure
+        self.gathers_gram = gram
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints carry the scorer state, not the (frozen, unchanged) weights
         # what the no-op optimizer steps: frozen, so DDP ignores it, but a registered parameter, which distributed
@@ -134,6 +138,7 @@ class CalibrationModule(L.LightningModule):
             self._make_scorer()
         self.scores: Scores | None = None
         self.statistics: Statistics | None = None
+        self.gram: GramStatistics | None = None
         self._seconds = 0.0
 
     def measure_structure(self) -> None:
@@ -144,9 +149,17 @@ class CalibrationModule(L.LightningModule):
             if self.scorer is not None:
                 self._make_scorer()
 
+    def measure_gram(self) -> None:
+        """Gather the Gram sums of fmoe.reconstruct in this fit too (IntermediatePruning(reconstruct=True) calls
+        it before the fit starts)."""
+        if not self.gathers_gram:
+            self.gathers_gram = True
+            if self.scorer is not None:
+                self._make_scorer()
+
     def _make_scorer(self) -> None:
         """The scorer over the model's weights (its fingerprint reads them) and the parameters DDP must see."""
-        self.scorer = Scorer(self.model, self.method, structure=self.structure)
+        self.scorer = Scorer(self.model, self.method, structure=self.structure, gram=self.gathers_gram)
         anchors = getattr(self.scorer.acc, "anchors", {})
         self.anchors = nn.ParameterList(anchors.values())  # registered so DDP and device moves see them
         if not anchors:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
@@ -217,6 +230,7 @@ class CalibrationModule(L.LightningModule):
         self.scores = sum_across_ranks(self.scorer, self.trainer.strategy)
         self.statistics = self.scorer.statistics() if self.structure else None
         self.teardown("fit")  # weights are frozen: nothing to gather; the plain model is back for pruning
+        self.gram = self.scorer.gram() if self.gathers_gram else None  # with the plain model's down projections
 
     def teardown(self, stage: str) -> None:
         unshard(self)
@@ -241,7 +255,7 @@ class CalibrationModule(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
         checkpoint[_STATE_KEY] = {"state": {k: t.cpu() for k, t in state.items()}, "samples": samples,
                                   "tokens": tokens, "method": self.method, "fingerprint": self.scorer.fingerprint,
-                                  "structure": self.structure}
+                                  "structure": self.structure, "gram": self.gathers_gram}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(_STATE_KEY)
@@ -253,5 +267,8 @@ class CalibrationModule(L.LightningModule):
         if saved.get("structure", False) != self.structure:
             raise ValueError(f"checkpoint was a calibration with structure={saved.get('structure', False)}, this run "
                              f"has structure={self.structure}")
+        if saved.get("gram", False) != self.gathers_gram:
+            raise ValueError(f"checkpoint was a calibration with gram={saved.get('gram', False)}, this run has "
+                             f"gram={self.gathers_gram}")
         if data_parallel_rank(self.trainer.strategy) == 0:  # the saved sums cover every rank; others start at 0
             self.scorer.load_state(saved["state"], saved["samples"], saved["tokens"])

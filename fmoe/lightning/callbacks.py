@@ -14,6 +14,7 @@ from .. import methods
 from ..experts import find_experts, fingerprint
 from ..plan import SCOPES
 from ..prune import weight_bytes
+from ..reconstruct import refit
 from ..methods import Calibration
 from ..scores import Scores
 from ..scoring import Scorer
@@ -189,16 +190,32 @@ class IntermediatePruning(Compression):
 
     Follows `ModelPruning` conventions: `amount` is the share of routed intermediate dims removed, `verbose`
     logs (rank zero) what was removed. Scores come from a CalibrationModule or a FisherScoring callback of the
-    same Trainer.
+    same Trainer. With `reconstruct`, the CalibrationModule's fit also gathers the Gram sums of fmoe.reconstruct
+    and the kept dims are refit by least squares (ridge `lam`) after pruning, on every rank that holds weights.
     """
 
     def __init__(self, amount: float = 0.5, scope: str = "layer", multiple_of: int = 16,
                  min_width: int | None = None, normalize: str = "mean", max_widths: int | None = 4,
-                 save_dir: str | Path | None = None, verbose: bool = True, model_attr: str | None = None):
+                 save_dir: str | Path | None = None, verbose: bool = True, model_attr: str | None = None,
+                 reconstruct: bool = False, lam: float = 1e-3):
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
         super().__init__("dims", amount, save_dir, verbose, model_attr, scope=scope, multiple_of=multiple_of,
                          min_width=min_width, normalize=normalize, max_widths=max_widths)
+        self.reconstruct, self.lam = reconstruct, lam
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        if self.reconstruct:
+            if not isinstance(pl_module, CalibrationModule):
+                raise TypeError(f"reconstruct=True refits from Gram sums, which a CalibrationModule fit gathers; "
+                                f"{type(pl_module).__name__} is not one")
+            pl_module.measure_gram()
+
+    def on_fit_end(self, trainer, pl_module):
+        super().on_fit_end(trainer, pl_module)
+        if self.reconstruct:  # an empty (meta) model, a non-zero rank's under FSDP2, has no weights to refit
+            refit(pl_module.model, self.plan, pl_module.gram, self.lam)
 
 
 class ExpertPruning(Compression):

@@ -1,0 +1,260 @@
+"""Least-squares reconstruction of the kept dims: after intermediate-dim pruning, each routed expert's kept down
+projection columns (and its down bias, where the family has one: gpt_oss) are refit so that the kept dims predict
+the full expert's output on calibration data, with no training.
+
+For expert e with calibration activations h_t = act(gate) * up [I] (tokens routed to e, real tokens only, measured
+on the model BEFORE pruning), G = sum_t h_t h_t^T [I, I], s = sum_t h_t [I], n = token count, and kept dims K:
+
+    X, b' = argmin sum_t || X h_t[K] + b' - (W h_t + b) ||^2 + lam_e ||X||^2,   lam_e = lam * mean(diag(G_KK))
+
+Without a bias, X = W G[:, K] (G_KK + lam_e I)^-1; with one, the intercept (unregularised) joins the normal equations
+through s and n. Sums and solves are float64, cast back to the weight dtype. An expert that keeps every dim is left
+as is (the unregularised fit is its own weights); one no calibration token reached, or whose kept dims never fire,
+keeps the plainly pruned weights. lam = 0 (no ridge) is determined only where every expert saw more calibration
+tokens than it keeps dims; the default ridge keeps rarely routed experts' fits bounded.
+
+    model = fmoe.reconstruct(model, plan, batches)      # gather G on the unpruned model, prune, refit
+
+Memory: G is E x I x I float64 per MoE layer (s and n are small), held on the model's device while gathering:
+
+    model                 layers x experts x I^2       per layer    all layers
+    Qwen1.5-MoE-A2.7B     24 x 60 x 1408^2             0.95 GB      22.8 GB
+    Qwen3-30B-A3B         48 x 128 x 768^2             0.60 GB      29.0 GB
+    Mixtral-8x7B          32 x 8 x 14336^2             13.2 GB      421 GB
+    OLMoE-1B-7B           16 x 64 x 1024^2             0.54 GB      8.6 GB
+    DeepSeek-V2-Lite      26 x 64 x 1408^2 (+1 dense)  1.02 GB      26.4 GB
+
+Compute: 2 x (routed token-expert pairs) x I^2 float64 flops per layer, at full rate only where float64 is fast
+(A100, H100, H200; CPUs). `layers_at_once=k` gathers k layers per pass (ceil(L/k) passes over the batches), so
+only k layers' G are held; each pass's solutions (the kept down columns, in the weight dtype) are kept until the
+model is pruned. Through the Lightning calibration (`CalibrationModule(gram=True)`,
+`IntermediatePruning(reconstruct=True)`) every layer is gathered in the one pass, and the SUM over ranks briefly
+holds a second copy (checkpoints of that calibration hold G too).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .experts import RaggedExperts, expert_parameters, expert_widths, find_experts, num_experts, on_meta
+from .plan import PruningPlan
+
+
+def _dtype(device) -> torch.dtype:
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+
+
+@dataclass
+class GramStatistics:
+    """Per experts module (unpruned): products [E, I, I] = sum h h^T, sums [E, I] = sum h, counts [E] tokens, and
+    the down projections they were measured through: down [E, H, I] or [E, I, H] (the module's layout; references
+    to the tensors, which pruning replaces rather than edits) and down_bias [E, H] or None."""
+
+    products: dict[str, torch.Tensor]
+    sums: dict[str, torch.Tensor]
+    counts: dict[str, torch.Tensor]
+    down: dict[str, torch.Tensor]
+    down_bias: dict[str, torch.Tensor | None]
+    transposed: dict[str, bool]
+
+
+class Gram:
+    """Accumulator of G, s and n per routed expert (the protocol of fmoe.scoring's accumulators: `hook(name, ctx)`
+    per experts module, `state()` of float64 sums to SUM-reduce across ranks, `to(device)`, `result`). `modules`:
+    the experts modules to gather, all of a model's or a subset (layer by layer, to bound memory)."""
+
+    needs_grad = False
+
+    def __init__(self, modules: Mapping[str, nn.Module], device):
+        ragged = [name for name, m in modules.items() if isinstance(m, RaggedExperts)]
+        if ragged:
+            raise ValueError(f"gather Gram statistics before pruning: {ragged[0]} has ragged experts")
+        dtype = _dtype(device)
+        self.products = {n: torch.zeros(num_experts(m), expert_widths(m)[0], expert_widths(m)[0], device=device,
+                                        dtype=dtype) for n, m in modules.items()}  # [E, I, I]
+        self.sums = {n: torch.zeros(t.shape[:2], device=device, dtype=dtype) for n, t in self.products.items()}
+        self.counts = {n: torch.zeros(t.shape[0], device=device, dtype=dtype) for n, t in self.products.items()}
+        self.repeat = False  # the next forward reruns a dropped step's batch, already counted (see end_step)
+
+    def hook(self, name: str, ctx):
+        products, sums, counts = self.products[name], self.sums[name], self.counts[name]
+
+        def on_intermediate(routing, h):  # h [S, I], rows sorted by expert
+            if self.repeat:
+                return h
+            keep = ctx.real_rows(routing)  # [S] real tokens, real experts
+            x = h.detach().where(keep[:, None], 0.0)  # [S, I]
+            start = 0
+            ids, ends = torch.stack([routing.ids, routing.offsets.to(routing.ids.dtype)]).tolist()  # one host read
+            for e, stop in zip(ids, ends):
+                if stop > start:
+                    rows = x[start:stop].to(products.dtype)  # [S_e, I]
+                    products[e].addmm_(rows.T, rows)
+                start = stop
+            sums.index_add_(0, routing.experts, x.to(sums.dtype))
+            counts.index_add_(0, routing.experts, keep.to(counts.dtype))
+            return h
+
+        return on_intermediate
+
+    def end_step(self, commit: bool) -> None:
+        """After a step with a backward. Its forward's sums are already added; a step dropped for overflowing fp16
+        gradients runs again on the same batch (CalibrationModule), whose forward then adds nothing."""
+        self.repeat = not commit
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**{f"products/{n}": t for n, t in self.products.items()},
+                **{f"sums/{n}": t for n, t in self.sums.items()}, **{f"counts/{n}": t for n, t in self.counts.items()}}
+
+    def to(self, device) -> None:
+        self.products = {n: t.to(device) for n, t in self.products.items()}
+        self.sums = {n: t.to(device) for n, t in self.sums.items()}
+        self.counts = {n: t.to(device) for n, t in self.counts.items()}
+
+    def result(self, modules: Mapping[str, nn.Module]) -> GramStatistics:
+        """The sums, with the down projections of `modules` (the unpruned model's, by name) they refit."""
+        modules = {n: modules[n] for n in self.products}
+        return GramStatistics(
+            dict(self.products), dict(self.sums), dict(self.counts),
+            {n: m.down_proj.detach() for n, m in modules.items()},
+            {n: m.down_proj_bias.detach() if m.has_bias else None for n, m in modules.items()},
+            {n: bool(m.is_transposed) for n, m in modules.items()})
+
+
+def gather(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
+           names: Iterable[str] | None = None) -> GramStatistics:
+    """G, s, n of the routed experts `names` (default: all) over `batches` (dicts with input_ids and optionally
+    attention_mask), from one forward pass per batch: weights frozen, eval mode, no grad."""
+    from .compat import experts_hooks
+    from .loss import prepare_batch
+    from .scoring import _Context, frozen
+
+    modules = find_experts(model)
+    names = list(modules) if names is None else list(names)
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"no routed experts module {unknown[0]!r}; valid: {', '.join(modules)}")
+    device = next(model.parameters()).device
+    subset = {n: modules[n] for n in names}
+    gram, ctx = Gram(subset, device), _Context()
+    with frozen(model), experts_hooks(model, {n: gram.hook(n, ctx) for n in subset}), torch.no_grad():
+        for raw in batches:
+            batch = prepare_batch(raw, device)
+            ctx.set(batch)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    return gram.result(subset)
+
+
+def solve(products: torch.Tensor, sums: torch.Tensor, count: torch.Tensor, down: torch.Tensor,
+          bias: torch.Tensor | None, keep: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One expert's refit (products [I, I], sums [I], count [], down [H, I], bias [H] or None, keep [k]): (kept
+    down columns [H, k], bias [H] or None) in float64, or None where there is nothing to fit."""
+    width = products.shape[0]
+    if keep.numel() == width or float(count) == 0:
+        return None
+    dtype = torch.float64 if products.device.type != "mps" else torch.float32
+    device = products.device if products.device.type != "mps" else torch.device("cpu")
+    g = products.to(device, dtype)
+    keep = keep.to(device)
+    w = down.to(device, dtype)  # [H, I]
+    g_kk = g[keep][:, keep]  # [k, k]
+    scale = float(g_kk.diagonal().mean())
+    if scale <= 0:
+        return None  # the kept dims never fire: nothing to fit them to
+    g_kk = g_kk + lam * scale * torch.eye(keep.numel(), device=device, dtype=dtype)
+    rhs = g[keep] @ w.T  # [k, H]  sum_t h_K (W h)^T
+    if bias is not None:
+        s, b, n = sums.to(device, dtype), bias.to(device, dtype), float(count)
+        s_k = s[keep]
+        a = torch.cat([torch.cat([g_kk, s_k[:, None]], 1),
+                       torch.cat([s_k, torch.tensor([n], device=device, dtype=dtype)])[None]], 0)  # [k+1, k+1]
+        rhs = torch.cat([rhs + s_k[:, None] * b[None], (w @ s + n * b)[None]], 0)  # [k+1, H]
+    else:
+        a = g_kk
+    solution, info = torch.linalg.solve_ex(a, rhs)  # [k(+1), H]
+    if int(info) != 0 or not bool(torch.isfinite(solution).all()):  # singular (lam = 0, dead kept dims)
+        solution = torch.linalg.pinv(a, hermitian=True) @ rhs
+    if bias is None:
+        return solution.T, None
+    return solution[:-1].T, solution[-1]
+
+
+def solutions(stats: GramStatistics, plan: PruningPlan, lam: float = 1e-3) -> dict[str, list]:
+    """{module name: [(down columns [H, k], bias [H] or None) or None per expert]} for the modules of `stats`
+    that `plan` covers, in the weights' dtype."""
+    if lam < 0 or not math.isfinite(lam):
+        raise ValueError(f"lam must be a finite non-negative ridge factor, got {lam}")
+    out = {}
+    for name, products in stats.products.items():
+        if name not in plan.keep:
+            continue
+        down, bias, transposed = stats.down[name], stats.down_bias[name], stats.transposed[name]
+        if products.shape[1:] != (plan.widths[name][0],) * 2 or len(plan.keep[name]) != products.shape[0]:
+            raise ValueError(f"Gram statistics of {name} do not fit the plan: {tuple(products.shape)} vs "
+                             f"{len(plan.keep[name])} experts of width {plan.widths[name][0]}")
+        fits = []
+        for e, keep in enumerate(plan.keep[name]):
+            w = down[e].T if transposed else down[e]  # [H, I]
+            fit = solve(products[e], stats.sums[name][e], stats.counts[name][e], w,
+                        None if bias is None else bias[e], keep, lam)
+            fits.append(None if fit is None else (fit[0].to(down.dtype), None if fit[1] is None
+                                                  else fit[1].to(bias.dtype)))
+        out[name] = fits
+    return out
+
+
+@torch.no_grad()
+def write(model: nn.Module, fits: dict[str, list]) -> nn.Module:
+    """Copy refit down columns (and biases) into the pruned model's experts, in place."""
+    modules = find_experts(model)
+    for name, per_expert in fits.items():
+        module = modules[name]
+        for e, fit in enumerate(per_expert):
+            if fit is None:
+                continue
+            params = module.expert_parameters(e) if isinstance(module, RaggedExperts) else expert_parameters(module, e)
+            down = params["down_proj"]  # [H, k] or [k, H]
+            columns = fit[0].T if module.is_transposed else fit[0]
+            if down.shape != columns.shape:
+                raise ValueError(f"{name} expert {e}: pruned down projection {tuple(down.shape)} does not fit the "
+                                 f"plan's {tuple(columns.shape)}: refit a model pruned with this plan")
+            down.copy_(columns.to(down.device))
+            if fit[1] is not None:
+                params["down_proj_bias"].copy_(fit[1].to(down.device))
+    return model
+
+
+def refit(model: nn.Module, plan: PruningPlan, gram: GramStatistics, lam: float = 1e-3) -> nn.Module:
+    """Refit the kept down columns (and down bias) of `model`, already pruned with `plan`, by least squares from
+    `gram` (measured on the model before pruning); in place. An empty (meta) model is returned untouched."""
+    if on_meta(model):
+        return model
+    return write(model, solutions(gram, plan, lam))
+
+
+def reconstruct(model: nn.Module, plan: PruningPlan, batches: Iterable[Mapping[str, torch.Tensor]],
+                lam: float = 1e-3, layers_at_once: int | None = None) -> nn.Module:
+    """Prune `model` with `plan` (fmoe.prune) and refit the kept dims by least squares on `batches` (in place):
+    G is gathered on the unpruned model, `layers_at_once` layers per pass (default: all in one pass)."""
+    from .prune import check_plan, prune
+
+    check_plan(model, plan)
+    names = [n for n in find_experts(model) if n in plan.keep]
+    if layers_at_once is not None and layers_at_once < 1:
+        raise ValueError(f"layers_at_once must be >= 1 or None, got {layers_at_once}")
+    step = len(names) if layers_at_once is None else layers_at_once
+    chunks = [names[i:i + step] for i in range(0, len(names), max(step, 1))]
+    if len(chunks) > 1 and iter(batches) is batches:
+        raise ValueError(f"layers_at_once={layers_at_once} runs {len(chunks)} passes over the batches: pass a list "
+                         "or a DataLoader, not a one-shot iterator")
+    fits = {}
+    for chunk in chunks:
+        fits.update(solutions(gather(model, batches, chunk), plan, lam))
+    prune(model, plan)
+    return write(model, fits)
