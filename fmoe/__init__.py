@@ -6,6 +6,7 @@ from .checkpoint import from_pretrained, save_pretrained
 from .compressed import compress_experts
 from .expert_drop import ExpertPlan, drop_experts, plan_experts
 from .experts import RaggedExperts, find_experts, fingerprint
+from .iterative import prune_iteratively
 from .layer_drop import DropPlan, plan_block_drop, plan_layer_drop
 from .methods import Calibration, apply_plan, calibrate, compress, load_plan
 from .offline import prune_checkpoint, score_checkpoint
@@ -20,7 +21,7 @@ __all__ = [
     "METHODS", "Calibration", "DropPlan", "ExpertPlan", "PruningPlan", "RaggedExperts", "Scores", "Statistics",
     "active_parameters", "apply_plan", "calibrate", "compress", "compress_experts", "drop_experts", "find_experts",
     "fingerprint", "from_pretrained", "load_plan", "make_plan", "masked", "measure", "methods", "plan_block_drop",
-    "plan_experts", "plan_layer_drop", "prune", "prune_checkpoint", "reconstruct", "save_pretrained", "score",
-    "score_checkpoint", "weight_bytes",
+    "plan_experts", "plan_layer_drop", "prune", "prune_checkpoint", "prune_iteratively", "reconstruct",
+    "save_pretrained", "score", "score_checkpoint", "weight_bytes",
 ]
 __version__ = "0.1.0"

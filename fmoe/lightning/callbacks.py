@@ -4,14 +4,17 @@ registered method through Compression."""
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 
 import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .. import methods
 from ..experts import find_experts, fingerprint
+from ..iterative import iterate, step_ratios
 from ..plan import SCOPES
 from ..prune import weight_bytes
 from ..reconstruct import refit
@@ -37,6 +40,21 @@ def find_hf_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
                 continue
     raise ValueError(f"{type(pl_module).__name__} holds no transformers MoE with routed experts; "
                      "pass FisherScoring(model_attr=...) to name it")
+
+
+def on_rank0(trainer, make):
+    """`make()` on rank 0 (it holds the weights under FSDP2), its result on every rank; an error there is raised on
+    every rank (a collective in a multi-process run: every rank calls it)."""
+    result = error = None
+    if trainer.is_global_zero:
+        try:
+            result = make()
+        except Exception as raised:  # noqa: BLE001  (re-raised on every rank below)
+            error = raised
+    result, error = rank0_object((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 class FisherScoring(L.Callback):
@@ -151,6 +169,11 @@ class Compression(L.Callback):
         raise RuntimeError(f"{type(self).__name__} found no calibration: train a CalibrationModule or add "
                            "FisherScoring()")
 
+    def make_plan(self, trainer, pl_module, model: nn.Module, calibration: Calibration):
+        """(the plan, rank 0's on every rank; the calibration saved with it)."""
+        plan = on_rank0(trainer, lambda: methods.make(model, self.method, self.amount, calibration, **self.options))
+        return plan, calibration
+
     def on_fit_end(self, trainer, pl_module):
         calibration = self._calibration(trainer, pl_module)
         unshard(pl_module, trainer)  # FSDP2 via fmoe's shard(): the plain model, with what the fit trained
@@ -160,16 +183,7 @@ class Compression(L.Callback):
                             "ModelParallelStrategy call fmoe.lightning.sharding.shard(self, '<model attribute>') in "
                             "configure_model, which keeps the plain model to edit")
         before, params = weight_bytes(model), sum(p.numel() for p in model.parameters())
-        plan = error = None
-        if trainer.is_global_zero:  # rank 0 plans (it holds the weights under FSDP2); a failure stops every rank
-            try:
-                plan = methods.make(model, self.method, self.amount, calibration, **self.options)
-            except Exception as raised:  # noqa: BLE001  (re-raised on every rank below)
-                error = raised
-        plan, error = rank0_object((plan, error))
-        if error is not None:
-            raise error
-        self.plan = plan
+        self.plan, calibration = self.make_plan(trainer, pl_module, model, calibration)
         self.entry.edit(model, self.plan)  # an empty model: shapes only (its plan was checked on rank 0)
         directory = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
@@ -191,18 +205,26 @@ class IntermediatePruning(Compression):
     Follows `ModelPruning` conventions: `amount` is the share of routed intermediate dims removed, `verbose`
     logs (rank zero) what was removed. Scores come from a CalibrationModule or a FisherScoring callback of the
     same Trainer. With `reconstruct`, the CalibrationModule's fit also gathers the Gram sums of fmoe.reconstruct
-    and the kept dims are refit by least squares (ridge `lam`) after pruning, on every rank that holds weights.
+    and the kept dims are refit by least squares (ridge `lam`) after pruning, on every rank that holds weights
+    (from the fit's activations: with `steps` > 1 too, once, after the last step).
+
+    With `steps` > 1 the dims go in that many steps (fmoe.iterative, linear schedule): step 1 plans from the fit's
+    scores, each later step scores the model again with the dims of the steps before masked, over one pass of the
+    fit's own train dataloader (under DDP each rank its shard, sums reduced over ranks), and rank 0 plans. This
+    needs a CalibrationModule fit (its method scores again) and DDP or one process: under ModelParallelStrategy
+    (FSDP2) only rank 0 holds the plain model between fits. The scores saved are the last step's.
     """
 
     def __init__(self, amount: float = 0.5, scope: str = "layer", multiple_of: int = 16,
                  min_width: int | None = None, normalize: str = "mean", max_widths: int | None = 4,
                  save_dir: str | Path | None = None, verbose: bool = True, model_attr: str | None = None,
-                 reconstruct: bool = False, lam: float = 1e-3):
+                 steps: int = 1, reconstruct: bool = False, lam: float = 1e-3):
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
         super().__init__("dims", amount, save_dir, verbose, model_attr, scope=scope, multiple_of=multiple_of,
                          min_width=min_width, normalize=normalize, max_widths=max_widths)
-        self.reconstruct, self.lam = reconstruct, lam
+        step_ratios(amount, steps)  # bad steps fail before a calibration run is spent
+        self.steps, self.reconstruct, self.lam = steps, reconstruct, lam
 
     def setup(self, trainer, pl_module, stage):
         super().setup(trainer, pl_module, stage)
@@ -211,6 +233,47 @@ class IntermediatePruning(Compression):
                 raise TypeError(f"reconstruct=True refits from Gram sums, which a CalibrationModule fit gathers; "
                                 f"{type(pl_module).__name__} is not one")
             pl_module.measure_gram()
+        if self.steps > 1:
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            if isinstance(trainer.strategy, ModelParallelStrategy):
+                raise TypeError("IntermediatePruning(steps > 1) scores the plain model on every rank between steps, "
+                                "and under ModelParallelStrategy (FSDP2) only rank 0 holds it: use DDP or one "
+                                "process, or steps=1")
+            if not isinstance(pl_module, CalibrationModule):
+                raise TypeError(f"IntermediatePruning(steps > 1) scores again with the fit's CalibrationModule; "
+                                f"{type(pl_module).__name__} is not one (with FisherScoring, use steps=1)")
+
+    def make_plan(self, trainer, pl_module, model: nn.Module, calibration: Calibration):
+        if self.steps == 1:
+            return super().make_plan(trainer, pl_module, model, calibration)
+        first = calibration.need("scores", "dims", model)
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise TypeError(f"IntermediatePruning(steps > 1) scores over the fit's one train dataloader, not "
+                            f"{type(loader).__name__}")
+        limit = trainer.num_training_batches  # one pass, as limit_train_batches cuts it
+        limit = None if limit == float("inf") else int(limit)
+        device, home = trainer.strategy.root_device, next(model.parameters()).device  # teardown moved it home
+
+        def rescore(step: int) -> Scores:
+            if step == 1:
+                return first
+            scorer = Scorer(model, pl_module.method).to(device)
+            with scorer.attached():  # the model as it stands: the previous step's mask is open
+                for batch in islice(loader, limit):
+                    scorer.step(batch, sync=sync_flags(trainer))  # every rank raises at the same batch
+            return sum_across_ranks(scorer, trainer.strategy)  # a collective: every rank takes part
+
+        options = dict(self.options)
+        scope = options.pop("scope")
+        model.to(device)
+        try:
+            plan, last = iterate(model, self.amount, self.steps, scope, rescore,
+                                 decide=lambda make: on_rank0(trainer, make), **options)
+        finally:
+            model.to(home)
+        return plan, Calibration(last, calibration.statistics)
 
     def on_fit_end(self, trainer, pl_module):
         super().on_fit_end(trainer, pl_module)

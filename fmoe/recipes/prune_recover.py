@@ -2,6 +2,8 @@
 
     fmoe prune-recover                                   # the shipped toy MoE: CPU, no network, about a minute
     fmoe prune-recover --prune.amount 0.25 --prune.scope expert --recover.max_steps 50
+    fmoe prune-recover --prune.amount 0.75 --prune.steps 5  # iterative: the partly pruned model scored again each step
+    fmoe prune-recover --prune.amount 0.75 --prune.reconstruct true  # least-squares refit of the kept dims
     fmoe prune-recover --config recipes/configs/qwen1.5-moe-a2.7b.yaml   # 8x80 GB, real checkpoint
     fmoe prune-recover --prune.method reap --prune.amount 0.25  # or expert_drop, layer_drop, block_drop, ...
     fmoe prune-recover --help                            # or: python recipes/prune_recover.py ...
@@ -36,7 +38,7 @@ from fmoe.data import TextDataModule
 from fmoe import toy
 from fmoe.tasks import load_tasks
 from fmoe import methods
-from fmoe.lightning import CalibrationModule, Compression
+from fmoe.lightning import CalibrationModule, Compression, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery, evaluate
 from fmoe.lightning.sharding import load_model
 
@@ -61,6 +63,9 @@ class Prune:
     max_widths: int | None = 4  # distinct widths per layer (one grouped matmul each); null: unbounded
     count: int | None = None  # expert/layer/block drops: how many to drop instead of `amount`
     mode: str = "discrete"  # block_drop: discrete | consecutive
+    steps: int = 1  # dims: remove the amount in this many steps, scoring the partly pruned model again before each
+    reconstruct: bool = False  # dims: refit the kept dims' down projections by least squares (fmoe.reconstruct)
+    lam: float = 1e-3  # the refit's ridge, times the mean Gram diagonal
 
 
 @dataclass
@@ -155,12 +160,19 @@ def main(args=None) -> dict:
     record("dense", module.model)
     options = {k: v for k, v in asdict(prune_cfg).items() if k not in ("method", "amount")}
     options = methods.options_of(prune_cfg.method, options)
+    if (prune_cfg.steps != 1 or prune_cfg.reconstruct) and prune_cfg.method != "dims":
+        raise ValueError(f"--prune.steps and --prune.reconstruct apply to the dims method, not {prune_cfg.method!r}")
     if stages.prune and not methods.method(prune_cfg.method).reads:  # nothing to calibrate (compressed experts)
         methods.compress(module.model, prune_cfg.method, prune_cfg.amount, **options)
         record("pruned", module.model)
     elif stages.calibrate:
-        callbacks = [Compression(prune_cfg.method, prune_cfg.amount, save_dir=Path(cfg.export_dir).parent,
-                                 **options)] if stages.prune else []
+        save_dir = Path(cfg.export_dir).parent
+        if prune_cfg.method == "dims":  # its own callback: iterative steps re-score inside the calibration fit
+            compression = IntermediatePruning(prune_cfg.amount, save_dir=save_dir, steps=prune_cfg.steps,
+                                              reconstruct=prune_cfg.reconstruct, lam=prune_cfg.lam, **options)
+        else:
+            compression = Compression(prune_cfg.method, prune_cfg.amount, save_dir=save_dir, **options)
+        callbacks = [compression] if stages.prune else []
         calib = L.Trainer(**trainer_kwargs(cfg, "calibrate", callbacks))
         calib.fit(module, datamodule=data)
         if stages.prune:

@@ -1,0 +1,146 @@
+"""Iterative dim pruning: remove the budget in N steps, scoring the partly pruned model again before each step.
+
+One shot ranks every dim by its importance in the dense model; once many dims are gone the survivors carry work
+the removed ones did, and their importance changes. Here step s = 1..N removes a cumulative share r_s of the
+routed intermediate dims, planned from scores of the model with the dims of steps 1..s-1 masked
+(`fmoe.masked`: masked dims score 0), so each step sees the model it is cutting. At the end the last plan is
+applied physically, and pruned == masked holds as for one shot (steps=1 *is* one shot).
+
+    plan = fmoe.prune_iteratively(model, batches, 0.75, steps=5)      # Fisher, layer scope, linear schedule
+
+Schedules: "linear" removes the same number of dims each step (r_s = ratio * s / N); "geometric" the same share
+of what remains (r_s = 1 - (1 - ratio)^(s/N)), so later steps, which cut into more important dims, cut fewer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from .experts import fingerprint
+from .plan import PruningPlan, make_plan
+from .prune import masked, prune
+from .scores import Scores
+from .scoring import score
+
+SCHEDULES = ("linear", "geometric")
+
+
+def step_ratios(ratio: float, steps: int, schedule: str = "linear") -> list[float]:
+    """The cumulative share of dims removed after each of `steps` steps; the last is `ratio` exactly."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if schedule == "linear":
+        ratios = [ratio * s / steps for s in range(1, steps)]
+    else:
+        ratios = [1 - (1 - ratio) ** (s / steps) for s in range(1, steps)]
+    return ratios + [ratio]
+
+
+def nest(plan: PruningPlan, scores: Scores, previous: PruningPlan | None) -> int:
+    """Keep `plan` inside `previous` (in place): a dim a previous step removed stays removed. Masked dims score 0,
+    so a plan only brings one back when an expert's width grew past its previous width (rounding to multiple_of,
+    min_width, or the levels of max_widths) or an unmasked dim tied a masked one at 0; such an expert keeps its
+    highest-scored previously kept dims instead (ties by index, as make_plan), at most as many as before.
+    Returns how many dims the plan's widths asked for beyond the previous ones (0 in the usual case)."""
+    if previous is None:
+        return 0
+    clipped = 0
+    for name, keeps in plan.keep.items():
+        for e, keep in enumerate(keeps):
+            before = previous.keep[name][e]  # ascending
+            if bool(torch.isin(keep, before).all()):
+                continue
+            width = min(keep.numel(), before.numel())
+            clipped += keep.numel() - width
+            order = torch.sort(scores.tensors[name][e][before].double(), descending=True, stable=True).indices
+            keeps[e] = torch.sort(before[order[:width]]).values
+    return clipped
+
+
+def is_nested(plan: PruningPlan, previous: PruningPlan) -> bool:
+    """Every dim `plan` keeps was kept by `previous`."""
+    return all(bool(torch.isin(k, previous.keep[n][e]).all()) for n, ks in plan.keep.items() for e, k in enumerate(ks))
+
+
+def plan_step(scores: Scores, ratio: float, scope: str, previous: PruningPlan | None, model: nn.Module | None = None,
+              **plan_options) -> PruningPlan:
+    """One step's plan: make_plan at the step's cumulative `ratio`, kept inside the previous step's (see `nest`)."""
+    plan = make_plan(scores, ratio, scope, model=model, **plan_options)
+    plan.meta["clipped"] = nest(plan, scores, previous)
+    if previous is not None and not is_nested(plan, previous):
+        raise RuntimeError("an iterative step's plan keeps a dim a previous step removed")
+    return plan
+
+
+def iterate(model: nn.Module, ratio: float, steps: int, scope: str, rescore: Callable[[int], Scores],
+            schedule: str = "linear", after_step: Callable | None = None,
+            decide: Callable[[Callable[[], PruningPlan]], PruningPlan] | None = None,
+            **plan_options) -> tuple[PruningPlan, Scores]:
+    """The steps of iterative pruning, without the physical edit: (final plan, last step's scores).
+
+    `rescore(step)` scores `model` as it stands; it runs with the previous step's mask open. `decide(make)` runs
+    the planning (default: here; Lightning: on rank 0, broadcast). `after_step(model, plan, step)` runs with the
+    step's mask open and may change the weights; the final plan then names the model as it left the last step.
+    Intermediate steps plan with max_widths=None (any widths), the last with the caller's options. On return no
+    mask is open.
+    """
+    ratios = step_ratios(ratio, steps, schedule)
+    decide = decide or (lambda make: make())
+    plan, scores, clipped = None, None, 0
+    for step, r in enumerate(ratios, 1):
+        options = plan_options if step == steps else {**plan_options, "max_widths": None}
+        with masked(model, plan.keep) if plan is not None else nullcontext():
+            scores = rescore(step)
+            previous = plan
+            plan = decide(lambda: plan_step(scores, r, scope, previous, model, **options))
+        clipped += plan.meta.pop("clipped", 0)
+        if after_step is not None:
+            with masked(model, plan.keep):
+                after_step(model, plan, step)
+    plan.meta.update(steps=steps, schedule=schedule, step_ratios=ratios, clipped=clipped,
+                     achieved=plan.removed_fraction())
+    if after_step is not None:
+        plan.fingerprint = fingerprint(model)  # the weights after_step left are the ones the plan prunes
+    return plan, scores
+
+
+def prune_iteratively(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]] | None,
+    ratio: float,
+    steps: int = 5,
+    method: str = "fisher",
+    scope: str = "layer",
+    schedule: str = "linear",
+    after_step: Callable[[nn.Module, PruningPlan, int], None] | None = None,
+    progress: bool | None = None,
+    **plan_options,
+) -> PruningPlan:
+    """Remove `ratio` of the routed intermediate dims of `model` in `steps` steps, scoring (`method`, over
+    `batches`, which are iterated once per step: a list, not a generator) the partly pruned model before each, then
+    prune physically (in place) with the final plan and return it.
+
+    `plan_options` are make_plan's (multiple_of, min_width, normalize, max_widths); `after_step(model, plan, step)`
+    runs after each step's mask is in place (e.g. to reconstruct the layer outputs). Each step's kept dims are a
+    subset of the previous step's. plan.meta records steps, schedule, step_ratios, achieved (the share removed)
+    and clipped (dims a step's rounding asked back and nesting kept removed, usually 0). steps=1 is the one-shot
+    path: fmoe.make_plan on fmoe.score, then fmoe.prune.
+    """
+    step_ratios(ratio, steps, schedule)  # bad arguments fail before any scoring
+    if steps > 1 and batches is not None and iter(batches) is batches:
+        raise ValueError("batches are iterated once per step: pass a list (or another re-iterable), not an iterator")
+
+    def rescore(step: int) -> Scores:
+        return score(model, batches, method, progress=progress)
+
+    plan, _ = iterate(model, ratio, steps, scope, rescore, schedule, after_step, **plan_options)
+    prune(model, plan)
+    return plan
