@@ -151,6 +151,23 @@ def gather(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
     return gram.result(subset)
 
 
+def compensated(stats: GramStatistics, lam: float = 1e-3) -> dict[str, torch.Tensor]:
+    """{module name: [E, I]} the output error removing dim j alone costs once the other dims are refit by least
+    squares (the optimal-brain-surgeon saliency of a column of the down projection): ||W[:, j]||^2 / [(G + lam_e I)^-1]_jj,
+    summed over the calibration tokens routed to the expert, lam_e = lam x mean(diag G). Higher = keep."""
+    out = {}
+    for name, products in stats.products.items():
+        dtype = torch.float64 if products.device.type != "mps" else torch.float32
+        g = products.to(dtype)  # [E, I, I]
+        scale = g.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=torch.finfo(dtype).tiny)  # [E]
+        eye = torch.eye(g.shape[-1], dtype=dtype, device=g.device)
+        inverse_diag = torch.linalg.inv(g + lam * scale[:, None, None] * eye).diagonal(dim1=1, dim2=2)  # [E, I]
+        down = stats.down[name].detach().to(g.device, dtype)
+        column_norms = down.square().sum(-1 if stats.transposed[name] else -2)  # [E, I]
+        out[name] = (column_norms / inverse_diag).float().cpu()
+    return out
+
+
 def solve(products: torch.Tensor, sums: torch.Tensor, count: torch.Tensor, down: torch.Tensor,
           bias: torch.Tensor | None, keep: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """One expert's refit (products [I, I], sums [I], count [], down [H, I], bias [H] or None, keep [k]): (kept

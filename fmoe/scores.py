@@ -43,3 +43,21 @@ class Scores:
         return cls(tensors=load_file(str(directory / _TENSORS)), method=info["method"],
                    fingerprint=info["fingerprint"], samples=info["samples"], tokens=info["tokens"],
                    meta=info.get("meta", {}))
+
+
+def rank_mean(*scores: Scores) -> Scores:
+    """Criteria combined by rank: each score becomes its rank among its module's dims (0 lowest, 1 highest), and
+    the ranks are averaged. Scale-free, so criteria in different units (Fisher, router weight x activation) mix."""
+    if len(scores) < 2 or len({s.fingerprint for s in scores}) != 1:
+        raise ValueError("rank_mean combines two or more Scores of the same model (same fingerprint)")
+    names = scores[0].tensors.keys()
+    if any(s.tensors.keys() != names for s in scores):
+        raise ValueError("rank_mean needs scores of the same experts modules")
+
+    def ranks(t: torch.Tensor) -> torch.Tensor:
+        flat = t.flatten().double()
+        return (flat.argsort(stable=True).argsort().double() / max(1, flat.numel() - 1)).view_as(t)
+
+    tensors = {n: (sum(ranks(s.tensors[n]) for s in scores) / len(scores)).float() for n in names}
+    method = "rank_mean(" + ",".join(s.method for s in scores) + ")"
+    return Scores(tensors, method, scores[0].fingerprint, scores[0].samples, scores[0].tokens, dict(scores[0].meta))

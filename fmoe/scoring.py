@@ -9,6 +9,9 @@ Methods (higher = keep):
 - activation: mean |h_j| over the tokens routed to the expert.
 - router:     sum over routed tokens of routing weight x |h_j|.
 - magnitude:  ||gate_j|| * ||up_j|| * ||down_j|| from the weights alone (no data).
+- compensated: the output error removing dim j alone costs once the expert's other dims are refit by least
+              squares, ||down_j||^2 / [(G + lam I)^-1]_jj with G = sum h h^T over the expert's routed tokens (an
+              optimal-brain-surgeon saliency; fmoe.reconstruct.compensated), from one forward pass.
 - random:     seeded uniform noise (a baseline).
 Sums accumulate in float64 (returned as float32) whatever the model dtype; padding tokens never contribute. Inside
 `fmoe.masked` every method scores the masked model: masked dims score 0.
@@ -265,7 +268,7 @@ def _check_finite(loss: torch.Tensor, method: str) -> None:
 
 
 DATA_METHODS = {"fisher": Fisher, "activation": Activation, "router": lambda m, d: Activation(m, d, weighted=True)}
-METHODS = ("fisher", "grad_abs", "activation", "router", "magnitude", "random")
+METHODS = ("fisher", "grad_abs", "activation", "router", "magnitude", "random", "compensated")
 
 
 class Scorer:
@@ -484,6 +487,22 @@ def score(
     if batches is None:
         raise ValueError(f"method {method!r} needs calibration batches")
     progress = sys.stderr.isatty() if progress is None else progress
+    if method == "compensated":
+        from .reconstruct import compensated, gather
+
+        seen = [0, 0]  # sequences, real tokens
+
+        def counted():
+            for raw in tqdm(batches, disable=not progress, desc="scoring (compensated)"):
+                batch = prepare_batch(raw, "cpu")
+                seen[0] += batch.input_ids.shape[0]
+                seen[1] += int(batch.attention_mask.sum())
+                yield raw
+
+        stats = gather(model, counted())
+        if seen[0] == 0:
+            raise ValueError("no calibration sample: nothing to score")
+        return Scores(_masked_zero(modules, compensated(stats)), method, fp, seen[0], seen[1], meta)
     if method != "grad_abs":
         scorer = Scorer(model, method)
         with scorer.attached():

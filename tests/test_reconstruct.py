@@ -257,3 +257,35 @@ def test_two_processes_reconstruct_like_one(tmp_path):
         assert weights.keys() == expected.state_dict().keys()
         for key, t in weights.items():
             torch.testing.assert_close(t, expected.state_dict()[key], rtol=1e-5, atol=1e-6)
+
+
+def test_compensated_saliency_is_the_error_of_removing_one_dim_with_the_others_refit():
+    """For every dim j of an expert: score_j == the calibration output error after removing j alone and refitting
+    the other dims by least squares (lam=0: exact), computed from the same Gram statistics."""
+    from fmoe.reconstruct import compensated, gather, solve
+
+    model = tiny_model("olmoe")
+    stats = gather(model, make_batches(n_batches=3, batch_size=6, seq_len=16))
+    name = next(iter(stats.products))
+    scores = compensated(stats, lam=0.0)[name]
+    g, w = stats.products[name][0], stats.down[name][0].double()  # [I, I], [H, I]
+    width = g.shape[0]
+    for j in (0, 5, width - 1):
+        keep = torch.tensor([i for i in range(width) if i != j])
+        x, _ = solve(g, stats.sums[name][0], stats.counts[name][0], w, None, keep, lam=0.0)
+        # sum_t ||X h_K - W h||^2 = tr(X G_KK X^T) - 2 tr(X G_K. W^T) + tr(W G W^T)
+        error = (torch.trace(x @ g[keep][:, keep] @ x.T) - 2 * torch.trace(x @ g[keep] @ w.T)
+                 + torch.trace(w @ g @ w.T))
+        torch.testing.assert_close(scores[0, j].double(), error, rtol=1e-3, atol=1e-6)
+
+
+def test_rank_mean_orders_by_the_mean_rank():
+    model = tiny_model("olmoe")
+    a, b = fmoe.score(model, method="random", seed=1), fmoe.score(model, method="random", seed=2)
+    both = fmoe.scores.rank_mean(a, b)
+    name = next(iter(a.tensors))
+    ranks = lambda t: t.flatten().argsort().argsort().double().view_as(t) / (t.numel() - 1)  # noqa: E731
+    torch.testing.assert_close(both.tensors[name].double(), (ranks(a.tensors[name]) + ranks(b.tensors[name])) / 2,
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="same model"):
+        fmoe.scores.rank_mean(a, fmoe.score(tiny_model("olmoe", seed=3), method="random"))
