@@ -9,7 +9,8 @@ benchmarks/quality.py). "iterative" removes the share in `steps` equal steps, sc
 each time (fmoe.prune_iteratively); "reconstructed" refits each kept down projection by least squares on the
 calibration tokens of the unpruned model (fmoe.reconstruct). Each row gives exact-match accuracy per domain (test
 split), the seconds its compression took (scoring, planning, reconstruction), and, with lora_steps > 0, the same
-after LoRA on arithmetic. `rank(a,b)` criteria average the two criteria's per-layer ranks (fmoe.scores.rank_mean).
+after LoRA on arithmetic (at `lora_ratios`, 75% by default, to keep the grid near 25 minutes). `rank(a,b)`
+criteria average the two criteria's per-layer ranks (fmoe.scores.rank_mean).
 grad_abs and random run one shot only (grad_abs takes one backward per sequence; random does not change when
 re-scored). Writes results.json and results.md to `out`.
 """
@@ -47,7 +48,8 @@ def scorer(criterion: str, batches, seed: int):
 
 def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_calibration: int = 256,
          batch_size: int = 16, criteria: list[str] = CRITERIA, ratios: list[float] = [0.5, 0.75, 0.9],
-         steps: int = 5, lam: float = 1e-3, lora_steps: int = 100, lora_r: int = 8, lora_lr: float = 1e-3,
+         steps: int = 5, lam: float = 1e-3, lora_steps: int = 100, lora_ratios: list[float] = [0.75],
+         lora_r: int = 8, lora_lr: float = 1e-3,
          split: str = "test", limit: int | None = 100, out: str = "docs/quality/no_training", seed: int = 0,
          threads: int = 2) -> dict:
     torch.set_num_threads(threads)
@@ -65,8 +67,8 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
     lora_texts = texts[n_calibration: n_calibration + lora_steps * batch_size]
     lora_data = toy.batches(tokenizer, lora_texts, batch_size) if lora_texts else []
     results = {"dense": acc(model), "calibrate": calibrate, "n_calibration": n_calibration, "split": split,
-               "limit": limit, "steps": steps, "lam": lam, "lora": {"steps": lora_steps, "r": lora_r, "lr": lora_lr},
-               "rows": []}
+               "limit": limit, "steps": steps, "lam": lam,
+               "lora": {"steps": lora_steps, "ratios": lora_ratios, "r": lora_r, "lr": lora_lr}, "rows": []}
     print(f"dense {results['dense']}", flush=True)
     options = dict(multiple_of=1, max_widths=None)
 
@@ -92,7 +94,7 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
                     pruned = fmoe.reconstruct(pruned, plan, calib, lam=lam) if reconstructed else fmoe.prune(pruned, plan)
                     row = {"criterion": criterion, "ratio": ratio, "variant": variant, "reconstructed": reconstructed,
                            "seconds": round(seconds[variant] + time.perf_counter() - start, 1), **acc(pruned)}
-                    if lora_steps > 0:
+                    if lora_steps > 0 and ratio in lora_ratios:
                         tuned = recovered(pruned, lora_data, lora_steps, lora_r, lora_lr)
                         row["lora"] = acc(tuned)
                     results["rows"].append(row)
@@ -113,12 +115,13 @@ def write(results: dict, out: Path, domains: list[str]) -> None:
              "dense: " + ", ".join(f"{d} {dense[d]:.3f}" for d in domains), "",
              f"Layer scope, multiple_of=1, unbounded widths. iterative: {results['steps']} equal steps, re-scored each "
              f"step. LS: least-squares refit of the kept down columns (lam={results['lam']}). seconds: scoring + "
-             "planning + reconstruction on 2 CPU cores." + (f" After the arrow: + {results['lora']['steps']} LoRA "
-                                                             "steps on arithmetic." if lora else ""), "",
+             "planning + reconstruction on 2 CPU cores." + (f" After the arrow (at {results['lora']['ratios']}): + "
+                                                             f"{results['lora']['steps']} LoRA steps on arithmetic."
+                                                             if lora else ""), "",
              "| ratio | criterion | variant | LS | seconds | " + " | ".join(domains) + " |",
              "|---|---|---|---|---|" + "---|" * len(domains)]
     for r in sorted(results["rows"], key=lambda r: (r["ratio"], -r["arithmetic"])):
-        cells = [f"{r[d]:.2f}" + (f" → {r['lora'][d]:.2f}" if lora else "") for d in domains]
+        cells = [f"{r[d]:.2f}" + (f" → {r['lora'][d]:.2f}" if "lora" in r else "") for d in domains]
         lines.append(f"| {r['ratio']} | {r['criterion']} | {r['variant']} | {'yes' if r['reconstructed'] else 'no'} | "
                      f"{r['seconds']} | " + " | ".join(cells) + " |")
     lines += ["", f"({results['seconds']} s in all on CPU)"]

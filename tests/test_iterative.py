@@ -207,6 +207,17 @@ def test_recipe_prunes_in_steps(tmp_path):
     assert plan.meta["steps"] == 2 and plan.meta["step_ratios"] == [0.25, 0.5]
     model = fmoe.from_pretrained(export)
     assert {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()} == plan.kept_widths()
+    # --prune.reconstruct: the same plan sliced from the toy, then only the kept down columns refit
+    prune_recover.main(["--export_dir", str(tmp_path / "ls"), "--trainer.default_root_dir", str(tmp_path),
+                        "--trainer.enable_progress_bar", "false", "--stages.recover", "false",
+                        "--stages.evaluate", "false", "--data.n_samples", "16", "--prune.steps", "2",
+                        "--prune.reconstruct", "true"])
+    refit, sliced = fmoe.from_pretrained(tmp_path / "ls"), fmoe.prune(fmoe.toy.load()[0], plan)
+    for name, module in fmoe.find_experts(sliced).items():
+        for key, tensor in fmoe.find_experts(refit)[name].state_dict().items():
+            same = torch.equal(tensor, module.state_dict()[key])
+            refit_expected = key.endswith("down_proj") and tensor.shape[-1] < 128  # experts keeping all 128 stay
+            assert same != refit_expected, key  # up projections as sliced, pruned down projections refit
     with pytest.raises(ValueError, match="steps"):
         prune_recover.main(["--trainer.default_root_dir", str(tmp_path), "--prune.method", "reap",
                             "--prune.steps", "2", "--stages.evaluate", "false", "--tasks", "{}"])
