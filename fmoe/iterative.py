@@ -23,6 +23,7 @@ from torch import nn
 from .experts import fingerprint
 from .plan import PruningPlan, make_plan
 from .prune import masked, prune
+from .reconstruct import reconstruct as least_squares
 from .scores import Scores
 from .scoring import score
 
@@ -122,6 +123,8 @@ def prune_iteratively(
     schedule: str = "linear",
     after_step: Callable[[nn.Module, PruningPlan, int], None] | None = None,
     progress: bool | None = None,
+    reconstruct: bool = False,
+    lam: float = 1e-3,
     **plan_options,
 ) -> PruningPlan:
     """Remove `ratio` of the routed intermediate dims of `model` in `steps` steps, scoring (`method`, over
@@ -132,7 +135,8 @@ def prune_iteratively(
     runs after each step's mask is in place (e.g. to reconstruct the layer outputs). Each step's kept dims are a
     subset of the previous step's. plan.meta records steps, schedule, step_ratios, achieved (the share removed)
     and clipped (dims a step's rounding asked back and nesting kept removed, usually 0). steps=1 is the one-shot
-    path: fmoe.make_plan on fmoe.score, then fmoe.prune.
+    path: fmoe.make_plan on fmoe.score, then fmoe.prune. With `reconstruct`, the final cut is fmoe.reconstruct
+    (the kept down columns refit by least squares, ridge `lam`, on the unpruned model's activations over `batches`).
     """
     step_ratios(ratio, steps, schedule)  # bad arguments fail before any scoring
     if steps > 1 and batches is not None and iter(batches) is batches:
@@ -142,5 +146,8 @@ def prune_iteratively(
         return score(model, batches, method, progress=progress)
 
     plan, _ = iterate(model, ratio, steps, scope, rescore, schedule, after_step, **plan_options)
-    prune(model, plan)
+    if reconstruct:
+        least_squares(model, plan, batches, lam=lam)
+    else:
+        prune(model, plan)
     return plan

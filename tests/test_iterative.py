@@ -223,5 +223,15 @@ def test_recipe_prunes_in_steps(tmp_path):
                             "--prune.steps", "2", "--stages.evaluate", "false", "--tasks", "{}"])
 
 
+
+def test_iterative_with_reconstruction_refits_the_iterative_plan():
+    model, reference = tiny_model("olmoe"), tiny_model("olmoe")
+    batches = make_batches(n_batches=2, seed=1)
+    plan = fmoe.prune_iteratively(model, batches, 0.5, steps=3, reconstruct=True, multiple_of=1, max_widths=None)
+    expected = fmoe.reconstruct(reference, plan, batches)  # the same plan, refit from the unpruned model
+    for (name, a), b in zip(model.state_dict().items(), expected.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 if __name__ == "__main__":
     two_processes(Path(sys.argv[1]))
