@@ -18,14 +18,12 @@ import json
 import time
 from pathlib import Path
 
-import lightning.pytorch as L
 import torch
 from jsonargparse import auto_cli
-from quality import recovered
+from quality import recovered, toy_setup
 
 import fmoe
 from fmoe import methods, toy
-from fmoe.tasks import accuracy, load_tasks
 
 # (label, method, options): the dims row plans like benchmarks/quality.py (exact budgets, unbounded widths)
 RUNS = [
@@ -44,25 +42,17 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
          batch_size: int = 16, amounts: list[float] = [0.25, 0.5], lora_steps: int = 100, lora_r: int = 8,
          lora_lr: float = 1e-3, split: str = "test", limit: int | None = 100, out: str = "docs/quality/methods",
          seed: int = 0, threads: int = 2) -> dict:
-    torch.set_num_threads(threads)
-    L.seed_everything(seed, verbose=False)
     t0 = time.perf_counter()
-    model, tokenizer, config = toy.load(model_dir)
-    files = toy.corpus_files(config)
-    tasks = {d: load_tasks(files[d][split], limit) for d in files}
+    model, acc, tasks, calib, lora_data = toy_setup(model_dir, calibrate, n_calibration, batch_size, lora_steps,
+                                                    split, limit, seed, threads)
 
     def measure(m, label: str, amount, plan=None, **extra) -> dict:
         row = {"method": label, "amount": amount, "params": sum(p.numel() for p in m.parameters()),
                "active": int(fmoe.active_parameters(m)),
-               "achieved": None if plan is None else plan.meta.get("achieved"), **extra,
-               **{d: round(accuracy(m, tokenizer, *tasks[d]), 4) for d in tasks}}
+               "achieved": None if plan is None else plan.meta.get("achieved"), **extra, **acc(m)}
         print(row, flush=True)
         return row
 
-    train_texts = [r["text"] for r in toy.read_jsonl(files[calibrate]["train"])]
-    calib = toy.batches(tokenizer, train_texts[:n_calibration], batch_size)
-    lora_texts = train_texts[n_calibration: n_calibration + lora_steps * batch_size]
-    lora_data = toy.batches(tokenizer, lora_texts, batch_size) if lora_texts else []
     start = time.perf_counter()
     calibration = methods.calibrate(model, calib)
     results = {"calibrate": calibrate, "n_calibration": n_calibration, "split": split, "limit": limit,

@@ -22,16 +22,14 @@ import json
 import time
 from pathlib import Path
 
-import lightning.pytorch as L
 import torch
 from jsonargparse import auto_cli
-from quality import recovered
+from quality import recovered, toy_setup
 
 import fmoe
 from fmoe import toy
 from fmoe.iterative import iterate
 from fmoe.scores import rank_mean
-from fmoe.tasks import accuracy, load_tasks
 
 CRITERIA = ["fisher", "router", "activation", "magnitude", "compensated", "rank(fisher,router)",
             "rank(compensated,router)", "grad_abs", "random"]
@@ -52,20 +50,9 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
          lora_r: int = 8, lora_lr: float = 1e-3,
          split: str = "test", limit: int | None = 100, out: str = "docs/quality/no_training", seed: int = 0,
          threads: int = 2) -> dict:
-    torch.set_num_threads(threads)
-    L.seed_everything(seed, verbose=False)
     t0 = time.perf_counter()
-    model, tokenizer, config = toy.load(model_dir)
-    files = toy.corpus_files(config)
-    tasks = {d: load_tasks(files[d][split], limit) for d in files}
-
-    def acc(m) -> dict[str, float]:
-        return {d: round(accuracy(m, tokenizer, *tasks[d]), 4) for d in tasks}
-
-    texts = [r["text"] for r in toy.read_jsonl(files[calibrate]["train"])]
-    calib = toy.batches(tokenizer, texts[:n_calibration], batch_size)
-    lora_texts = texts[n_calibration: n_calibration + lora_steps * batch_size]
-    lora_data = toy.batches(tokenizer, lora_texts, batch_size) if lora_texts else []
+    model, acc, tasks, calib, lora_data = toy_setup(model_dir, calibrate, n_calibration, batch_size, lora_steps,
+                                                    split, limit, seed, threads)
     results = {"dense": acc(model), "calibrate": calibrate, "n_calibration": n_calibration, "split": split,
                "limit": limit, "steps": steps, "lam": lam,
                "lora": {"steps": lora_steps, "ratios": lora_ratios, "r": lora_r, "lr": lora_lr}, "rows": []}

@@ -42,14 +42,12 @@ def recovered(pruned, train_batches, steps: int, r: int, lr: float, **options):
     return recovery.merged().eval()
 
 
-def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_calibration: int = 256,
-         batch_size: int = 16, criteria: list[str] = list(METHODS), scopes: list[str] = list(SCOPES),
-         ratios: list[float] = [0.25, 0.5, 0.75], ks: list[int] = [1, 4, 12, 32, 128], lora_steps: int = 100,
-         lora_r: int = 8, lora_lr: float = 1e-3, split: str = "test", limit: int | None = None,
-         out: str = "docs/quality", seed: int = 0, threads: int = 2) -> dict:
+def toy_setup(model_dir: str, calibrate: str, n_calibration: int, batch_size: int, lora_steps: int, split: str,
+              limit: int | None, seed: int, threads: int):
+    """(toy model, acc(model) -> {domain: exact-match accuracy}, the domains, calibration batches: the first
+    `n_calibration` training texts of `calibrate`, LoRA batches: the texts after them) for the toy benchmarks."""
     torch.set_num_threads(threads)
     L.seed_everything(seed, verbose=False)
-    t0 = time.perf_counter()
     model, tokenizer, config = toy.load(model_dir)
     files = toy.corpus_files(config)
     tasks = {d: load_tasks(files[d][split], limit) for d in files}
@@ -57,9 +55,20 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
     def acc(m) -> dict[str, float]:
         return {d: round(accuracy(m, tokenizer, *tasks[d]), 4) for d in tasks}
 
-    train_texts = [r["text"] for r in toy.read_jsonl(files[calibrate]["train"])]
-    calib = toy.batches(tokenizer, train_texts[:n_calibration], batch_size)
-    lora_data = toy.batches(tokenizer, train_texts[n_calibration: n_calibration + lora_steps * batch_size], batch_size)
+    texts = [r["text"] for r in toy.read_jsonl(files[calibrate]["train"])]
+    calib = toy.batches(tokenizer, texts[:n_calibration], batch_size)
+    lora_texts = texts[n_calibration: n_calibration + lora_steps * batch_size]
+    return model, acc, list(tasks), calib, toy.batches(tokenizer, lora_texts, batch_size) if lora_texts else []
+
+
+def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_calibration: int = 256,
+         batch_size: int = 16, criteria: list[str] = list(METHODS), scopes: list[str] = list(SCOPES),
+         ratios: list[float] = [0.25, 0.5, 0.75], ks: list[int] = [1, 4, 12, 32, 128], lora_steps: int = 100,
+         lora_r: int = 8, lora_lr: float = 1e-3, split: str = "test", limit: int | None = None,
+         out: str = "docs/quality", seed: int = 0, threads: int = 2) -> dict:
+    t0 = time.perf_counter()
+    model, acc, tasks, calib, lora_data = toy_setup(model_dir, calibrate, n_calibration, batch_size, lora_steps,
+                                                    split, limit, seed, threads)
     results = {"dense": acc(model), "calibrate": calibrate, "n_calibration": n_calibration, "split": split,
                "limit": limit, "lora": {"steps": lora_steps, "r": lora_r, "lr": lora_lr}, "sweep": [], "critical": []}
     print(f"dense {results['dense']}", flush=True)
