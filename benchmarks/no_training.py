@@ -1,7 +1,7 @@
 """How much capability survives high compression with no gradient training: criterion x {one shot, iterative} x
 {plain, least-squares reconstruction} at 50%, 75% and 90% of routed dims removed, on the shipped toy MoE (CPU).
 
-    python benchmarks/no_training.py                        # the full grid (~25 min on 2 cores) -> docs/quality/no_training/
+    python benchmarks/no_training.py                        # the full grid (~8 min on 2 cores) -> docs/quality/no_training/
     python benchmarks/no_training.py --ratios '[0.75]' --criteria '[router]' --lora_steps 0 --limit 30 --out /tmp/nt
 
 Calibration: the first 256 arithmetic training problems; layer scope, multiple_of=1, unbounded widths per layer (as
@@ -9,7 +9,7 @@ benchmarks/quality.py). "iterative" removes the share in `steps` equal steps, sc
 each time (fmoe.prune_iteratively); "reconstructed" refits each kept down projection by least squares on the
 calibration tokens of the unpruned model (fmoe.reconstruct). Each row gives exact-match accuracy per domain (test
 split), the seconds its compression took (scoring, planning, reconstruction), and, with lora_steps > 0, the same
-after LoRA on arithmetic (at `lora_ratios`, 75% by default, to keep the grid near 25 minutes). `rank(a,b)`
+after LoRA on arithmetic (at `lora_ratios`, 75% by default, to keep the grid short). `rank(a,b)`
 criteria average the two criteria's per-layer ranks (fmoe.scores.rank_mean).
 grad_abs and random run one shot only (grad_abs takes one backward per sequence; random does not change when
 re-scored). Writes results.json and results.md to `out`.

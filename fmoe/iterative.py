@@ -14,6 +14,7 @@ of what remains (r_s = 1 - (1 - ratio)^(s/N)), so later steps, which cut into mo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 
@@ -108,6 +109,12 @@ def iterate(model: nn.Module, ratio: float, steps: int, scope: str, rescore: Cal
                 after_step(model, plan, step)
     plan.meta.update(steps=steps, schedule=schedule, step_ratios=ratios, clipped=clipped,
                      achieved=plan.removed_fraction())
+    bound = plan_options.get("max_widths", 4)
+    widest = max(len(set(ws)) for ws in plan.kept_widths().values())
+    if clipped and bound is not None and widest > bound:
+        warnings.warn(f"iterative pruning kept {clipped} dims removed that the last step's width levels asked back, "
+                      f"which leaves up to {widest} distinct widths in a layer (max_widths={bound}); use "
+                      "max_widths=None, multiple_of=1 or fewer steps to stay within the bound", stacklevel=2)
     if after_step is not None:
         plan.fingerprint = fingerprint(model)  # the weights after_step left are the ones the plan prunes
     return plan, scores
@@ -118,7 +125,7 @@ def prune_iteratively(
     batches: Iterable[Mapping[str, torch.Tensor]] | None,
     ratio: float,
     steps: int = 5,
-    method: str = "fisher",
+    method: str | Callable[[nn.Module], Scores] = "fisher",
     scope: str = "layer",
     schedule: str = "linear",
     after_step: Callable[[nn.Module, PruningPlan, int], None] | None = None,
@@ -131,6 +138,7 @@ def prune_iteratively(
     `batches`, which are iterated once per step: a list, not a generator) the partly pruned model before each, then
     prune physically (in place) with the final plan and return it.
 
+    `method` is a scoring method of fmoe.score, or a function model -> Scores (e.g. a rank_mean of two criteria).
     `plan_options` are make_plan's (multiple_of, min_width, normalize, max_widths); `after_step(model, plan, step)`
     runs after each step's mask is in place (e.g. to reconstruct the layer outputs). Each step's kept dims are a
     subset of the previous step's. plan.meta records steps, schedule, step_ratios, achieved (the share removed)
@@ -139,11 +147,12 @@ def prune_iteratively(
     (the kept down columns refit by least squares, ridge `lam`, on the unpruned model's activations over `batches`).
     """
     step_ratios(ratio, steps, schedule)  # bad arguments fail before any scoring
-    if steps > 1 and batches is not None and iter(batches) is batches:
-        raise ValueError("batches are iterated once per step: pass a list (or another re-iterable), not an iterator")
+    if (steps > 1 or reconstruct) and batches is not None and iter(batches) is batches:
+        raise ValueError("batches are iterated once per step (and again to reconstruct): pass a list (or another "
+                         "re-iterable), not an iterator")
 
     def rescore(step: int) -> Scores:
-        return score(model, batches, method, progress=progress)
+        return method(model) if callable(method) else score(model, batches, method, progress=progress)
 
     plan, _ = iterate(model, ratio, steps, scope, rescore, schedule, after_step, **plan_options)
     if reconstruct:

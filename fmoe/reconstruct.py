@@ -148,23 +148,35 @@ def gather(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
             ctx.set(batch)
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                   use_cache=False)
+    if not any(bool(c.any()) for c in gram.counts.values()):
+        raise ValueError("no calibration token reached the experts: the batches were empty (an iterator already "
+                         "used up?); pass a list of batches")
     return gram.result(subset)
 
 
 def compensated(stats: GramStatistics, lam: float = 1e-3) -> dict[str, torch.Tensor]:
-    """{module name: [E, I]} the output error removing dim j alone costs once the other dims are refit by least
-    squares (the optimal-brain-surgeon saliency of a column of the down projection): ||W[:, j]||^2 / [(G + lam_e I)^-1]_jj,
-    summed over the calibration tokens routed to the expert, lam_e = lam x mean(diag G). Higher = keep."""
+    """{module name: [E, I]} the output error removing dim j alone costs once the other dims (and, where the family
+    has a down bias, the intercept) are refit by least squares: the optimal-brain-surgeon saliency of a down
+    column, ||W[:, j]||^2 / [A^-1]_jj with A = G + lam_e I (augmented by [s; n] for the intercept), summed over the
+    calibration tokens routed to the expert, lam_e = lam x mean(diag G). Higher = keep."""
     out = {}
     for name, products in stats.products.items():
-        dtype = torch.float64 if products.device.type != "mps" else torch.float32
+        dtype = _dtype(products.device)
         g = products.to(dtype)  # [E, I, I]
+        width = g.shape[-1]
         scale = g.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=torch.finfo(dtype).tiny)  # [E]
-        eye = torch.eye(g.shape[-1], dtype=dtype, device=g.device)
-        inverse_diag = torch.linalg.inv(g + lam * scale[:, None, None] * eye).diagonal(dim1=1, dim2=2)  # [E, I]
+        a = g + lam * scale[:, None, None] * torch.eye(width, dtype=dtype, device=g.device)
+        if stats.down_bias[name] is not None:  # the refit's unregularised intercept: A = [[G, s], [s^T, n]]
+            s, n = stats.sums[name].to(dtype), stats.counts[name].to(dtype)
+            a = torch.cat([torch.cat([a, s[:, :, None]], 2),
+                           torch.cat([s, n[:, None]], 1)[:, None, :]], 1)  # [E, I+1, I+1]
+        inverse, info = torch.linalg.inv_ex(a)
+        if bool((info != 0).any()):  # an expert no token reached: its A is singular
+            inverse = torch.where((info != 0)[:, None, None], torch.linalg.pinv(a, hermitian=True), inverse)
+        inverse_diag = inverse.diagonal(dim1=1, dim2=2)[:, :width]  # [E, I]
         down = stats.down[name].detach().to(g.device, dtype)
         column_norms = down.square().sum(-1 if stats.transposed[name] else -2)  # [E, I]
-        out[name] = (column_norms / inverse_diag).float().cpu()
+        out[name] = (column_norms / inverse_diag.clamp(min=torch.finfo(dtype).tiny)).float().cpu()
     return out
 
 
@@ -175,7 +187,7 @@ def solve(products: torch.Tensor, sums: torch.Tensor, count: torch.Tensor, down:
     width = products.shape[0]
     if keep.numel() == width or float(count) == 0:
         return None
-    dtype = torch.float64 if products.device.type != "mps" else torch.float32
+    dtype = _dtype(products.device)
     device = products.device if products.device.type != "mps" else torch.device("cpu")
     g = products.to(device, dtype)
     keep = keep.to(device)
@@ -274,4 +286,5 @@ def reconstruct(model: nn.Module, plan: PruningPlan, batches: Iterable[Mapping[s
     for chunk in chunks:
         fits.update(solutions(gather(model, batches, chunk), plan, lam))
     prune(model, plan)
+    plan.meta["reconstruct"] = {"lam": lam}  # what was applied on top of the plan (apply_plan alone only prunes)
     return write(model, fits)

@@ -54,9 +54,12 @@ def rank_mean(*scores: Scores) -> Scores:
     if any(s.tensors.keys() != names for s in scores):
         raise ValueError("rank_mean needs scores of the same experts modules")
 
-    def ranks(t: torch.Tensor) -> torch.Tensor:
+    def ranks(t: torch.Tensor) -> torch.Tensor:  # ties share their mean rank (dead or masked dims: all 0)
         flat = t.flatten().double()
-        return (flat.argsort(stable=True).argsort().double() / max(1, flat.numel() - 1)).view_as(t)
+        ordered = flat.sort().values
+        below = torch.searchsorted(ordered, flat, right=False).double()
+        upto = torch.searchsorted(ordered, flat, right=True).double()
+        return ((below + upto - 1) / 2 / max(1, flat.numel() - 1)).view_as(t)
 
     tensors = {n: (sum(ranks(s.tensors[n]) for s in scores) / len(scores)).float() for n in names}
     method = "rank_mean(" + ",".join(s.method for s in scores) + ")"

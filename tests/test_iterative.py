@@ -231,6 +231,22 @@ def test_iterative_with_reconstruction_refits_the_iterative_plan():
     expected = fmoe.reconstruct(reference, plan, batches)  # the same plan, refit from the unpruned model
     for (name, a), b in zip(model.state_dict().items(), expected.state_dict().values()):
         assert torch.equal(a, b), name
+    plain = fmoe.prune(tiny_model("olmoe"), plan)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    with pytest.raises(ValueError, match="not an iterator"):
+        fmoe.prune_iteratively(tiny_model("olmoe"), iter(batches), 0.5, steps=1, reconstruct=True)
+    with pytest.raises(ValueError, match="no calibration token"):
+        fmoe.reconstruct(tiny_model("olmoe"), plan, [])
+
+
+def test_a_criterion_function_scores_each_step():
+    model, reference = tiny_model("olmoe"), tiny_model("olmoe")
+    batches = make_batches(n_batches=2, seed=1)
+    mixed = lambda m: fmoe.scores.rank_mean(fmoe.score(m, batches, "compensated"), fmoe.score(m, batches, "router"))  # noqa: E731
+    plan = fmoe.prune_iteratively(model, batches, 0.5, steps=2, method=mixed, multiple_of=1, max_widths=None)
+    first = fmoe.make_plan(mixed(reference), 0.25, "layer", multiple_of=1, max_widths=None, model=reference)
+    for name, keeps in plan.keep.items():  # the last step's kept dims nest in the first step's, planned from `mixed`
+        assert all(set(k.tolist()) <= set(f.tolist()) for k, f in zip(keeps, first.keep[name]))
 
 
 if __name__ == "__main__":

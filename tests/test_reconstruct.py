@@ -259,24 +259,34 @@ def test_two_processes_reconstruct_like_one(tmp_path):
             torch.testing.assert_close(t, expected.state_dict()[key], rtol=1e-5, atol=1e-6)
 
 
-def test_compensated_saliency_is_the_error_of_removing_one_dim_with_the_others_refit():
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])  # gpt_oss: a down bias, so the refit has an intercept
+def test_compensated_saliency_is_the_error_of_removing_one_dim_with_the_others_refit(family):
     """For every dim j of an expert: score_j == the calibration output error after removing j alone and refitting
-    the other dims by least squares (lam=0: exact), computed from the same Gram statistics."""
+    the other dims (and the intercept, where there is a bias) by least squares (lam=0: exact), from the same
+    Gram statistics."""
     from fmoe.reconstruct import compensated, gather, solve
 
-    model = tiny_model("olmoe")
+    model = tiny_model(family)
     stats = gather(model, make_batches(n_batches=3, batch_size=6, seq_len=16))
     name = next(iter(stats.products))
     scores = compensated(stats, lam=0.0)[name]
-    g, w = stats.products[name][0], stats.down[name][0].double()  # [I, I], [H, I]
+    e = int(stats.counts[name].argmax())
+    g, s, n = stats.products[name][e], stats.sums[name][e], stats.counts[name][e].double()  # [I, I], [I], []
+    w = stats.down[name][e].double()
+    w = w.T if stats.transposed[name] else w  # [H, I]
+    bias = stats.down_bias[name]
+    b = None if bias is None else bias[e].double()
     width = g.shape[0]
     for j in (0, 5, width - 1):
         keep = torch.tensor([i for i in range(width) if i != j])
-        x, _ = solve(g, stats.sums[name][0], stats.counts[name][0], w, None, keep, lam=0.0)
-        # sum_t ||X h_K - W h||^2 = tr(X G_KK X^T) - 2 tr(X G_K. W^T) + tr(W G W^T)
-        error = (torch.trace(x @ g[keep][:, keep] @ x.T) - 2 * torch.trace(x @ g[keep] @ w.T)
-                 + torch.trace(w @ g @ w.T))
-        torch.testing.assert_close(scores[0, j].double(), error, rtol=1e-3, atol=1e-6)
+        x, b2 = solve(g, s, stats.counts[name][e], w, b, keep, lam=0.0)
+        # sum_t ||X h_K + b' - (W h + b)||^2 from the sums: residual r_t = [X, -W] [h_K; h] + (b' - b)
+        m = torch.cat([x, -w], 1)  # [H, k + I]
+        index = torch.cat([keep, torch.arange(width)])
+        gg, ss = g[index][:, index], s[index]
+        d = torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b2 - b
+        error = torch.trace(m @ gg @ m.T) + 2 * d @ (m @ ss) + n * d @ d
+        torch.testing.assert_close(scores[e, j].double(), error, rtol=1e-3, atol=1e-6)
 
 
 def test_rank_mean_orders_by_the_mean_rank():
@@ -289,3 +299,6 @@ def test_rank_mean_orders_by_the_mean_rank():
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="same model"):
         fmoe.scores.rank_mean(a, fmoe.score(tiny_model("olmoe", seed=3), method="random"))
+    tied = fmoe.Scores({name: torch.tensor([[0.0, 0.0, 0.0, 5.0]])}, "t", "x")
+    shared = torch.tensor([[1 / 3, 1 / 3, 1 / 3, 1.0]])  # ties share their mean rank
+    torch.testing.assert_close(fmoe.scores.rank_mean(tied, tied).tensors[name], shared)

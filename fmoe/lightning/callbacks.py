@@ -4,6 +4,7 @@ registered method through Compression."""
 
 from __future__ import annotations
 
+import math
 from itertools import islice
 from pathlib import Path
 
@@ -224,6 +225,8 @@ class IntermediatePruning(Compression):
         super().__init__("dims", amount, save_dir, verbose, model_attr, scope=scope, multiple_of=multiple_of,
                          min_width=min_width, normalize=normalize, max_widths=max_widths)
         step_ratios(amount, steps)  # bad steps fail before a calibration run is spent
+        if reconstruct and not (lam >= 0 and math.isfinite(lam)):  # checked before a calibration run is spent
+            raise ValueError(f"lam must be a finite non-negative ridge factor, got {lam}")
         self.steps, self.reconstruct, self.lam = steps, reconstruct, lam
 
     def setup(self, trainer, pl_module, stage):

@@ -144,6 +144,8 @@ def main(args=None) -> dict:
     cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_kwargs={"overwrite": True})
     cfg, trainer, module, data = cli.config, cli.trainer, cli.model, cli.datamodule
     stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
+    if (prune_cfg.steps != 1 or prune_cfg.reconstruct) and prune_cfg.method != "dims":  # before any stage runs
+        raise ValueError(f"--prune.steps and --prune.reconstruct apply to the dims method, not {prune_cfg.method!r}")
     data.setup("fit")
     paths = cfg.tasks
     if paths is None:
@@ -160,8 +162,6 @@ def main(args=None) -> dict:
     record("dense", module.model)
     options = {k: v for k, v in asdict(prune_cfg).items() if k not in ("method", "amount")}
     options = methods.options_of(prune_cfg.method, options)
-    if (prune_cfg.steps != 1 or prune_cfg.reconstruct) and prune_cfg.method != "dims":
-        raise ValueError(f"--prune.steps and --prune.reconstruct apply to the dims method, not {prune_cfg.method!r}")
     if stages.prune and not methods.method(prune_cfg.method).reads:  # nothing to calibrate (compressed experts)
         methods.compress(module.model, prune_cfg.method, prune_cfg.amount, **options)
         record("pruned", module.model)
