@@ -89,6 +89,14 @@ class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning resumes mid-epoch: its state is how many batches of the current pass it has handed
     out, and the first pass after `load_state_dict` skips them. For map-style datasets in a fixed order (no
     shuffling): Lightning fetches no batch ahead from a loader with a length, so handed out == trained on.
+
+    Not torchdata's StatefulDataLoader (0.11, torch 2.13, Lightning 2.6), which Lightning also resumes: interrupted
+    Fisher calibrations resumed to scores bit-identical to an uninterrupted run mid-epoch (shuffled too, single
+    process), but (1) a checkpoint on the last batch of an epoch (every_n_train_steps dividing the epoch) resumed
+    into an empty epoch: 10 of 20 samples scored; (2) under DDP, Lightning shuffles its DistributedSampler (it does
+    not recognise torchdata's own SequentialSampler as unshuffled) and the restored loader fast-forwards the epoch-0
+    permutation, not the current epoch's: rank 0 saw [4, 7 | 2, 1] in epoch 1, [5, 2 |] in epoch 2, and resumed
+    there with [2, 1], so the scores differed (same sample count, other samples).
     """
 
     def __init__(self, *args, **kwargs):
