@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import warnings
 
@@ -34,7 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     module, function, _ = COMMANDS[argv[0]]
     # the arguments go in explicitly while sys.argv stays whole: DDP/FSDP2 relaunch `fmoe COMMAND ...` as is
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    getattr(importlib.import_module(module), function)(argv[1:])
+    run = getattr(importlib.import_module(module), function)
+    if "prog" in inspect.signature(run).parameters:  # its --help then reads `usage: fmoe COMMAND`
+        run(argv[1:], prog=f"fmoe {argv[0]}")
+    else:
+        run(argv[1:])
 
 
 if __name__ == "__main__":

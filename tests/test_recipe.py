@@ -37,12 +37,51 @@ def test_recipe_default_end_to_end(tmp_path, recipe):
     widths = {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()}
     plan = fmoe.PruningPlan.load(tmp_path / "plan.json")
     assert widths == plan.kept_widths()
+    assert (tmp_path / "report.png").read_bytes()[:8] == PNG  # next to plan.json
+    logs = tmp_path / "logs"  # the default logger: a CSVLogger per stage under <default_root_dir>/logs
+    assert (logs / "recover").is_dir() and list((logs / "recover").glob("version_*/metrics.csv"))
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_recipe_lm_eval_tasks_in_every_row(tmp_path, recipe):
+    pytest.importorskip("lm_eval")
+    from fmoe.evaluation import toy_tasks_dir
+
+    rows = recipe.main(["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
+                        "--trainer.enable_progress_bar", "false", "--stages.recover", "false", "--tasks", "{}",
+                        "--lm_eval.tasks", "[fmoe_arithmetic]", "--lm_eval.include_path", str(toy_tasks_dir()),
+                        "--lm_eval.limit", "10"])
+    assert list(rows) == ["dense", "pruned"]
+    key = "fmoe_arithmetic_exact_match,none"
+    assert all(0.0 <= rows[stage][key] <= 1.0 for stage in rows)
+    assert json.loads((tmp_path / "e" / "results.json").read_text()) == json.loads(json.dumps(rows))
+    assert (tmp_path / "report.png").read_bytes()[:8] == PNG
+
+
+def test_write_report_without_a_plan(tmp_path):
+    from fmoe.report import write_report
+
+    rows = {"dense": {"params": 10, "domain_ppl": 3.0, "arithmetic_acc": 0.9}, "pruned": {"params": 5}}
+    assert write_report(rows, None, tmp_path / "r" / "report.png").read_bytes()[:8] == PNG
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["report.png"]
+
+
+def test_prune_recover_help_names_the_command(capsys):
+    from fmoe import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["prune-recover", "--help"])
+    assert stop.value.code in (0, None)
+    assert capsys.readouterr().out.startswith("usage: fmoe prune-recover")
 
 
 def test_recipe_prune_only(tmp_path, recipe):
     rows = recipe.main(["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
                         "--trainer.enable_progress_bar", "false", "--stages.recover", "false",
-                        "--prune.scope", "expert", "--tasks", "{}"])
+                        "--prune.scope", "expert", "--tasks", "{}", "--trainer.logger", "false"])
+    assert not (tmp_path / "logs").exists()  # --trainer.logger false turns the default CSV logs off
     assert list(rows) == ["dense", "pruned"] and not any(k.endswith("_acc") for k in rows["dense"])
     from transformers import AutoModelForCausalLM
 

@@ -6,13 +6,17 @@
     fmoe prune-recover --prune.amount 0.75 --prune.reconstruct true  # least-squares refit of the kept dims
     fmoe prune-recover --config recipes/configs/qwen1.5-moe-a2.7b.yaml   # 8x80 GB, real checkpoint
     fmoe prune-recover --prune.method reap --prune.amount 0.25  # or expert_drop, layer_drop, block_drop, ...
+    fmoe prune-recover --lm_eval.tasks '[gsm8k, arc_easy]' --lm_eval.limit 200  # lm-eval scores in every row
     fmoe prune-recover --help                            # or: python recipes/prune_recover.py ...
 
 Stages: calibrate (a CalibrationModule fit that accumulates dim scores and, for the methods that plan from them,
 expert and layer statistics), prune (`--prune.method`, any of fmoe.methods.METHODS, planned and applied at its
 end by a Compression callback), recover (LoRA via peft, merged back; compressed experts also train their
 vectors), evaluate (perplexity of each eval set before and after, and exact-match accuracy of each `tasks` file),
-export (fmoe.save_pretrained + results.json). A before/after table (total and active parameters, weight bytes,
+export (fmoe.save_pretrained + results.json; report.png next to plan.json). With `--lm_eval.tasks` every row also
+gets lm-evaluation-harness scores, computed on rank 0 only (lm-eval runs in the process on one device; the other
+ranks wait at a barrier). Each stage logs to a CSVLogger under <default_root_dir>/logs/<stage> unless
+`--trainer.logger` says otherwise. A before/after table (total and active parameters, weight bytes,
 metrics) is printed at the end. Every `--trainer.*` option reaches every stage's Trainer (fresh callbacks, logger,
 strategy and plugins each time); `accumulate_grad_batches` and `gradient_clip_*` apply to the LoRA stage only,
 since a calibration steps no weights, and the LoRA stage runs `--recover.max_steps` steps whatever
@@ -32,8 +36,10 @@ import lightning.pytorch as L
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, instantiate_class
+from lightning.pytorch.loggers import CSVLogger
 
 import fmoe
+from fmoe import evaluation
 from fmoe.data import TextDataModule
 from fmoe import toy
 from fmoe.tasks import load_tasks
@@ -41,6 +47,7 @@ from fmoe import methods
 from fmoe.lightning import CalibrationModule, Compression, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery, evaluate
 from fmoe.lightning.sharding import load_model
+from fmoe.report import write_report
 
 
 @dataclass
@@ -78,6 +85,13 @@ class Recover:
     experts: bool = True  # adapt routed experts too (not only attention and shared experts)
 
 
+@dataclass
+class LMEval:
+    tasks: list[str] | None = None  # lm-eval task names (e.g. [gsm8k, arc_easy]); none: no lm-eval run
+    limit: int | float | None = None  # records per task (a float < 1: a share)
+    include_path: str | None = None  # a directory of extra task YAMLs (fmoe.evaluation.toy_tasks_dir() for the toy)
+
+
 def calibration(model: str = "toy", method: str = "fisher", dtype: str = "float32") -> CalibrationModule:
     """Load the model to compress ("toy" = the shipped toy MoE) and wrap it for calibration. Read once per run:
     in a multi-process run only rank 0 reads it, the others receive it in their first stage (see load_model)."""
@@ -90,6 +104,7 @@ class RecipeCLI(LightningCLI):
         parser.add_class_arguments(Stages, "stages")
         parser.add_class_arguments(Prune, "prune")
         parser.add_class_arguments(Recover, "recover")
+        parser.add_class_arguments(LMEval, "lm_eval")
         parser.add_argument("--export_dir", default="runs/prune_recover/export")
         files = toy.corpus_files()  # generated once into ~/.cache/fmoe (FMOE_CACHE)
         parser.add_argument("--tasks", type=dict[str, str] | None, default=None,
@@ -100,7 +115,7 @@ class RecipeCLI(LightningCLI):
                              "data.domain_eval": str(files["arithmetic"]["test"]),
                              "data.general_eval": str(files["general"]["test"]),
                              "data.seq_len": 80, "data.pack": False, "data.n_samples": 64, "data.batch_size": 8,
-                             "trainer.max_epochs": 1, "trainer.logger": False, "trainer.enable_checkpointing": False,
+                             "trainer.max_epochs": 1, "trainer.enable_checkpointing": False,
                              "trainer.enable_model_summary": False, "trainer.default_root_dir": "runs/prune_recover"})
 
 
@@ -131,6 +146,9 @@ def trainer_kwargs(cfg, stage: str, callbacks: list | None = None, **overrides) 
         for key in TRAINING_ONLY:
             options.pop(key)
     options["callbacks"] = [*(options.get("callbacks") or []), *(callbacks or [])]
+    if options.get("logger") in (None, True):  # unset: each stage logs to <default_root_dir>/logs/<stage>/version_N
+        root = options.get("default_root_dir") or "."
+        options["logger"] = CSVLogger(Path(root) / "logs", name=stage)
     return {**options, **overrides}
 
 
@@ -140,10 +158,26 @@ def sizes(model) -> dict:
             "weight_MB": fmoe.weight_bytes(model) / 2**20}
 
 
-def main(args=None) -> dict:
-    cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_kwargs={"overwrite": True})
+def lm_eval_metrics(model, tokenizer, options: LMEval, is_global_zero: bool) -> dict[str, float]:
+    """{'<task>_<metric>': value} of fmoe.evaluation.lm_eval, run on rank 0 only (lm-eval runs in-process on one
+    device; the other ranks wait at a barrier, so the process group's timeout must cover the run)."""
+    metrics = {}
+    if is_global_zero:
+        results = evaluation.lm_eval(model, tokenizer, options.tasks, limit=options.limit,
+                                     include_path=options.include_path)
+        metrics = {f"{task}_{name}": value for task, values in results.items() for name, value in values.items()}
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return metrics
+
+
+def main(args=None, prog: str | None = None) -> dict:
+    """Run the recipe on `args` (sys.argv when None); `prog`: the command name --help shows."""
+    cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_kwargs={"overwrite": True},
+                    parser_kwargs={"prog": prog} if prog else None)
     cfg, trainer, module, data = cli.config, cli.trainer, cli.model, cli.datamodule
     stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
+    lm_eval_cfg = LMEval(**cfg.lm_eval)
     if (prune_cfg.steps != 1 or prune_cfg.reconstruct) and prune_cfg.method != "dims":  # before any stage runs
         raise ValueError(f"--prune.steps and --prune.reconstruct apply to the dims method, not {prune_cfg.method!r}")
     data.setup("fit")
@@ -157,9 +191,12 @@ def main(args=None) -> dict:
         row = sizes(model)
         if stages.evaluate:
             row.update(evaluate(model, data, trainer_kwargs(cfg, "evaluate"), tasks, data.tokenizer))
+            if lm_eval_cfg.tasks:
+                row.update(lm_eval_metrics(model, data.tokenizer, lm_eval_cfg, trainer.is_global_zero))
         rows[stage] = row
 
     record("dense", module.model)
+    compression = None
     options = {k: v for k, v in asdict(prune_cfg).items() if k not in ("method", "amount")}
     options = methods.options_of(prune_cfg.method, options)
     if stages.prune and not methods.method(prune_cfg.method).reads:  # nothing to calibrate (compressed experts)
@@ -192,6 +229,8 @@ def main(args=None) -> dict:
         out = fmoe.save_pretrained(model, cfg.export_dir, tokenizer=data.tokenizer)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
     if trainer.is_global_zero:
+        plan = getattr(compression, "plan", None)
+        write_report(rows, plan, Path(cfg.export_dir).parent / "report.png")  # next to plan.json
         print_table(rows)
     if torch.distributed.is_initialized():  # closed here: left to interpreter exit, gloo's threads can abort it
         torch.distributed.barrier()
