@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -77,11 +78,14 @@ def test_prune_recover_help_names_the_command(capsys):
     assert capsys.readouterr().out.startswith("usage: fmoe prune-recover")
 
 
-def test_recipe_prune_only(tmp_path, recipe):
+def test_recipe_prune_only(tmp_path, recipe, caplog, recwarn):
+    caplog.set_level(logging.INFO)
     rows = recipe.main(["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
                         "--trainer.enable_progress_bar", "false", "--stages.recover", "false",
                         "--prune.scope", "expert", "--tasks", "{}", "--trainer.logger", "false"])
     assert not (tmp_path / "logs").exists()  # --trainer.logger false turns the default CSV logs off
+    assert "litlogger" not in caplog.text and "IntermediatePruning" in caplog.text  # the tip goes, fmoe's lines stay
+    assert not any("in eval mode" in str(w.message) for w in recwarn)
     assert list(rows) == ["dense", "pruned"] and not any(k.endswith("_acc") for k in rows["dense"])
     from transformers import AutoModelForCausalLM
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -171,8 +173,23 @@ def lm_eval_metrics(model, tokenizer, options: LMEval, is_global_zero: bool) -> 
     return metrics
 
 
+class _HideTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Silence what the recipe understands: a calibration fit runs its model in eval mode on purpose (no dropout
+    or router jitter while scoring), and Lightning's advertisement for its cloud logger."""
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _HideTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_HideTips())
+
+
 def main(args=None, prog: str | None = None) -> dict:
     """Run the recipe on `args` (sys.argv when None); `prog`: the command name --help shows."""
+    quiet_lightning()
     cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_kwargs={"overwrite": True},
                     parser_kwargs={"prog": prog} if prog else None)
     cfg, trainer, module, data = cli.config, cli.trainer, cli.model, cli.datamodule
