@@ -61,6 +61,8 @@ class GramStatistics:
     down: dict[str, torch.Tensor]
     down_bias: dict[str, torch.Tensor | None]
     transposed: dict[str, bool]
+    samples: int = 0  # sequences and real tokens seen (set by `gather`)
+    tokens: int = 0
 
 
 class Gram:
@@ -142,16 +144,21 @@ def gather(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
     device = next(model.parameters()).device
     subset = {n: modules[n] for n in names}
     gram, ctx = Gram(subset, device), _Context()
+    samples = tokens = 0
     with frozen(model), experts_hooks(model, {n: gram.hook(n, ctx) for n in subset}), torch.no_grad():
         for raw in batches:
             batch = prepare_batch(raw, device)
             ctx.set(batch)
+            samples += batch.input_ids.shape[0]
+            tokens = tokens + batch.attention_mask.sum()  # read once at the end, not per batch
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                   use_cache=False)
     if not any(bool(c.any()) for c in gram.counts.values()):
         raise ValueError("no calibration token reached the experts: the batches were empty (an iterator already "
                          "used up?); pass a list of batches")
-    return gram.result(subset)
+    stats = gram.result(subset)
+    stats.samples, stats.tokens = samples, int(tokens)
+    return stats
 
 
 def compensated(stats: GramStatistics, lam: float = 1e-3) -> dict[str, torch.Tensor]:

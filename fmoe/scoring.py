@@ -490,19 +490,8 @@ def score(
     if method == "compensated":
         from .reconstruct import compensated, gather
 
-        seen = [0, 0]  # sequences, real tokens
-
-        def counted():
-            for raw in tqdm(batches, disable=not progress, desc="scoring (compensated)"):
-                batch = prepare_batch(raw, "cpu")
-                seen[0] += batch.input_ids.shape[0]
-                seen[1] += int(batch.attention_mask.sum())
-                yield raw
-
-        stats = gather(model, counted())
-        if seen[0] == 0:
-            raise ValueError("no calibration sample: nothing to score")
-        return Scores(_masked_zero(modules, compensated(stats)), method, fp, seen[0], seen[1], meta)
+        stats = gather(model, tqdm(batches, disable=not progress, desc="scoring (compensated)"))
+        return Scores(_masked_zero(modules, compensated(stats)), method, fp, stats.samples, stats.tokens, meta)
     if method != "grad_abs":
         scorer = Scorer(model, method)
         with scorer.attached():
