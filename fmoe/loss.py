@@ -61,25 +61,40 @@ def _chunk_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none").sum(1)
 
 
+def chunked(fn, logits: torch.Tensor, target: torch.Tensor, *aligned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Sums over position chunks of `fn(logits chunk [B, C, V], target chunk [B, C], *aligned chunks)`, a tuple of
+    per-sequence [B] float32 tensors. `logits` may be longer than `target` (its extra positions are ignored);
+    `aligned` tensors are [B, T-1, ...] like `target`. Under autograd each chunk is recomputed in the backward."""
+    b, steps = target.shape
+    chunk = max(1, CHUNK_ELEMENTS // max(1, b * logits.shape[-1]))
+    # split, not slices: one SplitBackward concatenates the chunks' gradients once (a slice's backward would
+    # allocate a full-size zero gradient per chunk)
+    pieces = zip(logits[:, :steps].split(chunk, dim=1), target.split(chunk, dim=1),
+                 *(t.split(chunk, dim=1) for t in aligned))
+    sums = None
+    for piece in pieces:
+        if torch.is_grad_enabled() and logits.requires_grad and steps > chunk:
+            part = checkpoint(fn, *piece, use_reentrant=False)  # float32 chunk recomputed in the backward
+        else:
+            part = fn(*piece)
+        sums = part if sums is None else tuple(s + p for s, p in zip(sums, part))
+    return sums
+
+
+def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's next-token logits [B, T, V] for a prepared batch (explicit position ids, no KV cache)."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, use_cache=False).logits
+
+
 def sequence_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token NLL per sequence [B] float32, supervised token count per sequence [B]).
 
     nll[n] / count[n] is what the HF model returns as `.loss` for sequence n alone; nll.sum() / count.sum() is its
     `.loss` for the whole batch.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False).logits  # [B, T, V]
     target = targets(batch)  # [B, T-1]
-    b, steps = target.shape
-    chunk = max(1, CHUNK_ELEMENTS // max(1, b * logits.shape[-1]))
-    nll = logits.new_zeros(b, dtype=torch.float32)
-    # split, not slices: one SplitBackward concatenates the chunks' gradients once (a slice's backward would
-    # allocate a full-size zero gradient per chunk)
-    for piece, t in zip(logits[:, :steps].split(chunk, dim=1), target.split(chunk, dim=1)):
-        if torch.is_grad_enabled() and logits.requires_grad and steps > chunk:
-            nll = nll + checkpoint(_chunk_nll, piece, t, use_reentrant=False)  # float32 chunk recomputed in backward
-        else:
-            nll = nll + _chunk_nll(piece, t)
+    (nll,) = chunked(lambda z, t: (_chunk_nll(z, t),), forward_logits(model, batch), target)
     return nll, (target != -100).sum(1)
 
 

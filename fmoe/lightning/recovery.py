@@ -1,13 +1,18 @@
-"""LoRA recovery: peft adapters on a pruned MoE (attention, shared experts, routed experts), trained with Lightning,
-evaluated with torchmetrics, merged back before export.
+"""Recovery: peft adapters on a pruned MoE (attention, shared experts, routed experts), or the routed experts' own
+weights, trained with Lightning on the data loss or by distillation from the dense model, evaluated with
+torchmetrics, merged back before export.
 
 Routed experts are adapted per expert through peft's `target_parameters` (one rank-r adapter per expert): the fused
-tensors of uniform modules, and of each width bucket of RaggedExperts. Routers are left alone.
+tensors of uniform modules, and of each width bucket of RaggedExperts. Routers are left alone. With a `teacher`
+the loss is fmoe.distill's mix of the KL to the teacher's next-token distributions and the data loss; a live
+teacher is a frozen submodule (a replica per rank under DDP, sharded per decoder layer like the student under FSDP2,
+so it is part of Lightning checkpoints), a cached one is read by sequence.
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as L
 import torch
@@ -16,6 +21,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from ..compat import peft_adapts_experts
 from ..compressed import VECTORS
+from ..distill import TeacherCache, distillation_loss
 from ..experts import find_experts, fused_parts, up_name
 from ..loss import mean_nll, prepare_batch, sequence_nll
 from ..tasks import exact_match
@@ -109,29 +115,66 @@ class LoRARecovery(Evaluation):
     """Fine-tune LoRA adapters on the (pruned) model; `validation_step` logs perplexity per eval loader. An empty
     (meta) model, a non-zero rank's, gets rank 0's weights and adapters when a fit starts (sharded under FSDP2,
     where it stays empty). The vectors of compressed experts (fmoe.compressed) train too unless `compressed` is
-    False; r=0 trains them alone (no adapters)."""
+    False; r=0 trains them alone (no adapters). `tune_experts` trains the routed experts' weights themselves
+    instead of adapters on them (routers stay frozen).
+
+    `teacher` turns on distillation (fmoe.distill): the dense model (live; an empty one is filled from rank 0 like
+    the student), a TeacherCache, or the path of one (read in `setup`, after every rank has reached the fit, so
+    rank 0 may write it just before). loss = kd_weight * T^2 * KL + (1 - kd_weight) * NLL at `temperature` T."""
 
     def __init__(self, model: nn.Module, r: int = 16, alpha: int = 32, lr: float = 2e-4, weight_decay: float = 0.0,
                  experts: bool = True, eval_names: tuple[str, ...] = ("domain", "general"),
-                 tasks: Tasks | None = None, tokenizer=None, compressed: bool = True):
+                 tasks: Tasks | None = None, tokenizer=None, compressed: bool = True, tune_experts: bool = False,
+                 teacher: nn.Module | TeacherCache | str | Path | None = None, temperature: float = 1.0,
+                 kd_weight: float = 1.0):
         from peft import get_peft_model
 
         vectors = [p for n, p in model.named_parameters() if compressed and n.rpartition(".")[2] in VECTORS]
-        if r == 0 and not vectors:
-            raise ValueError("r=0 trains only the vectors of compressed experts, and the model has none "
-                             "(fmoe.compressed.compress_experts makes them)")
+        routed = [p for m in find_experts(model).values() for p in m.parameters()] if tune_experts else []
+        if tune_experts and not routed:
+            raise ValueError("tune_experts trains routed experts, and the model has none")
+        if r == 0 and not vectors and not routed:
+            raise ValueError("r=0 trains no adapters: it needs tune_experts=True or the vectors of compressed "
+                             "experts (fmoe.compressed.compress_experts makes them)")
+        if temperature <= 0 or not 0.0 <= kd_weight <= 1.0:
+            raise ValueError(f"distillation needs temperature > 0 and 0 <= kd_weight <= 1, got {temperature} and "
+                             f"{kd_weight}")
+        experts = experts and not tune_experts  # no adapters on weights that train themselves
         model = get_peft_model(model, lora_config(model, r, alpha, experts)) if r else model.requires_grad_(False)
-        for p in vectors:  # peft froze every base parameter
+        for p in (*vectors, *routed):  # peft froze every base parameter
             p.requires_grad_(True)
         super().__init__(model, eval_names, tasks, tokenizer)
         self.lr, self.weight_decay = lr, weight_decay
+        self.temperature, self.kd_weight = temperature, kd_weight
+        if isinstance(teacher, nn.Module):
+            teacher = teacher.requires_grad_(False).eval()
+        self.teacher = teacher
+
+    def configure_model(self):
+        super().configure_model()
+        if isinstance(self.teacher, nn.Module):  # like the student: filled from rank 0 (DDP), sharded (FSDP2)
+            materialize(self.teacher, self.trainer.strategy)
+            shard(self, "teacher")
+
+    def setup(self, stage: str):
+        if isinstance(self.teacher, (str, Path)):  # every rank passed Lightning's pre-setup barrier: it is written
+            self.teacher = TeacherCache(self.teacher)
 
     def on_fit_start(self):
         self.model.train()  # a model coming from calibration or evaluation is in eval mode
+        if isinstance(self.teacher, nn.Module):
+            self.teacher.eval()
 
     def training_step(self, batch, batch_idx):
-        loss, _ = mean_nll(self.model, prepare_batch(batch, self.device))  # HF's .loss, padding never supervised
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        batch = prepare_batch(batch, self.device)
+        size = batch.input_ids.shape[0]
+        if self.teacher is None:
+            loss, _ = mean_nll(self.model, batch)  # HF's .loss, padding never supervised
+        else:
+            loss, parts = distillation_loss(self.model, batch, self.teacher, self.temperature, self.kd_weight)
+            self.log("train_kd", parts["kd"], batch_size=size)
+            self.log("train_nll", parts["nll"], batch_size=size)
+        self.log("train_loss", loss, prog_bar=True, batch_size=size)
         return loss
 
     def configure_optimizers(self):

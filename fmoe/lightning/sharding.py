@@ -35,7 +35,7 @@ from torch import nn
 
 from ..checkpoint import broadcast_weights, empty_model, from_pretrained, on_meta
 
-_ORIGINAL = "_fmoe_unsharded"  # stored in the owner's __dict__: not a submodule, so never moved to the GPU
+_ORIGINAL = "_fmoe_unsharded"  # {attr: original} in the owner's __dict__: not submodules, never moved to the GPU
 
 
 def launched_rank() -> int:
@@ -160,8 +160,11 @@ def copy_back(original: nn.Module, twin: nn.Module, params: set[int]) -> None:
 
 def shard(owner: nn.Module, attr: str = "model") -> None:
     """Replace `owner.<attr>` by its sharded twin when the Trainer runs ModelParallelStrategy; else nothing. The
-    twin of an empty (meta) model receives its shards from rank 0's (a collective then)."""
-    unshard(owner)  # a twin left by an interrupted run: start again from the original
+    twin of an empty (meta) model receives its shards from rank 0's (a collective then). Several attributes may
+    be sharded (a student and its teacher); `unshard` puts all of them back."""
+    saved = owner.__dict__.get(_ORIGINAL, {})
+    if attr in saved:  # a twin left by an interrupted run: start again from the original
+        setattr(owner, attr, saved.pop(attr))
     mesh = mesh_of(owner)
     if mesh is None:
         return
@@ -170,21 +173,20 @@ def shard(owner: nn.Module, attr: str = "model") -> None:
     twin = sharded_copy(original, mesh)
     fill_from_rank0(twin, original)  # ranks whose model is empty (meta) get their shards of rank 0's
     setattr(owner, attr, twin)
-    owner.__dict__[_ORIGINAL] = (attr, original)
+    owner.__dict__.setdefault(_ORIGINAL, {})[attr] = original
 
 
 def unshard(owner: nn.Module, trainer: L.Trainer | None = None) -> None:
-    """Undo `shard`: put the original back. With the `trainer` of a fit, first copy the parameters its optimizers
-    trained into the original (a collective); without one (validation, an exception) nothing is copied."""
-    saved = owner.__dict__.pop(_ORIGINAL, None)
-    if saved is None:
-        return
-    attr, original = saved
-    if trainer is not None and trainer.state.fn == "fit":
-        trained = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups
-                   for p in group["params"]}
-        copy_back(original, getattr(owner, attr), trained)
-    setattr(owner, attr, original)
+    """Undo `shard`: put the originals back. With the `trainer` of a fit, first copy the parameters its optimizers
+    trained into the originals (a collective); without one (validation, an exception) nothing is copied."""
+    saved = owner.__dict__.pop(_ORIGINAL, None) or {}
+    fit = trainer is not None and trainer.state.fn == "fit"
+    trained = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups
+               for p in group["params"]} if fit else set()
+    for attr, original in saved.items():
+        if fit:
+            copy_back(original, getattr(owner, attr), trained)
+        setattr(owner, attr, original)
 
 
 class RestoreOnException(L.Callback):

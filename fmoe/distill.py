@@ -1,0 +1,176 @@
+"""Distillation from the dense model: the pruned student learns the teacher's next-token distributions.
+
+    loss = weight * T^2 * KL(p_teacher^T || p_student^T) + (1 - weight) * NLL(data)
+
+p^T = softmax(logits / T), both taken over the positions the data loss supervises (fmoe.loss.targets: padding
+never counts), the KL averaged over those tokens as the NLL is (Hinton et al. 2015; T^2 keeps the gradient scale
+of the soft term independent of T). The teacher is either a live model (run under no_grad beside the student:
+under DDP a replica per rank, under FSDP2 sharded like the student, see fmoe.lightning.recovery) or a
+`TeacherCache`: its logits computed once over the training sequences and written to one safetensors file, all of
+the vocabulary or each position's `top_k` largest, for small runs. With a top-k teacher both distributions are
+renormalised over the teacher's k tokens, so the KL matches the student's relative probabilities there and leaves
+the tail to the data loss (with k = vocabulary size it is the exact KL; a student equal to its teacher scores 0). Cached sequences are found by their real tokens, so any loader, shuffling, padding side or rank split reads
+the right rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .loss import Batch, _chunk_nll, chunked, forward_logits, prepare_batch, targets
+
+Teacher = tuple[torch.Tensor, torch.Tensor | None]  # (logits [B, T, k], their vocabulary ids [B, T, k] or None: all)
+_FORMAT = "fmoe-teacher-cache"
+
+
+def _chunk_terms(student: torch.Tensor, target: torch.Tensor, values: torch.Tensor, *ids: torch.Tensor,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    # student [B, C, V], target [B, C], values [B, C, k] (ids [B, C, k]) -> (KL sum [B], NLL sum [B]) float32
+    tempered = student.float() / temperature  # [B, C, V]
+    if ids:
+        tempered = tempered.gather(-1, ids[0].long())  # [B, C, k]: the teacher's support
+    log_student = F.log_softmax(tempered, dim=-1)
+    log_teacher = F.log_softmax(values.float() / temperature, dim=-1)  # [B, C, k]
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)  # [B, C]
+    kl = kl.masked_fill(target == -100, 0.0).sum(1)
+    return kl, _chunk_nll(student, target)
+
+
+def distillation_loss(model: nn.Module, batch: Batch, teacher: nn.Module | TeacherCache, temperature: float = 1.0,
+                      weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(weight * T^2 * mean KL + (1 - weight) * mean NLL over the batch's supervised tokens, {"kd": T^2 * mean KL,
+    "nll": mean NLL, "tokens": their count}). Like fmoe.loss.mean_nll the loss is 0, still in the graph, when
+    nothing is supervised, and the [B, T, V] float32 terms are formed a chunk of positions at a time."""
+    if temperature <= 0 or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"distillation needs temperature > 0 and 0 <= weight <= 1, got {temperature} and {weight}")
+    values, ids = teacher_logits(teacher, batch)  # [B, T, k]
+    logits = forward_logits(model, batch)  # [B, T, V]
+    if values.shape[:2] != logits.shape[:2] or (ids is None and values.shape[-1] != logits.shape[-1]):
+        raise ValueError(f"teacher logits {tuple(values.shape)} do not match the student's {tuple(logits.shape)}: "
+                         "the teacher must share the student's tokenizer and vocabulary")
+    target = targets(batch)  # [B, T-1]
+    steps = target.shape[1]
+    aligned = (values[:, :steps],) + (() if ids is None else (ids[:, :steps],))
+
+    def terms(z, t, *teacher_chunk):
+        return _chunk_terms(z, t, *teacher_chunk, temperature=temperature)
+
+    kl, nll = chunked(terms, logits, target, *aligned)
+    tokens = (target != -100).sum()
+    kd = temperature**2 * kl.sum() / tokens.clamp(min=1)
+    nll = nll.sum() / tokens.clamp(min=1)
+    return weight * kd + (1.0 - weight) * nll, {"kd": kd.detach(), "nll": nll.detach(), "tokens": tokens}
+
+
+def teacher_logits(teacher: nn.Module | TeacherCache, batch: Batch) -> Teacher:
+    """The teacher's next-token logits for `batch`: a live model's forward under no_grad, or a cache's rows."""
+    if isinstance(teacher, TeacherCache):
+        return teacher.lookup(batch)
+    with torch.no_grad():
+        return forward_logits(teacher, batch), None
+
+
+def sequence_key(tokens: torch.Tensor) -> str:
+    """The cache key of one sequence: a digest of its real tokens' ids."""
+    return hashlib.sha1(tokens.to("cpu", torch.int64).numpy().tobytes()).hexdigest()
+
+
+@torch.no_grad()
+def cache_teacher(teacher: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], path: str | Path,
+                  top_k: int | None = None, device: torch.device | str | None = None) -> TeacherCache:
+    """Run `teacher` once over `batches` (dicts of input_ids [B, T] and optional attention_mask) and write the
+    logits of every real position to `path` (safetensors, atomically): all V of them in the teacher's dtype, or
+    the `top_k` largest (float32) with their ids (int32). Sequences seen twice are stored once."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive number of logits per position, got {top_k}")
+    device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    rows, index, vocab = {"values": [], "ids": []}, {}, None
+    try:
+        for raw in batches:
+            batch = prepare_batch(raw, device)
+            logits = forward_logits(teacher, batch)  # [B, T, V]
+            vocab = logits.shape[-1]
+            for b in range(logits.shape[0]):
+                real = batch.attention_mask[b] == 1
+                key = sequence_key(batch.input_ids[b, real])
+                if key in index:
+                    continue
+                z = logits[b, real]  # [n, V]
+                if top_k is not None:
+                    z, ids = z.float().topk(min(top_k, vocab), dim=-1)  # [n, k]
+                    rows["ids"].append(ids.to("cpu", torch.int32))
+                index[key] = [sum(len(v) for v in rows["values"]), int(z.shape[0])]
+                rows["values"].append(z.cpu())
+    finally:
+        teacher.train(was_training)
+    if not index:
+        raise ValueError("no sequence to cache: the batches are empty")
+    tensors = {name: torch.cat(parts).contiguous() for name, parts in rows.items() if parts}
+    meta = {"format": _FORMAT, "vocab": str(vocab), "index": json.dumps(index)}
+    _save_atomically(Path(path), tensors, meta)
+    return TeacherCache(path)
+
+
+def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class TeacherCache:
+    """The teacher logits `cache_teacher` wrote, read back per batch by each sequence's real tokens."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"teacher cache {self.path} does not exist (fmoe.distill.cache_teacher writes it)")
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{self.path} is not a teacher cache (format={meta.get('format')!r})")
+        self.vocab, self.index = int(meta["vocab"]), json.loads(meta["index"])
+        tensors = load_file(str(self.path))
+        self.values, self.ids = tensors["values"], tensors.get("ids")  # [N, k] / [N, k] or None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, batch: Batch) -> Teacher:
+        """(values [B, T, k], ids [B, T, k] or None) for `batch`, zeros at padding (which no loss reads)."""
+        b, t = batch.input_ids.shape
+        device = batch.input_ids.device
+        values = torch.zeros(b, t, self.values.shape[-1], dtype=self.values.dtype, device=device)
+        ids = None if self.ids is None else torch.zeros(b, t, self.ids.shape[-1], dtype=self.ids.dtype, device=device)
+        for n in range(b):
+            real = batch.attention_mask[n] == 1
+            key = sequence_key(batch.input_ids[n, real])
+            if key not in self.index:
+                raise KeyError(f"a training sequence is not in the teacher cache {self.path}: cache the teacher over "
+                               "the same training data, tokenizer and sequence length as the recovery run")
+            start, length = self.index[key]
+            values[n, real] = self.values[start: start + length].to(device)
+            if ids is not None:
+                ids[n, real] = self.ids[start: start + length].to(device)
+        return values, ids
