@@ -6,19 +6,18 @@ p^T = softmax(logits / T), both taken over the positions the data loss supervise
 never counts), the KL averaged over those tokens as the NLL is (Hinton et al. 2015; T^2 keeps the gradient scale
 of the soft term independent of T). The teacher is either a live model (run under no_grad beside the student:
 under DDP a replica per rank, under FSDP2 sharded like the student, see fmoe.lightning.recovery) or a
-`TeacherCache`: its logits computed once over the training sequences and written to one safetensors file, all of
-the vocabulary or each position's `top_k` largest, for small runs. With a top-k teacher both distributions are
+`TeacherCache`: its logits computed once over the training sequences and written to one safetensors file, all of the
+vocabulary or each position's `top_k` largest, for small runs. With a top-k teacher both distributions are
 renormalised over the teacher's k tokens, so the KL matches the student's relative probabilities there and leaves
-the tail to the data loss (with k = vocabulary size it is the exact KL; a student equal to its teacher scores 0). Cached sequences are found by their real tokens, so any loader, shuffling, padding side or rank split reads
-the right rows.
+the tail to the data loss (with k = vocabulary size it is the exact KL; a student equal to its teacher scores 0).
+Cached sequences are found by their real tokens, so any loader, shuffling, padding side or rank split reads the
+right rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .io import atomic_file
 from .loss import Batch, _chunk_nll, chunked, forward_logits, prepare_batch, targets
 
 Teacher = tuple[torch.Tensor, torch.Tensor | None]  # (logits [B, T, k], their vocabulary ids [B, T, k] or None: all)
@@ -90,6 +90,8 @@ def cache_teacher(teacher: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
     """Run `teacher` once over `batches` (dicts of input_ids [B, T] and optional attention_mask) and write the
     logits of every real position to `path` (safetensors, atomically): all V of them in the teacher's dtype, or
     the `top_k` largest (float32) with their ids (int32). Sequences seen twice are stored once."""
+    from safetensors.torch import save_file
+
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive number of logits per position, got {top_k}")
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
@@ -118,22 +120,9 @@ def cache_teacher(teacher: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
         raise ValueError("no sequence to cache: the batches are empty")
     tensors = {name: torch.cat(parts).contiguous() for name, parts in rows.items() if parts}
     meta = {"format": _FORMAT, "vocab": str(vocab), "index": json.dumps(index)}
-    _save_atomically(Path(path), tensors, meta)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return TeacherCache(path)
-
-
-def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class TeacherCache:

@@ -11,6 +11,7 @@
     python tests/ddp_calibrate.py OUT_DIR ranks   # TP=2 scores, an unsupervised rank, uneven data, a NaN on one rank
     python tests/ddp_calibrate.py OUT_DIR methods # ExpertPruning under DDP, BlockDropping under FSDP2
     python tests/ddp_calibrate.py OUT_DIR reconstruct  # DDP, IntermediatePruning with least-squares reconstruction
+    python tests/ddp_calibrate.py OUT_DIR distill # distillation recovery: LoRA / tuned experts, DDP / FSDP2, cached
 """
 
 import copy
@@ -88,6 +89,70 @@ def lora_under_both_strategies(out: Path, scope: str) -> None:
             fmoe.save_pretrained(merged, out / name)
     if trainer.is_global_zero:
         (out / "lora.json").write_text(json.dumps(results))
+
+
+def sharp_teacher():
+    """The dense tiny model with a 20x output head, so that a pruned student has far to go (tests/test_distill.py)."""
+    import torch
+
+    model = tiny_model("qwen3_moe")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+class TeacherProbe(L.Callback):
+    """Records whether the fit's teacher was sharded and whether it was filled (not meta)."""
+
+    def on_train_start(self, trainer, pl_module):
+        teacher = pl_module.teacher
+        if not hasattr(teacher, "parameters"):  # a TeacherCache
+            self.seen = {"cache": len(teacher)}
+            return
+        self.seen = {"sharded": is_sharded(teacher), "filled": not any(p.is_meta for p in teacher.parameters())}
+
+
+def distill(out: Path) -> None:
+    """DDP calibration + pruning, then distillation from the dense model (rank 0 reads it, the others get it when
+    the fit starts) with LoRA and with the routed experts tuned, under DDP and FSDP2 (teacher sharded like the
+    student), and from a full-vocabulary logit cache (rank 0 writes it just before the fit) under DDP."""
+    import torch.distributed as dist
+
+    from fmoe.distill import cache_teacher
+    from fmoe.lightning.sharding import load_model
+
+    module = CalibrationModule(tiny_model("qwen3_moe"))
+    pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out)
+    trainer = two_cpus(strategy="ddp", max_epochs=1, callbacks=[pruning])
+    trainer.fit(module, DataLoader(sequences(), batch_size=2))
+    rank = trainer.global_rank
+    if rank == 0:
+        fmoe.save_pretrained(sharp_teacher(), out / "teacher")
+    dist.barrier()
+    train = sequences(n=16, seed=3)
+    seen = {}
+    for name, strategy, r, tune, teacher in (("ddp_lora", lambda: "ddp", 4, False, "live"),
+                                             ("fsdp2_lora", fsdp2, 4, False, "live"),
+                                             ("ddp_experts", lambda: "ddp", 0, True, "live"),
+                                             ("fsdp2_experts", fsdp2, 0, True, "live"),
+                                             ("ddp_cached", lambda: "ddp", 4, False, "cached")):
+        if teacher == "cached":
+            teacher = out / "teacher.safetensors"
+            if rank == 0:  # no barrier: the fit's setup waits for every rank
+                cache_teacher(fmoe.from_pretrained(out / "teacher"), DataLoader(train, batch_size=4), teacher)
+        else:
+            teacher = load_model(out / "teacher")  # meta on rank 1
+        L.seed_everything(0)
+        recovery = LoRARecovery(copy.deepcopy(module.model), r=r, alpha=8, lr=1e-2 if r else 1e-3, eval_names=(),
+                                tune_experts=tune, teacher=teacher, temperature=2.0, kd_weight=0.5)
+        probe = TeacherProbe()
+        two_cpus(strategy=strategy(), max_epochs=2, callbacks=[probe]).fit(recovery, DataLoader(train, batch_size=2))
+        seen[name] = probe.seen
+        merged = recovery.merged()
+        if rank == 0:
+            fmoe.save_pretrained(merged, out / name)
+            fmoe.save_pretrained(module.model, out / "pruned")
+    (out / f"distill_rank{rank}.json").write_text(json.dumps(seen))
 
 
 def user_training(out: Path) -> None:
@@ -204,7 +269,7 @@ def reconstruct(out: Path) -> None:
 if __name__ == "__main__":
     out, kind = Path(sys.argv[1]), sys.argv[2]
     stages = {"resume": resume, "accuracy": accuracy, "fsdp2_lora": lora_under_both_strategies, "user": user_training,
-              "ranks": ranks, "methods": methods, "reconstruct": reconstruct}
+              "ranks": ranks, "methods": methods, "reconstruct": reconstruct, "distill": distill}
     if kind in stages:
         stages[kind](out, *sys.argv[3:])
         close()

@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -179,3 +180,27 @@ def test_distillation_recovery_trains_the_student_towards_the_teacher_and_leaves
     assert changed and not changed & routers
     if tune_experts:
         assert all(".experts." in k for k in changed)
+
+
+def test_distillation_under_ddp_and_fsdp2_with_a_live_or_cached_teacher(tmp_path):
+    from tests.ddp_calibrate import sharp_teacher
+    from tests.test_lightning import run_two_processes
+
+    run_two_processes(tmp_path, "distill")
+    seen = [json.loads((tmp_path / f"distill_rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in seen:  # rank 1's teacher was built empty and filled from rank 0; FSDP2 shards it like the student
+        assert rank["ddp_lora"] == rank["ddp_experts"] == {"sharded": False, "filled": True}
+        assert rank["fsdp2_lora"] == rank["fsdp2_experts"] == {"sharded": True, "filled": True}
+        assert rank["ddp_cached"] == {"cache": 16}
+    models = {name: fmoe.from_pretrained(tmp_path / name).state_dict()
+              for name in ("pruned", "ddp_lora", "fsdp2_lora", "ddp_experts", "fsdp2_experts", "ddp_cached")}
+    for a, b in (("ddp_lora", "fsdp2_lora"), ("ddp_experts", "fsdp2_experts"), ("ddp_lora", "ddp_cached")):
+        assert models[a].keys() == models[b].keys()
+        for key in models[a]:
+            torch.testing.assert_close(models[b][key], models[a][key], rtol=1e-4, atol=1e-6)
+    teacher = sharp_teacher()
+    probe = prepare_batch(torch.utils.data.default_collate(sequences(n=16, seed=3)))  # the fits' training data
+    start = float(distillation_loss(fmoe.from_pretrained(tmp_path / "pruned"), probe, teacher)[1]["kd"])
+    for name in ("ddp_lora", "ddp_experts"):
+        end = float(distillation_loss(fmoe.from_pretrained(tmp_path / name), probe, teacher)[1]["kd"])
+        assert end < start

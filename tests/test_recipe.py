@@ -61,6 +61,40 @@ def test_recipe_lm_eval_tasks_in_every_row(tmp_path, recipe):
     assert (tmp_path / "report.png").read_bytes()[:8] == PNG
 
 
+def test_recipe_distills_from_cached_top_k_logits_into_tuned_experts(tmp_path, recipe):
+    from safetensors import safe_open
+
+    rows = recipe.main(["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
+                        "--trainer.enable_progress_bar", "false", "--tasks", "{}", "--recover.max_steps", "12",
+                        "--recover.val_check_interval", "6", "--trainer.log_every_n_steps", "1",
+                        "--recover.distill", "true", "--recover.teacher", "cached", "--recover.top_k", "8",
+                        "--recover.tune_experts", "true", "--recover.r", "0", "--recover.lr", "1e-4"])
+    assert rows["recovered"]["domain_ppl"] < rows["pruned"]["domain_ppl"]
+    with safe_open(str(tmp_path / "teacher.safetensors"), framework="pt") as f:  # next to plan.json
+        assert f.get_slice("values").get_shape()[1] == 8 and f.get_slice("ids").get_shape()[1] == 8
+    import csv
+
+    (log,) = (tmp_path / "logs" / "recover").glob("version_*/metrics.csv")
+    logged = [row for row in csv.DictReader(log.open()) if row.get("train_kd")]
+    # every one of the 12 steps ran, although max_epochs is now the epochs they take (3), not -1
+    assert [int(row["step"]) for row in logged] == list(range(12))
+    with pytest.raises(ValueError, match="live or cached"):
+        recipe.main(["--export_dir", str(tmp_path / "x"), "--recover.teacher", "disk"])
+
+
+def test_recovery_epochs_cover_the_steps():
+    from types import SimpleNamespace
+
+    from fmoe.lightning.recovery import epochs_for
+
+    def epochs(steps, world=1, accumulate=1, limit=1.0):
+        fit = SimpleNamespace(world_size=world, accumulate_grad_batches=accumulate, limit_train_batches=limit)
+        return epochs_for(steps, 64, 8, fit)
+
+    assert [epochs(20), epochs(16), epochs(20, world=2), epochs(20, accumulate=3)] == [3, 2, 5, 7]
+    assert [epochs(20, limit=0.5), epochs(20, limit=2), epochs(1)] == [5, 10, 1]
+
+
 def test_write_report_without_a_plan(tmp_path):
     from fmoe.report import write_report
 
@@ -94,7 +128,8 @@ def test_recipe_prune_only(tmp_path, recipe, caplog, recwarn):
 
 
 def test_recipe_under_fsdp2_on_two_processes(tmp_path):
-    """`fmoe prune-recover` with every stage under ModelParallelStrategy (a fresh strategy per stage)."""
+    """`fmoe prune-recover` with every stage under ModelParallelStrategy (a fresh strategy per stage), recovery by
+    distillation from the dense model sharded like the student, and lm-eval scores (rank 0) in every row."""
     import subprocess
 
     export = tmp_path / "export"
@@ -104,16 +139,29 @@ def test_recipe_under_fsdp2_on_two_processes(tmp_path):
     # the console script (DDP/FSDP2 relaunch it as is); `python -m fmoe` where it is not installed
     script = shutil.which("fmoe", path=os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")]))
     command = [script] if script else [sys.executable, "-m", "fmoe"]
+    scores = []
+    try:
+        import lm_eval  # noqa: F401 (the eval extra)
+
+        from fmoe.evaluation import toy_tasks_dir
+
+        scores = ["--lm_eval.tasks", "[fmoe_arithmetic]", "--lm_eval.include_path", str(toy_tasks_dir()),
+                   "--lm_eval.limit", "5"]
+    except ImportError:
+        pass
     subprocess.run([*command, "prune-recover", "--export_dir", str(export),
                     "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
                     "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                     "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
                     "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1",
                     "--recover.max_steps", "6", "--recover.val_check_interval", "3", "--task_limit", "20",
-                    "--data.n_samples", "16"], check=True, timeout=600, cwd=tmp_path)
+                    "--data.n_samples", "16", "--recover.distill", "true", "--recover.kd_weight", "0.5",
+                    *scores], check=True, timeout=600, cwd=tmp_path)
     rows = json.loads((export / "results.json").read_text())
     assert list(rows) == ["dense", "pruned", "recovered"]
-    assert rows["recovered"]["domain_ppl"] < rows["pruned"]["domain_ppl"]
+    assert rows["recovered"]["domain_ppl"] < rows["pruned"]["domain_ppl"]  # distilled from the sharded dense model
+    if scores:  # computed by rank 0 while rank 1 waits, in every row
+        assert all(0.0 <= rows[stage]["fmoe_arithmetic_exact_match,none"] <= 1.0 for stage in rows)
     model = fmoe.from_pretrained(export)
     widths = {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()}
     assert widths == fmoe.PruningPlan.load(tmp_path / "plan.json").kept_widths()
@@ -202,17 +250,20 @@ def test_every_config_parses(recipe, config, capsys):
     assert "stages:" in printed and ("pack: true" in printed) == (config.stem != "default")
 
 
-@pytest.mark.parametrize("method", sorted((ROOT / "recipes" / "configs" / "methods").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_method_config_layers_on_a_model_config(recipe, method, capsys):
+OVERLAYS = sorted((ROOT / "recipes" / "configs").glob("*/*.yaml"))  # methods/ and recovery/
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_overlay_config_layers_on_a_model_config(recipe, overlay, capsys):
     import yaml
 
     with pytest.raises(SystemExit) as stop:
-        recipe.main(["--config", str(ROOT / "recipes" / "configs" / "mixtral-8x7b.yaml"), "--config", str(method),
+        recipe.main(["--config", str(ROOT / "recipes" / "configs" / "mixtral-8x7b.yaml"), "--config", str(overlay),
                      "--print_config"])
     assert stop.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    wanted = yaml.safe_load(method.read_text())["prune"]
-    assert {k: printed["prune"][k] for k in wanted} == wanted
+    for section, wanted in yaml.safe_load(overlay.read_text()).items():
+        assert {k: printed[section][k] for k in wanted} == wanted
     assert printed["model"]["model"] == "mistralai/Mixtral-8x7B-v0.1"  # the model config's choices stay
 
 

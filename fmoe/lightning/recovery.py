@@ -203,3 +203,16 @@ def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None, t
     runner = L.Trainer(**kwargs)
     results = runner.validate(Evaluation(model.eval(), names, tasks, tokenizer), datamodule=datamodule, verbose=False)
     return {k.split("/")[0]: float(v) for r in results for k, v in r.items()}
+
+
+def epochs_for(steps: int, sequences: int, batch_size: int, trainer: L.Trainer) -> int:
+    """max_epochs for a fit bounded by `steps` optimizer steps over `sequences` training sequences: the epochs the
+    steps take, never fewer (max_steps still ends the fit), so that the progress bar counts them ("Epoch 3/7",
+    where max_epochs=-1 shows "Epoch 3/-2"). The world size bounds the data-parallel ranks from above, so batches
+    per rank are never overcounted; fmoe.data.TextDataModule evens the sequences out over the ranks."""
+    world = max(1, trainer.world_size)
+    batches = max(1, -(-((sequences - sequences % world) // world) // batch_size))
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+    per_epoch = -(-batches // trainer.accumulate_grad_batches)  # the last, partial window steps too
+    return max(1, -(-steps // per_epoch))

@@ -47,18 +47,21 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
+def process_rank() -> int:
+    """This process's rank: in the process group when it is up, else in the launch (`launched_rank`)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else launched_rank()
+
+
 def load_model(directory: str | Path, dtype: torch.dtype | str = "auto", **kwargs) -> nn.Module:
     """The model of a checkpoint for a Lightning run, read once per run rather than once per process: rank 0 (of
     the process group, or of the launch when it is not up yet) loads it; every other rank gets the empty (meta)
     model, which the fmoe modules' `configure_model` fill from rank 0 (DDP: `materialize`; FSDP2: `shard` gives
     each rank its shards only, so the plain model stays empty)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        rank = dist.get_rank()
-    else:
-        rank = launched_rank()
-    return empty_model(directory, dtype, **kwargs) if rank != 0 else from_pretrained(directory, dtype, **kwargs)
+    if process_rank() != 0:
+        return empty_model(directory, dtype, **kwargs)
+    return from_pretrained(directory, dtype, **kwargs)
 
 
 def materialize(model: nn.Module, strategy=None) -> nn.Module:

@@ -7,21 +7,27 @@
     fmoe prune-recover --config recipes/configs/qwen1.5-moe-a2.7b.yaml   # 8x80 GB, real checkpoint
     fmoe prune-recover --prune.method reap --prune.amount 0.25  # or expert_drop, layer_drop, block_drop, ...
     fmoe prune-recover --lm_eval.tasks '[gsm8k, arc_easy]' --lm_eval.limit 200  # lm-eval scores in every row
+    fmoe prune-recover --recover.distill true --recover.kd_weight 0.5  # LoRA learns the dense model's distributions
+    fmoe prune-recover --recover.distill true --recover.teacher cached --recover.top_k 64  # logits cached once
+    fmoe prune-recover --recover.tune_experts true --recover.r 0 --recover.lr 1e-4  # the routed experts themselves
     fmoe prune-recover --help                            # or: python recipes/prune_recover.py ...
 
 Stages: calibrate (a CalibrationModule fit that accumulates dim scores and, for the methods that plan from them,
-expert and layer statistics), prune (`--prune.method`, any of fmoe.methods.METHODS, planned and applied at its
-end by a Compression callback), recover (LoRA via peft, merged back; compressed experts also train their
-vectors), evaluate (perplexity of each eval set before and after, and exact-match accuracy of each `tasks` file),
-export (fmoe.save_pretrained + results.json; report.png next to plan.json). With `--lm_eval.tasks` every row also
-gets lm-evaluation-harness scores, computed on rank 0 only (lm-eval runs in the process on one device; the other
-ranks wait at a barrier). Each stage logs to a CSVLogger under <default_root_dir>/logs/<stage> unless
-`--trainer.logger` says otherwise. A before/after table (total and active parameters, weight bytes,
-metrics) is printed at the end. Every `--trainer.*` option reaches every stage's Trainer (fresh callbacks, logger,
-strategy and plugins each time); `accumulate_grad_batches` and `gradient_clip_*` apply to the LoRA stage only,
-since a calibration steps no weights, and the LoRA stage runs `--recover.max_steps` steps whatever
-`--trainer.max_epochs` says. The default compresses fmoe's toy MoE (fmoe/assets/toy_moe) into an arithmetic
-specialist: calibrated and recovered on arithmetic word problems, measured on arithmetic, facts and general reading.
+expert and layer statistics), prune (`--prune.method`, any of fmoe.methods.METHODS, planned and applied at its end
+by a Compression callback), recover (LoRA via peft, merged back, or the routed experts' own weights; compressed
+experts also train their vectors; on the data loss or, with `--recover.distill`, on a mix with the KL to the dense
+model's next-token distributions: the dense checkpoint read again as a live teacher, or its logits cached by rank 0
+before pruning, see fmoe.distill), evaluate (perplexity of each eval set before and after, and exact-match accuracy
+of each `tasks` file), export (fmoe.save_pretrained + results.json; report.png next to plan.json). With
+`--lm_eval.tasks` every row also gets lm-evaluation-harness scores, computed on rank 0 only (lm-eval runs in the
+process on one device; the other ranks wait at a barrier). Each stage logs to a CSVLogger under
+<default_root_dir>/logs/<stage> unless `--trainer.logger` says otherwise. A before/after table (total and active
+parameters, weight bytes, metrics) is printed at the end. Every `--trainer.*` option reaches every stage's Trainer
+(fresh callbacks, logger, strategy and plugins each time); `accumulate_grad_batches` and `gradient_clip_*` apply to
+the LoRA stage only, since a calibration steps no weights, and the LoRA stage runs `--recover.max_steps` steps
+whatever `--trainer.max_epochs` says (its max_epochs is the epochs those steps take). The default compresses fmoe's
+toy MoE (fmoe/assets/toy_moe) into an arithmetic specialist: calibrated and recovered on arithmetic word problems,
+measured on arithmetic, facts and general reading.
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ from fmoe import toy
 from fmoe.tasks import load_tasks
 from fmoe import methods
 from fmoe.lightning import CalibrationModule, Compression, IntermediatePruning
-from fmoe.lightning.recovery import LoRARecovery, evaluate
-from fmoe.lightning.sharding import load_model
+from fmoe.lightning.recovery import LoRARecovery, epochs_for, evaluate
+from fmoe.distill import cache_teacher
+from fmoe.lightning.sharding import load_model, process_rank
 from fmoe.report import write_report
 
 
@@ -85,6 +92,12 @@ class Recover:
     max_steps: int = 60
     val_check_interval: int = 30
     experts: bool = True  # adapt routed experts too (not only attention and shared experts)
+    tune_experts: bool = False  # train the routed experts' own weights instead (r: adapters elsewhere; 0: none)
+    distill: bool = False  # learn the dense model's next-token distributions too (fmoe.distill)
+    temperature: float = 1.0
+    kd_weight: float = 1.0  # loss = kd_weight * T^2 * KL(dense || pruned) + (1 - kd_weight) * NLL(data)
+    teacher: str = "live"  # live: the dense model runs beside the student (sharded like it under FSDP2) | cached
+    top_k: int | None = None  # cached: logits kept per position (null: the whole vocabulary)
 
 
 @dataclass
@@ -97,8 +110,11 @@ class LMEval:
 def calibration(model: str = "toy", method: str = "fisher", dtype: str = "float32") -> CalibrationModule:
     """Load the model to compress ("toy" = the shipped toy MoE) and wrap it for calibration. Read once per run:
     in a multi-process run only rank 0 reads it, the others receive it in their first stage (see load_model)."""
-    path = toy.TOY_DIR if model == "toy" else model
-    return CalibrationModule(load_model(path, dtype=getattr(torch, dtype)), method=method)
+    return CalibrationModule(load_model(checkpoint_of(model), dtype=getattr(torch, dtype)), method=method)
+
+
+def checkpoint_of(model: str) -> str:
+    return str(toy.TOY_DIR) if model == "toy" else model
 
 
 class RecipeCLI(LightningCLI):
@@ -154,6 +170,19 @@ def trainer_kwargs(cfg, stage: str, callbacks: list | None = None, **overrides) 
     return {**options, **overrides}
 
 
+def cache_dense_logits(model, data, path: Path, top_k: int | None) -> None:
+    """Rank 0 runs the still dense model once over the training set (on its GPU when it has one) and writes its
+    logits to `path` (fmoe.distill.cache_teacher); the other ranks read the file when the recovery fit starts."""
+    if process_rank() != 0:
+        return
+    home = next(model.parameters()).device
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else home
+    try:
+        cache_teacher(model.to(device), data.train_dataloader(), path, top_k)
+    finally:
+        model.to(home)
+
+
 def sizes(model) -> dict:
     """Total parameters, parameters a token runs through, weight bytes."""
     return {"params": sum(p.numel() for p in model.parameters()), "active": int(fmoe.active_parameters(model)),
@@ -197,6 +226,8 @@ def main(args=None, prog: str | None = None) -> dict:
     lm_eval_cfg = LMEval(**cfg.lm_eval)
     if (prune_cfg.steps != 1 or prune_cfg.reconstruct) and prune_cfg.method != "dims":  # before any stage runs
         raise ValueError(f"--prune.steps and --prune.reconstruct apply to the dims method, not {prune_cfg.method!r}")
+    if recover_cfg.teacher not in ("live", "cached"):
+        raise ValueError(f"--recover.teacher is live or cached, not {recover_cfg.teacher!r}")
     data.setup("fit")
     paths = cfg.tasks
     if paths is None:
@@ -213,6 +244,10 @@ def main(args=None, prog: str | None = None) -> dict:
         rows[stage] = row
 
     record("dense", module.model)
+    cached = recover_cfg.distill and recover_cfg.teacher == "cached"
+    cache = Path(cfg.export_dir).parent / "teacher.safetensors"
+    if stages.recover and cached:  # now, while the model is still dense
+        cache_dense_logits(module.model, data, cache, recover_cfg.top_k)
     compression = None
     options = {k: v for k, v in asdict(prune_cfg).items() if k not in ("method", "amount")}
     options = methods.options_of(prune_cfg.method, options)
@@ -233,13 +268,19 @@ def main(args=None, prog: str | None = None) -> dict:
             record("pruned", module.model)
     model = module.model
     if stages.recover:
+        teacher = str(cache) if cached else None  # the logits cached before pruning, or the dense model read again
+        if recover_cfg.distill and not cached:  # (by rank 0; the others get it when the fit starts)
+            teacher = load_model(checkpoint_of(cfg.model.model), dtype=getattr(torch, cfg.model.dtype))
         recovery = LoRARecovery(model, r=recover_cfg.r, alpha=recover_cfg.alpha, lr=recover_cfg.lr,
                                 experts=recover_cfg.experts, eval_names=tuple(data.eval_names), tasks=tasks,
-                                tokenizer=data.tokenizer)
+                                tokenizer=data.tokenizer, tune_experts=recover_cfg.tune_experts, teacher=teacher,
+                                temperature=recover_cfg.temperature, kd_weight=recover_cfg.kd_weight)
         fit = L.Trainer(**trainer_kwargs(cfg, "recover", max_steps=recover_cfg.max_steps, max_epochs=-1,
                                          check_val_every_n_epoch=None,
                                          val_check_interval=recover_cfg.val_check_interval))
+        fit.fit_loop.max_epochs = epochs_for(recover_cfg.max_steps, len(data.train_set), data.hparams.batch_size, fit)
         fit.fit(recovery, datamodule=data)
+        del recovery.teacher  # a live teacher's memory goes back before the last evaluation
         model = recovery.merged()
         record("recovered", model)
     if stages.export and trainer.is_global_zero:
