@@ -9,7 +9,7 @@
     fmoe prune-recover --lm_eval.tasks '[gsm8k, arc_easy]' --lm_eval.limit 200  # lm-eval scores in every row
     fmoe prune-recover --recover.distill true --recover.kd_weight 0.5  # LoRA learns the dense model's distributions
     fmoe prune-recover --recover.distill true --recover.teacher cached --recover.top_k 64  # logits cached once
-    fmoe prune-recover --recover.tune_experts true --recover.r 0 --recover.lr 1e-4  # the routed experts themselves
+    fmoe prune-recover --recover.tune_experts true --recover.r 0 --recover.lr 1e-3  # the routed experts themselves
     fmoe prune-recover --help                            # or: python recipes/prune_recover.py ...
 
 Stages: calibrate (a CalibrationModule fit that accumulates dim scores and, for the methods that plan from them,
