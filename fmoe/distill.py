@@ -40,7 +40,9 @@ def _chunk_terms(student: torch.Tensor, target: torch.Tensor, values: torch.Tens
         tempered = tempered.gather(-1, ids[0].long())  # [B, C, k]: the teacher's support
     log_student = F.log_softmax(tempered, dim=-1)
     log_teacher = F.log_softmax(values.float() / temperature, dim=-1)  # [B, C, k]
-    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)  # [B, C]
+    p_teacher = log_teacher.exp()
+    # 0 where the teacher gives a token no probability (a -inf logit): no 0 * inf
+    kl = torch.where(p_teacher > 0, p_teacher * (log_teacher - log_student), 0.0).sum(-1)  # [B, C]
     kl = kl.masked_fill(target == -100, 0.0).sum(1)
     return kl, _chunk_nll(student, target)
 
@@ -50,11 +52,11 @@ def distillation_loss(model: nn.Module, batch: Batch, teacher: nn.Module | Teach
     """(weight * T^2 * mean KL + (1 - weight) * mean NLL over the batch's supervised tokens, {"kd": T^2 * mean KL,
     "nll": mean NLL, "tokens": their count}). Like fmoe.loss.mean_nll the loss is 0, still in the graph, when
     nothing is supervised, and the [B, T, V] float32 terms are formed a chunk of positions at a time."""
-    if temperature <= 0 or not 0.0 <= weight <= 1.0:
-        raise ValueError(f"distillation needs temperature > 0 and 0 <= weight <= 1, got {temperature} and {weight}")
+    check_options(temperature, weight)
     values, ids = teacher_logits(teacher, batch)  # [B, T, k]
     logits = forward_logits(model, batch)  # [B, T, V]
-    if values.shape[:2] != logits.shape[:2] or (ids is None and values.shape[-1] != logits.shape[-1]):
+    vocab = teacher.vocab if isinstance(teacher, TeacherCache) else values.shape[-1]
+    if values.shape[:2] != logits.shape[:2] or vocab != logits.shape[-1]:
         raise ValueError(f"teacher logits {tuple(values.shape)} do not match the student's {tuple(logits.shape)}: "
                          "the teacher must share the student's tokenizer and vocabulary")
     target = targets(batch)  # [B, T-1]
@@ -69,6 +71,12 @@ def distillation_loss(model: nn.Module, batch: Batch, teacher: nn.Module | Teach
     kd = temperature**2 * kl.sum() / tokens.clamp(min=1)
     nll = nll.sum() / tokens.clamp(min=1)
     return weight * kd + (1.0 - weight) * nll, {"kd": kd.detach(), "nll": nll.detach(), "tokens": tokens}
+
+
+def check_options(temperature: float, weight: float) -> None:
+    """A clear error for a temperature or a KD weight out of range (before any work is done)."""
+    if not temperature > 0 or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"distillation needs temperature > 0 and 0 <= kd_weight <= 1, got {temperature} and {weight}")
 
 
 def teacher_logits(teacher: nn.Module | TeacherCache, batch: Batch) -> Teacher:
@@ -118,40 +126,58 @@ def cache_teacher(teacher: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
         teacher.train(was_training)
     if not index:
         raise ValueError("no sequence to cache: the batches are empty")
-    tensors = {name: torch.cat(parts).contiguous() for name, parts in rows.items() if parts}
+    tensors = {}
+    for name in list(rows):  # one copy at a time: each list is freed once concatenated
+        parts = rows.pop(name)
+        if parts:
+            tensors[name] = torch.cat(parts)
+        del parts
     meta = {"format": _FORMAT, "vocab": str(vocab), "index": json.dumps(index)}
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+    del tensors
     return TeacherCache(path)
 
 
 class TeacherCache:
-    """The teacher logits `cache_teacher` wrote, read back per batch by each sequence's real tokens."""
+    """The teacher logits `cache_teacher` wrote, read back per batch by each sequence's real tokens. The file is
+    memory-mapped and read a sequence at a time, so a rank holds no more than its batch's rows."""
 
     def __init__(self, path: str | Path):
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"teacher cache {self.path} does not exist (fmoe.distill.cache_teacher writes it)")
+            raise FileNotFoundError(f"teacher cache {self.path} does not exist (fmoe.distill.cache_teacher writes it; "
+                                    "every rank must see this path, e.g. on a shared filesystem)")
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}
+            names = set(f.keys())
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{self.path} is not a teacher cache (format={meta.get('format')!r})")
         self.vocab, self.index = int(meta["vocab"]), json.loads(meta["index"])
-        tensors = load_file(str(self.path))
-        self.values, self.ids = tensors["values"], tensors.get("ids")  # [N, k] / [N, k] or None
+        self.top_k = "ids" in names  # each position keeps its k largest logits (else all of the vocabulary)
+        self._file = None
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def __getstate__(self) -> dict:  # copies and pickles reopen the file
+        return {**self.__dict__, "_file": None}
+
+    def rows(self, name: str, start: int, length: int) -> torch.Tensor:
+        """Rows start..start+length of the cached tensor `name` ("values" [N, k] or "ids" [N, k])."""
+        from safetensors import safe_open
+
+        if self._file is None:
+            self._file = safe_open(str(self.path), framework="pt")
+        return self._file.get_slice(name)[start: start + length]
 
     def lookup(self, batch: Batch) -> Teacher:
         """(values [B, T, k], ids [B, T, k] or None) for `batch`, zeros at padding (which no loss reads)."""
         b, t = batch.input_ids.shape
         device = batch.input_ids.device
-        values = torch.zeros(b, t, self.values.shape[-1], dtype=self.values.dtype, device=device)
-        ids = None if self.ids is None else torch.zeros(b, t, self.ids.shape[-1], dtype=self.ids.dtype, device=device)
+        values, ids = None, None
         for n in range(b):
             real = batch.attention_mask[n] == 1
             key = sequence_key(batch.input_ids[n, real])
@@ -159,7 +185,11 @@ class TeacherCache:
                 raise KeyError(f"a training sequence is not in the teacher cache {self.path}: cache the teacher over "
                                "the same training data, tokenizer and sequence length as the recovery run")
             start, length = self.index[key]
-            values[n, real] = self.values[start: start + length].to(device)
+            row = self.rows("values", start, length)  # [n_real, k]
+            if values is None:
+                values = torch.zeros(b, t, row.shape[-1], dtype=row.dtype, device=device)
+                ids = torch.zeros(b, t, row.shape[-1], dtype=torch.int32, device=device) if self.top_k else None
+            values[n, real] = row.to(device)
             if ids is not None:
-                ids[n, real] = self.ids[start: start + length].to(device)
+                ids[n, real] = self.rows("ids", start, length).to(device)
         return values, ids

@@ -114,7 +114,8 @@ def lm_eval(model: nn.Module | object, tokenizer, tasks: list[str] | str, limit:
     """Run lm-eval tasks on `model` in memory (any fmoe model: stock, ragged, LoRA merged; or an lm-eval LM such as
     an HFLM) -> {task: {metric: value}}. `limit`: records per task (a float < 1: a share); `include_path`: a
     directory of extra task YAMLs (e.g. `toy_tasks_dir()`); `num_fewshot`: None keeps each task's own setting.
-    Like the lm_eval CLI, it seeds python, numpy and torch's global generators (lm-eval's default seeds)."""
+    lm-eval seeds python's, numpy's and torch's global generators (its default seeds) for the run; their states are
+    put back afterwards, so an evaluation does not change what a later training step draws."""
     lm_eval_pkg, _ = _require_lm_eval()
     from lm_eval.api.model import LM
     from lm_eval.tasks import TaskManager
@@ -134,6 +135,7 @@ def lm_eval(model: nn.Module | object, tokenizer, tasks: list[str] | str, limit:
         where = f" (task YAMLs read from {include_path})" if include_path is not None else ""
         raise ValueError(f"unknown lm-eval task(s) {unknown}{where}; `lm_eval ls tasks` lists the valid ones")
     was_training = getattr(model, "training", False)
+    rng = _global_rng()
     try:
         out = lm_eval_pkg.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                           batch_size=batch_size, task_manager=manager, log_samples=False,
@@ -141,4 +143,25 @@ def lm_eval(model: nn.Module | object, tokenizer, tasks: list[str] | str, limit:
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)
+        _global_rng(rng)
     return flat_metrics(out["results"])
+
+
+def _global_rng(state: tuple | None = None) -> tuple | None:
+    """The state of python's, numpy's and torch's global generators (CPU and the current CUDA device), or, given a
+    state, put it back: lm-eval seeds them, and an evaluation must not change what a later training step draws."""
+    import random
+
+    import numpy as np
+    import torch
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if state is None:
+        return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                torch.cuda.get_rng_state() if cuda else None)
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+    if state[3] is not None:
+        torch.cuda.set_rng_state(state[3])
+    return None

@@ -111,6 +111,10 @@ class TeacherProbe(L.Callback):
             return
         self.seen = {"sharded": is_sharded(teacher), "filled": not any(p.is_meta for p in teacher.parameters())}
 
+    def on_train_batch_end(self, trainer, pl_module, *args):  # FSDP2: no teacher parameter is left whole
+        if "sharded" in self.seen and self.seen["sharded"]:
+            self.seen["resharded"] = all(type(p).__name__ == "DTensor" for p in pl_module.teacher.parameters())
+
 
 def distill(out: Path) -> None:
     """DDP calibration + pruning, then distillation from the dense model (rank 0 reads it, the others get it when

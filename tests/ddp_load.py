@@ -132,14 +132,13 @@ def run_stages(out: Path, checkpoint: str, strategy, probe: Probe) -> int:
 
     from fmoe.lightning import CalibrationModule, IntermediatePruning
     from fmoe.lightning.recovery import LoRARecovery
-    from fmoe.lightning.sharding import load_model
+    from fmoe.lightning.sharding import load_model, plain
     from tests.ddp_calibrate import two_cpus
     from tests.test_lightning import sequences
 
     class Watch(L.Callback):
         def on_train_start(self, trainer, pl_module):  # the plain model a sharded fit keeps aside (sharding.shard)
-            plain = pl_module.__dict__.get("_fmoe_unsharded", (None, pl_module.model))[1]
-            probe.record(f"{type(pl_module).__name__} {trainer.state.fn}", plain)
+            probe.record(f"{type(pl_module).__name__} {trainer.state.fn}", plain(pl_module))
 
         on_validation_start = on_train_start
 

@@ -190,7 +190,7 @@ def test_distillation_under_ddp_and_fsdp2_with_a_live_or_cached_teacher(tmp_path
     seen = [json.loads((tmp_path / f"distill_rank{r}.json").read_text()) for r in (0, 1)]
     for rank in seen:  # rank 1's teacher was built empty and filled from rank 0; FSDP2 shards it like the student
         assert rank["ddp_lora"] == rank["ddp_experts"] == {"sharded": False, "filled": True}
-        assert rank["fsdp2_lora"] == rank["fsdp2_experts"] == {"sharded": True, "filled": True}
+        assert rank["fsdp2_lora"] == rank["fsdp2_experts"] == {"sharded": True, "filled": True, "resharded": True}
         assert rank["ddp_cached"] == {"cache": 16}
     models = {name: fmoe.from_pretrained(tmp_path / name).state_dict()
               for name in ("pruned", "ddp_lora", "fsdp2_lora", "ddp_experts", "fsdp2_experts", "ddp_cached")}
@@ -204,3 +204,35 @@ def test_distillation_under_ddp_and_fsdp2_with_a_live_or_cached_teacher(tmp_path
     for name in ("ddp_lora", "ddp_experts"):
         end = float(distillation_loss(fmoe.from_pretrained(tmp_path / name), probe, teacher)[1]["kd"])
         assert end < start
+
+
+def test_a_top_k_cache_gives_the_kl_of_both_distributions_renormalised_over_the_teachers_k_tokens(tmp_path):
+    teacher = tiny_model("qwen3_moe")
+    student = perturbed(teacher, scale=0.2)
+    raw = make_batches(n_batches=1, batch_size=3, seq_len=10, seed=4, pad="mixed")
+    cache = cache_teacher(teacher, raw, tmp_path / "top8.safetensors", top_k=8)
+    batch = prepare_batch(raw[0])
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    zs, zt = (m(**inputs).logits[:, :-1] for m in (student, teacher))
+    real = targets(batch) != -100
+    values, ids = zt[real].topk(8, dim=-1)  # [n, 8]
+    p_teacher = F.softmax(values / 1.5, -1)
+    log_student = F.log_softmax(zs[real].gather(-1, ids) / 1.5, -1)
+    expected = 1.5**2 * (p_teacher * (p_teacher.log() - log_student)).sum(-1).mean()
+    with pytest.warns(UserWarning, match="top-k teacher cache"):  # kd_weight=1 leaves the tail unconstrained
+        LoRARecovery(copy.deepcopy(student), r=2, teacher=tmp_path / "top8.safetensors", eval_names=()).setup("fit")
+    loss, parts = distillation_loss(student, batch, copy.deepcopy(cache), 1.5, 1.0)  # a copy reopens the file
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="vocabulary"):  # the cache's vocabulary is checked, not only its k
+        distillation_loss(tiny_model("qwen3_moe", vocab_size=200), batch, cache)
+
+
+def test_a_teacher_without_probability_on_a_token_gives_a_finite_kl():
+    from fmoe.distill import _chunk_terms
+
+    student = torch.randn(1, 3, 5, requires_grad=True)  # [B, C, V]
+    values = torch.randn(1, 3, 5)
+    values[0, :, 2] = float("-inf")  # the teacher rules token 2 out
+    kl, nll = _chunk_terms(student, torch.tensor([[1, 3, 4]]), values, temperature=1.0)
+    kl.sum().backward()
+    assert torch.isfinite(kl).all() and torch.isfinite(student.grad).all()

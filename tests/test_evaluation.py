@@ -58,6 +58,22 @@ def test_toy_task_exact_match_is_fmoe_accuracy(tasks_dir):
 
 
 @needs_lm_eval
+def test_an_evaluation_leaves_the_global_generators_as_they_were(tasks_dir):
+    import random
+
+    import numpy as np
+
+    model, tokenizer, _ = toy.load()
+    draws = []
+    for evaluate in (False, True):
+        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+        if evaluate:  # lm-eval seeds every global generator for its run
+            lm_eval(model, tokenizer, ["fmoe_arithmetic"], limit=2, include_path=tasks_dir)
+        draws.append((torch.rand(3), random.random(), np.random.rand()))
+    assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1:] == draws[1][1:]
+
+
+@needs_lm_eval
 def test_ragged_pruned_model_runs_in_memory(tasks_dir):
     model, tokenizer = pruned_toy("layer")
     assert any(isinstance(m, fmoe.RaggedExperts) for m in fmoe.find_experts(model).values())

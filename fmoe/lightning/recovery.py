@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from ..compat import peft_adapts_experts
 from ..compressed import VECTORS
-from ..distill import TeacherCache, distillation_loss
+from ..distill import TeacherCache, check_options, distillation_loss
 from ..experts import find_experts, fused_parts, up_name
 from ..loss import mean_nll, prepare_batch, sequence_nll
 from ..tasks import exact_match
@@ -136,9 +136,7 @@ class LoRARecovery(Evaluation):
         if r == 0 and not vectors and not routed:
             raise ValueError("r=0 trains no adapters: it needs tune_experts=True or the vectors of compressed "
                              "experts (fmoe.compressed.compress_experts makes them)")
-        if temperature <= 0 or not 0.0 <= kd_weight <= 1.0:
-            raise ValueError(f"distillation needs temperature > 0 and 0 <= kd_weight <= 1, got {temperature} and "
-                             f"{kd_weight}")
+        check_options(temperature, kd_weight)
         experts = experts and not tune_experts  # no adapters on weights that train themselves
         model = get_peft_model(model, lora_config(model, r, alpha, experts)) if r else model.requires_grad_(False)
         for p in (*vectors, *routed):  # peft froze every base parameter
@@ -159,6 +157,10 @@ class LoRARecovery(Evaluation):
     def setup(self, stage: str):
         if isinstance(self.teacher, (str, Path)):  # every rank passed Lightning's pre-setup barrier: it is written
             self.teacher = TeacherCache(self.teacher)
+        if isinstance(self.teacher, TeacherCache) and self.teacher.top_k and self.kd_weight == 1.0:
+            warnings.warn("a top-k teacher cache constrains the student only on the teacher's k tokens of each "
+                          "position; with kd_weight=1 nothing keeps it from moving probability to the others "
+                          "(mix in the data loss: kd_weight < 1)", stacklevel=2)
 
     def on_fit_start(self):
         self.model.train()  # a model coming from calibration or evaluation is in eval mode

@@ -123,7 +123,10 @@ def sharded_copy(model: nn.Module, mesh) -> nn.Module:
     for module in twin.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh)
-    fully_shard(twin, mesh=mesh)
+    # a frozen model (a distillation teacher) runs no backward that would reshard the root's parameters (embedding,
+    # head) after its forward: reshard them at once, or every rank would keep them whole
+    frozen = not any(p.requires_grad for p in twin.parameters())
+    fully_shard(twin, mesh=mesh, reshard_after_forward=True if frozen else None)
     return twin
 
 
@@ -177,6 +180,11 @@ def shard(owner: nn.Module, attr: str = "model") -> None:
     fill_from_rank0(twin, original)  # ranks whose model is empty (meta) get their shards of rank 0's
     setattr(owner, attr, twin)
     owner.__dict__.setdefault(_ORIGINAL, {})[attr] = original
+
+
+def plain(owner: nn.Module, attr: str = "model") -> nn.Module:
+    """`owner.<attr>` as the plain model: the original behind a sharded twin during an FSDP2 fit, else itself."""
+    return owner.__dict__.get(_ORIGINAL, {}).get(attr, getattr(owner, attr))
 
 
 def unshard(owner: nn.Module, trainer: L.Trainer | None = None) -> None:

@@ -8,7 +8,7 @@
     fmoe prune-recover --prune.method reap --prune.amount 0.25  # or expert_drop, layer_drop, block_drop, ...
     fmoe prune-recover --lm_eval.tasks '[gsm8k, arc_easy]' --lm_eval.limit 200  # lm-eval scores in every row
     fmoe prune-recover --recover.distill true --recover.kd_weight 0.5  # LoRA learns the dense model's distributions
-    fmoe prune-recover --recover.distill true --recover.teacher cached --recover.top_k 64  # logits cached once
+    fmoe prune-recover --recover.distill true --recover.teacher cached --recover.kd_weight 0.5  # top-64 logits
     fmoe prune-recover --recover.tune_experts true --recover.r 0 --recover.lr 1e-3  # the routed experts themselves
     fmoe prune-recover --help                            # or: python recipes/prune_recover.py ...
 
@@ -45,6 +45,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 import fmoe
 from fmoe import evaluation
@@ -54,7 +55,7 @@ from fmoe.tasks import load_tasks
 from fmoe import methods
 from fmoe.lightning import CalibrationModule, Compression, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery, epochs_for, evaluate
-from fmoe.distill import cache_teacher
+from fmoe.distill import cache_teacher, check_options
 from fmoe.lightning.sharding import load_model, process_rank
 from fmoe.report import write_report
 
@@ -97,12 +98,13 @@ class Recover:
     temperature: float = 1.0
     kd_weight: float = 1.0  # loss = kd_weight * T^2 * KL(dense || pruned) + (1 - kd_weight) * NLL(data)
     teacher: str = "live"  # live: the dense model runs beside the student (sharded like it under FSDP2) | cached
-    top_k: int | None = None  # cached: logits kept per position (null: the whole vocabulary)
+    top_k: int | None = 64  # cached: logits kept per position (null: all V of them, for small vocabularies)
 
 
 @dataclass
 class LMEval:
-    tasks: list[str] | None = None  # lm-eval task names (e.g. [gsm8k, arc_easy]); none: no lm-eval run
+    tasks: list[str] | None = None  # lm-eval task names (e.g. [gsm8k, arc_easy]); null: the toy's fmoe_arithmetic
+    # for the toy model when lm-eval is installed, none otherwise; []: no lm-eval run
     limit: int | float | None = None  # records per task (a float < 1: a share)
     include_path: str | None = None  # a directory of extra task YAMLs (fmoe.evaluation.toy_tasks_dir() for the toy)
 
@@ -189,14 +191,30 @@ def sizes(model) -> dict:
             "weight_MB": fmoe.weight_bytes(model) / 2**20}
 
 
+def toy_lm_eval(options: LMEval, limit: int, root: str | None) -> LMEval:
+    """The toy model's default lm-eval run: its arithmetic task over the toy corpus (YAMLs written under `root` by
+    rank 0, the one that runs lm-eval), `limit` records, when lm-eval is installed."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        rank_zero_info(f"no lm-eval scores: lm-evaluation-harness is not installed ({evaluation.EVAL_EXTRA})")
+        return LMEval(tasks=[])
+    include = options.include_path
+    if include is None and process_rank() == 0:
+        include = str(evaluation.toy_tasks_dir(Path(root or ".") / "lm_eval_tasks"))
+    return LMEval(tasks=["fmoe_arithmetic"], limit=options.limit or limit, include_path=include)
+
+
 def lm_eval_metrics(model, tokenizer, options: LMEval, is_global_zero: bool) -> dict[str, float]:
-    """{'<task>_<metric>': value} of fmoe.evaluation.lm_eval, run on rank 0 only (lm-eval runs in-process on one
-    device; the other ranks wait at a barrier, so the process group's timeout must cover the run)."""
+    """{'<task>_<metric>': value} of fmoe.evaluation.lm_eval (lm-eval's ",none" filter suffix dropped), run on
+    rank 0 only (lm-eval runs in-process on one device; the other ranks wait at a barrier, so the process group's
+    timeout must cover the run)."""
     metrics = {}
     if is_global_zero:
         results = evaluation.lm_eval(model, tokenizer, options.tasks, limit=options.limit,
                                      include_path=options.include_path)
-        metrics = {f"{task}_{name}": value for task, values in results.items() for name, value in values.items()}
+        metrics = {f"{task}_{name.removesuffix(',none')}": value
+                   for task, values in results.items() for name, value in values.items()}
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return metrics
@@ -224,10 +242,14 @@ def main(args=None, prog: str | None = None) -> dict:
     cfg, trainer, module, data = cli.config, cli.trainer, cli.model, cli.datamodule
     stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
     lm_eval_cfg = LMEval(**cfg.lm_eval)
+    if lm_eval_cfg.tasks is None and cfg.model.model == "toy":
+        lm_eval_cfg = toy_lm_eval(lm_eval_cfg, cfg.task_limit, cfg.trainer.default_root_dir)
     if (prune_cfg.steps != 1 or prune_cfg.reconstruct) and prune_cfg.method != "dims":  # before any stage runs
         raise ValueError(f"--prune.steps and --prune.reconstruct apply to the dims method, not {prune_cfg.method!r}")
     if recover_cfg.teacher not in ("live", "cached"):
         raise ValueError(f"--recover.teacher is live or cached, not {recover_cfg.teacher!r}")
+    if recover_cfg.distill:
+        check_options(recover_cfg.temperature, recover_cfg.kd_weight)
     data.setup("fit")
     paths = cfg.tasks
     if paths is None:
