@@ -93,7 +93,7 @@ def test_recipe_compresses_with_any_method(tmp_path):
     from fmoe.recipes import prune_recover
 
     common = ["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-              "--task_limit", "10", "--data.n_samples", "16"]
+              "--task_limit", "10", "--data.n_samples", "16", "--lm_eval.tasks", "[]"]
     rows = prune_recover.main([*common, "--export_dir", str(tmp_path / "reap"), "--prune.method", "reap",
                                "--prune.amount", "0.25", "--stages.recover", "false"])
     plan = fmoe.load_plan(tmp_path / "plan.json")

@@ -120,7 +120,8 @@ def test_recipe_prune_only(tmp_path, recipe, caplog, recwarn):
     caplog.set_level(logging.INFO)
     rows = recipe.main(["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
                         "--trainer.enable_progress_bar", "false", "--stages.recover", "false",
-                        "--prune.scope", "expert", "--tasks", "{}", "--lm_eval.tasks", "[]", "--trainer.logger", "false"])
+                        "--prune.scope", "expert", "--tasks", "{}", "--lm_eval.tasks", "[]",
+                        "--trainer.logger", "false"])
     assert not (tmp_path / "logs").exists()  # --trainer.logger false turns the default CSV logs off
     assert "litlogger" not in caplog.text and "IntermediatePruning" in caplog.text  # the tip goes, fmoe's lines stay
     assert not any("in eval mode" in str(w.message) for w in recwarn)

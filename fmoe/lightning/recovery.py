@@ -215,6 +215,6 @@ def epochs_for(steps: int, sequences: int, batch_size: int, trainer: L.Trainer) 
     world = max(1, trainer.world_size)
     batches = max(1, -(-((sequences - sequences % world) // world) // batch_size))
     limit = trainer.limit_train_batches
-    batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+    batches = max(1, min(batches, limit) if isinstance(limit, int) else int(batches * limit))
     per_epoch = -(-batches // trainer.accumulate_grad_batches)  # the last, partial window steps too
     return max(1, -(-steps // per_epoch))
