@@ -105,7 +105,7 @@ def cache_teacher(teacher: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
-    rows, index, vocab = {"values": [], "ids": []}, {}, None
+    rows, index, vocab, offset = {"values": [], "ids": []}, {}, None, 0
     try:
         for raw in batches:
             batch = prepare_batch(raw, device)
@@ -120,22 +120,18 @@ def cache_teacher(teacher: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
                 if top_k is not None:
                     z, ids = z.float().topk(min(top_k, vocab), dim=-1)  # [n, k]
                     rows["ids"].append(ids.to("cpu", torch.int32))
-                index[key] = [sum(len(v) for v in rows["values"]), int(z.shape[0])]
+                index[key] = [offset, int(z.shape[0])]
+                offset += int(z.shape[0])
                 rows["values"].append(z.cpu())
     finally:
         teacher.train(was_training)
     if not index:
         raise ValueError("no sequence to cache: the batches are empty")
-    tensors = {}
-    for name in list(rows):  # one copy at a time: each list is freed once concatenated
-        parts = rows.pop(name)
-        if parts:
-            tensors[name] = torch.cat(parts)
-        del parts
+    # one copy at a time: each list of rows is freed as soon as it is concatenated
+    tensors = {name: torch.cat(rows.pop(name)) for name in ("values", "ids") if rows[name]}
     meta = {"format": _FORMAT, "vocab": str(vocab), "index": json.dumps(index)}
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-    del tensors
     return TeacherCache(path)
 
 
@@ -156,7 +152,7 @@ class TeacherCache:
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{self.path} is not a teacher cache (format={meta.get('format')!r})")
         self.vocab, self.index = int(meta["vocab"]), json.loads(meta["index"])
-        self.top_k = "ids" in names  # each position keeps its k largest logits (else all of the vocabulary)
+        self.keeps_top_k = "ids" in names  # each position keeps its k largest logits (else all of them)
         self._file = None
 
     def __len__(self) -> int:
@@ -188,7 +184,7 @@ class TeacherCache:
             row = self.rows("values", start, length)  # [n_real, k]
             if values is None:
                 values = torch.zeros(b, t, row.shape[-1], dtype=row.dtype, device=device)
-                ids = torch.zeros(b, t, row.shape[-1], dtype=torch.int32, device=device) if self.top_k else None
+                ids = torch.zeros(b, t, row.shape[-1], dtype=torch.int32, device=device) if self.keeps_top_k else None
             values[n, real] = row.to(device)
             if ids is not None:
                 ids[n, real] = self.rows("ids", start, length).to(device)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -135,33 +137,31 @@ def lm_eval(model: nn.Module | object, tokenizer, tasks: list[str] | str, limit:
         where = f" (task YAMLs read from {include_path})" if include_path is not None else ""
         raise ValueError(f"unknown lm-eval task(s) {unknown}{where}; `lm_eval ls tasks` lists the valid ones")
     was_training = getattr(model, "training", False)
-    rng = _global_rng()
     try:
-        out = lm_eval_pkg.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                          batch_size=batch_size, task_manager=manager, log_samples=False,
-                                          bootstrap_iters=0)
+        with _global_generators_kept():
+            out = lm_eval_pkg.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                              batch_size=batch_size, task_manager=manager, log_samples=False,
+                                              bootstrap_iters=0)
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)
-        _global_rng(rng)
     return flat_metrics(out["results"])
 
 
-def _global_rng(state: tuple | None = None) -> tuple | None:
-    """The state of python's, numpy's and torch's global generators (CPU and the current CUDA device), or, given a
-    state, put it back: lm-eval seeds them, and an evaluation must not change what a later training step draws."""
+@contextmanager
+def _global_generators_kept() -> Iterator[None]:
+    """Put python's, numpy's and torch's global generators (CPU and the current CUDA device) back as they were on
+    exit: lm-eval seeds them, and an evaluation must not change what a later training step draws."""
     import random
 
     import numpy as np
     import torch
 
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    if state is None:
-        return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                torch.cuda.get_rng_state() if cuda else None)
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
-    if state[3] is not None:
-        torch.cuda.set_rng_state(state[3])
-    return None
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)

@@ -157,7 +157,7 @@ class LoRARecovery(Evaluation):
     def setup(self, stage: str):
         if isinstance(self.teacher, (str, Path)):  # every rank passed Lightning's pre-setup barrier: it is written
             self.teacher = TeacherCache(self.teacher)
-        if isinstance(self.teacher, TeacherCache) and self.teacher.top_k and self.kd_weight == 1.0:
+        if isinstance(self.teacher, TeacherCache) and self.teacher.keeps_top_k and self.kd_weight == 1.0:
             warnings.warn("a top-k teacher cache constrains the student only on the teacher's k tokens of each "
                           "position; with kd_weight=1 nothing keeps it from moving probability to the others "
                           "(mix in the data loss: kd_weight < 1)", stacklevel=2)

@@ -266,8 +266,9 @@ def main(args=None, prog: str | None = None) -> dict:
         rows[stage] = row
 
     record("dense", module.model)
+    run_dir = Path(cfg.export_dir).parent  # plan.json, scores, teacher.safetensors, report.png
     cached = recover_cfg.distill and recover_cfg.teacher == "cached"
-    cache = Path(cfg.export_dir).parent / "teacher.safetensors"
+    cache = run_dir / "teacher.safetensors"
     if stages.recover and cached:  # now, while the model is still dense
         cache_dense_logits(module.model, data, cache, recover_cfg.top_k)
     compression = None
@@ -277,12 +278,11 @@ def main(args=None, prog: str | None = None) -> dict:
         methods.compress(module.model, prune_cfg.method, prune_cfg.amount, **options)
         record("pruned", module.model)
     elif stages.calibrate:
-        save_dir = Path(cfg.export_dir).parent
         if prune_cfg.method == "dims":  # its own callback: iterative steps re-score inside the calibration fit
-            compression = IntermediatePruning(prune_cfg.amount, save_dir=save_dir, steps=prune_cfg.steps,
+            compression = IntermediatePruning(prune_cfg.amount, save_dir=run_dir, steps=prune_cfg.steps,
                                               reconstruct=prune_cfg.reconstruct, lam=prune_cfg.lam, **options)
         else:
-            compression = Compression(prune_cfg.method, prune_cfg.amount, save_dir=save_dir, **options)
+            compression = Compression(prune_cfg.method, prune_cfg.amount, save_dir=run_dir, **options)
         callbacks = [compression] if stages.prune else []
         calib = L.Trainer(**trainer_kwargs(cfg, "calibrate", callbacks))
         calib.fit(module, datamodule=data)
@@ -290,8 +290,10 @@ def main(args=None, prog: str | None = None) -> dict:
             record("pruned", module.model)
     model = module.model
     if stages.recover:
-        teacher = str(cache) if cached else None  # the logits cached before pruning, or the dense model read again
-        if recover_cfg.distill and not cached:  # (by rank 0; the others get it when the fit starts)
+        teacher = None
+        if cached:  # the logits rank 0 cached before pruning
+            teacher = str(cache)
+        elif recover_cfg.distill:  # the dense model read again (by rank 0; the others get it when the fit starts)
             teacher = load_model(checkpoint_of(cfg.model.model), dtype=getattr(torch, cfg.model.dtype))
         recovery = LoRARecovery(model, r=recover_cfg.r, alpha=recover_cfg.alpha, lr=recover_cfg.lr,
                                 experts=recover_cfg.experts, eval_names=tuple(data.eval_names), tasks=tasks,
@@ -310,7 +312,7 @@ def main(args=None, prog: str | None = None) -> dict:
         (out / "results.json").write_text(json.dumps(rows, indent=1))
     if trainer.is_global_zero:
         plan = getattr(compression, "plan", None)
-        write_report(rows, plan, Path(cfg.export_dir).parent / "report.png")  # next to plan.json
+        write_report(rows, plan, run_dir / "report.png")
         print_table(rows)
     if torch.distributed.is_initialized():  # closed here: left to interpreter exit, gloo's threads can abort it
         torch.distributed.barrier()
@@ -320,7 +322,8 @@ def main(args=None, prog: str | None = None) -> dict:
 
 def print_table(rows: dict) -> None:
     first = ("params", "active", "weight_MB")
-    columns = sorted({k for r in rows.values() for k in r}, key=lambda k: (k not in first, first.index(k) if k in first else 0, k))
+    columns = sorted({k for r in rows.values() for k in r},
+                     key=lambda k: (k not in first, first.index(k) if k in first else 0, k))
     widths = [max(len(c) + 2, 11) for c in columns]
     print(f"\n{'stage':<10}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
     for stage, row in rows.items():
