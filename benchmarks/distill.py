@@ -21,14 +21,13 @@ results.json and results.md to `out`.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 from jsonargparse import auto_cli
-from quality import recovered, toy_setup
+from quality import dense_line, recovered, save_results, toy_setup
 
 import fmoe
 from fmoe import toy
@@ -118,12 +117,10 @@ def cell(stats: dict) -> str:
 
 
 def write(results: dict, out: Path, domains: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     dense = results["dense"]
     lines = [f"# Recovery by the data loss vs distillation from the dense model on the toy MoE ({results['split']} "
              f"split exact-match accuracy, {results['limit']} records per domain)", "",
-             "dense: " + ", ".join(f"{d} {dense[d]:.3f}" for d in domains), "",
+             dense_line(dense, domains), "",
              f"Fisher on {results['n_calibration']} {results['calibrate']} problems, layer scope, multiple_of=1, "
              f"unbounded widths, one shot. Recovery: {results['steps']} steps on {results['calibrate']} "
              f"(batch {results['batch_size']}); lora-*: r={results['r']}, lr={results['lr']}; experts-*: the routed "
@@ -136,7 +133,7 @@ def write(results: dict, out: Path, domains: list[str]) -> None:
         lines.append(f"| {s['ratio']} | {s['variant']} | " + " | ".join(cell(s[d]) for d in domains)
                      + f" | {s['seconds'] if s['variant'] != 'none' else '–'} |")
     lines += ["", f"({results['seconds']} s in all on CPU)"]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    save_results(out, results, lines)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ expert) with the other ways to halve the routed compute per token: top-1 routing
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 from jsonargparse import auto_cli
-from quality import recovered, toy_setup
+from quality import dense_line, recovered, save_results, toy_setup
 
 import fmoe
 from fmoe import methods, toy
@@ -125,14 +124,12 @@ def oracle(model, calibration, batches) -> dict:
 
 
 def write(results: dict, out: Path, domains: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     rows = results["rows"]
     dense = rows[0]
     lines = [f"# Compression methods on the toy MoE (calibrated on {results['calibrate']}, "
              f"{results['n_calibration']} samples; {results['split']} split exact-match accuracy, "
              f"{results['limit']} records per domain)", "",
-             "dense: " + ", ".join(f"{d} {dense[d]:.3f}" for d in domains) + f"; {dense['params']:,} parameters, "
+             dense_line(dense, domains) + f"; {dense['params']:,} parameters, "
              f"{dense['active']:,} active per token, {results['routed_params']:,} in routed experts", "",
              "Accuracy before → after LoRA recovery on arithmetic. `removed` is the share of routed parameters the "
              "plan removed.", "",
@@ -154,7 +151,7 @@ def write(results: dict, out: Path, domains: list[str]) -> None:
               "|" + "---|" * (len(results["oracle"]) - 1),
               "| " + " | ".join(f"{v:.3f}" for k, v in results["oracle"].items() if k != "loss") + " |"]
     lines += ["", f"(calibration {results['calibration_seconds']} s; {results['seconds']} s in all on CPU)"]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    save_results(out, results, lines)
     plot(results, out, domains)
 
 

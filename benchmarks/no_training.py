@@ -18,13 +18,12 @@ re-scored). Writes results.json and results.md to `out`.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 from jsonargparse import auto_cli
-from quality import recovered, toy_setup
+from quality import dense_line, recovered, save_results, toy_setup
 
 import fmoe
 from fmoe import toy
@@ -92,14 +91,12 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
 
 
 def write(results: dict, out: Path, domains: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     dense = results["dense"]
     lora = results["lora"]["steps"] > 0
     lines = [f"# Compression without training on the toy MoE (calibrated on {results['calibrate']}, "
              f"{results['n_calibration']} samples; {results['split']} split exact-match accuracy, "
              f"{results['limit']} records per domain)", "",
-             "dense: " + ", ".join(f"{d} {dense[d]:.3f}" for d in domains), "",
+             dense_line(dense, domains), "",
              f"Layer scope, multiple_of=1, unbounded widths. iterative: {results['steps']} equal steps, re-scored each "
              f"step. LS: least-squares refit of the kept down columns (lam={results['lam']}). seconds: scoring + "
              "planning + reconstruction on 2 CPU cores." + (f" After the arrow (at {results['lora']['ratios']}): + "
@@ -112,7 +109,7 @@ def write(results: dict, out: Path, domains: list[str]) -> None:
         lines.append(f"| {r['ratio']} | {r['criterion']} | {r['variant']} | {'yes' if r['reconstructed'] else 'no'} | "
                      f"{r['seconds']} | " + " | ".join(cells) + " |")
     lines += ["", f"({results['seconds']} s in all on CPU)"]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    save_results(out, results, lines)
 
 
 if __name__ == "__main__":

@@ -111,13 +111,23 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
     return results
 
 
-def write(results: dict, out: Path, domains: list[str]) -> None:
+def dense_line(dense: dict, domains: list[str]) -> str:
+    """results.md's line of the unpruned model's accuracy per domain."""
+    return "dense: " + ", ".join(f"{d} {dense[d]:.3f}" for d in domains)
+
+
+def save_results(out: Path, results: dict, lines: list[str]) -> None:
+    """results.json (everything measured) and results.md (`lines`) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def write(results: dict, out: Path, domains: list[str]) -> None:
     dense = results["dense"]
     lines = [f"# Pruning quality on the toy MoE (calibrated on {results['calibrate']}, "
              f"{results['n_calibration']} samples; {results['split']} split exact-match accuracy)", "",
-             "dense: " + ", ".join(f"{d} {dense[d]:.3f}" for d in domains), "",
+             dense_line(dense, domains), "",
              "## Criterion x scope x ratio (masked; with LoRA recovery after the arrow)", "",
              "| criterion | scope | ratio | " + " | ".join(domains) + " |", "|---|---|---|" + "---|" * len(domains)]
     with_lora = {(r["criterion"], r["scope"], r["ratio"]): r for r in results["sweep"] if r["lora"]}
@@ -130,7 +140,7 @@ def write(results: dict, out: Path, domains: list[str]) -> None:
     for r in results["critical"]:
         lines.append(f"| {r['k']} | {r['criterion']} | " + " | ".join(f"{r[d]:.3f}" for d in domains) + " |")
     lines += ["", f"({results['seconds']} s on CPU)"]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    save_results(out, results, lines)
     plot(results, out, domains)
 
 
