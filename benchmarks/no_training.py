@@ -28,6 +28,7 @@ from quality import dense_line, recovered, save_results, toy_setup
 import fmoe
 from fmoe import toy
 from fmoe.iterative import iterate
+from fmoe.reconstruct import LAM
 from fmoe.scores import rank_mean
 
 CRITERIA = ["fisher", "router", "activation", "magnitude", "compensated", "rank(fisher,router)",
@@ -45,7 +46,7 @@ def scorer(criterion: str, batches, seed: int):
 
 def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_calibration: int = 256,
          batch_size: int = 16, criteria: list[str] = CRITERIA, ratios: list[float] = [0.5, 0.75, 0.9],
-         steps: int = 5, lam: float = 1e-3, lora_steps: int = 100, lora_ratios: list[float] = [0.75],
+         steps: int = 5, lam: float = LAM, lora_steps: int = 100, lora_ratios: list[float] = [0.75],
          lora_r: int = 8, lora_lr: float = 1e-3,
          split: str = "test", limit: int | None = 100, out: str = "docs/quality/no_training", seed: int = 0,
          threads: int = 2) -> dict:

@@ -24,6 +24,7 @@ from torch import nn
 from .experts import fingerprint
 from .plan import PruningPlan, make_plan
 from .prune import masked, prune
+from .reconstruct import LAM, recorded
 from .reconstruct import reconstruct as least_squares
 from .scores import Scores
 from .scoring import score
@@ -131,7 +132,7 @@ def prune_iteratively(
     after_step: Callable[[nn.Module, PruningPlan, int], None] | None = None,
     progress: bool | None = None,
     reconstruct: bool = False,
-    lam: float = 1e-3,
+    lam: float = LAM,
     **plan_options,
 ) -> PruningPlan:
     """Remove `ratio` of the routed intermediate dims of `model` in `steps` steps, scoring (`method`, over
@@ -144,7 +145,8 @@ def prune_iteratively(
     subset of the previous step's. plan.meta records steps, schedule, step_ratios, achieved (the share removed)
     and clipped (dims a step's rounding asked back and nesting kept removed, usually 0). steps=1 is the one-shot
     path: fmoe.make_plan on fmoe.score, then fmoe.prune. With `reconstruct`, the final cut is fmoe.reconstruct
-    (the kept down columns refit by least squares, ridge `lam`, on the unpruned model's activations over `batches`).
+    (the kept down columns refit by least squares, ridge `lam` towards the pruned weights, on the unpruned model's activations over `batches`),
+    and plan.meta records it ("reconstruct": {"lam": lam}).
     """
     step_ratios(ratio, steps, schedule)  # bad arguments fail before any scoring
     if (steps > 1 or reconstruct) and batches is not None and iter(batches) is batches:
@@ -157,6 +159,7 @@ def prune_iteratively(
     plan, _ = iterate(model, ratio, steps, scope, rescore, schedule, after_step, **plan_options)
     if reconstruct:
         least_squares(model, plan, batches, lam=lam)
+        plan = recorded(plan, lam)
     else:
         prune(model, plan)
     return plan

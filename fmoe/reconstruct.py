@@ -5,13 +5,18 @@ the full expert's output on calibration data, with no training.
 For expert e with calibration activations h_t = act(gate) * up [I] (tokens routed to e, real tokens only, measured
 on the model BEFORE pruning), G = sum_t h_t h_t^T [I, I], s = sum_t h_t [I], n = token count, and kept dims K:
 
-    X, b' = argmin sum_t || X h_t[K] + b' - (W h_t + b) ||^2 + lam_e ||X||^2,   lam_e = lam * mean(diag(G_KK))
+    X, b' = argmin sum_t || X h_t[K] + b' - (W h_t + b) ||^2 + lam_e ||X - W[:, K]||^2,
+    lam_e = lam * trace(G_KK) / |K|
 
-Without a bias, X = W G[:, K] (G_KK + lam_e I)^-1; with one, the intercept (unregularised) joins the normal equations
-through s and n. Sums and solves are float64, cast back to the weight dtype. An expert that keeps every dim is left
-as is (the unregularised fit is its own weights); one no calibration token reached, or whose kept dims never fire,
-keeps the plainly pruned weights. lam = 0 (no ridge) is determined only where every expert saw more calibration
-tokens than it keeps dims; the default ridge keeps rarely routed experts' fits bounded.
+Without a bias, X = (W G[:, K] + lam_e W[:, K]) (G_KK + lam_e I)^-1; with one, the intercept (unregularised) joins
+the normal equations through s and n. The ridge pulls the fit towards the plainly pruned columns, not towards zero:
+a calibration too small to determine it stays near plain pruning instead of overfitting (on the toy, a ridge
+towards zero, lam = 1e-3, refit from 2, 8 or 16 sequences was worse than no refit; benchmarks/refit_lam.py). lam_e
+follows G's trace, so lam weighs the same against the data at every width and token count; the default `LAM` was
+chosen on the toy's validation split. Sums and solves are float64, cast back to the weight dtype. An expert that
+keeps every dim is left as is (the fit is its own weights); one no calibration token reached, or whose kept dims
+never fire, keeps the plainly pruned weights. lam = 0 is plain least squares, determined only where every expert
+saw more calibration tokens than it keeps dims.
 
     model = fmoe.reconstruct(model, plan, batches)      # gather G on the unpruned model, prune, refit
 
@@ -34,9 +39,10 @@ holds a second copy (checkpoints of that calibration hold G too).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,11 +51,14 @@ from .experts import RaggedExperts, expert_parameters, expert_widths, find_exper
 from .plan import PruningPlan
 
 
+LAM = 0.2  # the refit's default ridge: see the module docstring and benchmarks/refit_lam.py
+
+
 def _dtype(device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
 
 
-@dataclass
+@dataclasses.dataclass
 class GramStatistics:
     """Per experts module (unpruned): products [E, I, I] = sum h h^T, sums [E, I] = sum h, counts [E] tokens, and
     the down projections they were measured through: down [E, H, I] or [E, I, H] (the module's layout; references
@@ -63,6 +72,12 @@ class GramStatistics:
     transposed: dict[str, bool]
     samples: int = 0  # sequences and real tokens seen (set by `gather`)
     tokens: int = 0
+
+    def __add__(self, other: GramStatistics) -> GramStatistics:
+        """The statistics of both calibration sets together (sums add; the down projections are self's)."""
+        return dataclasses.replace(self, **{f: {n: t + getattr(other, f)[n] for n, t in getattr(self, f).items()}
+                                            for f in ("products", "sums", "counts")},
+                                   samples=self.samples + other.samples, tokens=self.tokens + other.tokens)
 
 
 class Gram:
@@ -203,8 +218,9 @@ def solve(products: torch.Tensor, sums: torch.Tensor, count: torch.Tensor, down:
     scale = float(g_kk.diagonal().mean())
     if scale <= 0:
         return None  # the kept dims never fire: nothing to fit them to
-    g_kk = g_kk + lam * scale * torch.eye(keep.numel(), device=device, dtype=dtype)
-    rhs = g[keep] @ w.T  # [k, H]  sum_t h_K (W h)^T
+    ridge = lam * scale
+    g_kk = g_kk + ridge * torch.eye(keep.numel(), device=device, dtype=dtype)
+    rhs = g[keep] @ w.T + ridge * w[:, keep].T  # [k, H]  sum_t h_K (W h)^T, pulled towards the pruned columns
     if bias is not None:
         s, b, n = sums.to(device, dtype), bias.to(device, dtype), float(count)
         s_k = s[keep]
@@ -221,7 +237,7 @@ def solve(products: torch.Tensor, sums: torch.Tensor, count: torch.Tensor, down:
     return solution[:-1].T, solution[-1]
 
 
-def solutions(stats: GramStatistics, plan: PruningPlan, lam: float = 1e-3) -> dict[str, list]:
+def solutions(stats: GramStatistics, plan: PruningPlan, lam: float = LAM) -> dict[str, list]:
     """{module name: [(down columns [H, k], bias [H] or None) or None per expert]} for the modules of `stats`
     that `plan` covers, in the weights' dtype."""
     if lam < 0 or not math.isfinite(lam):
@@ -266,7 +282,7 @@ def write(model: nn.Module, fits: dict[str, list]) -> nn.Module:
     return model
 
 
-def refit(model: nn.Module, plan: PruningPlan, gram: GramStatistics, lam: float = 1e-3) -> nn.Module:
+def refit(model: nn.Module, plan: PruningPlan, gram: GramStatistics, lam: float = LAM) -> nn.Module:
     """Refit the kept down columns (and down bias) of `model`, already pruned with `plan`, by least squares from
     `gram` (measured on the model before pruning); in place. An empty (meta) model is returned untouched."""
     if on_meta(model):
@@ -275,9 +291,10 @@ def refit(model: nn.Module, plan: PruningPlan, gram: GramStatistics, lam: float 
 
 
 def reconstruct(model: nn.Module, plan: PruningPlan, batches: Iterable[Mapping[str, torch.Tensor]],
-                lam: float = 1e-3, layers_at_once: int | None = None) -> nn.Module:
+                lam: float = LAM, layers_at_once: int | None = None) -> nn.Module:
     """Prune `model` with `plan` (fmoe.prune) and refit the kept dims by least squares on `batches` (in place):
-    G is gathered on the unpruned model, `layers_at_once` layers per pass (default: all in one pass)."""
+    G is gathered on the unpruned model, `layers_at_once` layers per pass (default: all in one pass). `plan` is
+    not changed; `recorded(plan, lam)` is the plan to save with the model."""
     from .prune import check_plan, prune
 
     check_plan(model, plan)
@@ -293,5 +310,12 @@ def reconstruct(model: nn.Module, plan: PruningPlan, batches: Iterable[Mapping[s
     for chunk in chunks:
         fits.update(solutions(gather(model, batches, chunk), plan, lam))
     prune(model, plan)
-    plan.meta["reconstruct"] = {"lam": lam}  # what was applied on top of the plan (apply_plan alone only prunes)
     return write(model, fits)
+
+
+def recorded(plan: PruningPlan, lam: float) -> PruningPlan:
+    """A copy of `plan` whose meta records the refit (ridge `lam`) applied on top of it: a saved plan then says
+    what the model went through, although fmoe.apply_plan only prunes. The caller's plan is left as it was."""
+    plan = copy.deepcopy(plan)
+    plan.meta["reconstruct"] = {"lam": lam}
+    return plan

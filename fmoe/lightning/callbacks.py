@@ -18,7 +18,7 @@ from ..experts import find_experts, fingerprint
 from ..iterative import iterate, step_ratios
 from ..plan import SCOPES
 from ..prune import weight_bytes
-from ..reconstruct import refit
+from ..reconstruct import LAM, recorded, refit
 from ..methods import Calibration
 from ..scores import Scores
 from ..scoring import Scorer
@@ -219,7 +219,7 @@ class IntermediatePruning(Compression):
     def __init__(self, amount: float = 0.5, scope: str = "layer", multiple_of: int = 16,
                  min_width: int | None = None, normalize: str = "mean", max_widths: int | None = 4,
                  save_dir: str | Path | None = None, verbose: bool = True, model_attr: str | None = None,
-                 steps: int = 1, reconstruct: bool = False, lam: float = 1e-3):
+                 steps: int = 1, reconstruct: bool = False, lam: float = LAM):
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
         super().__init__("dims", amount, save_dir, verbose, model_attr, scope=scope, multiple_of=multiple_of,
@@ -249,7 +249,8 @@ class IntermediatePruning(Compression):
 
     def make_plan(self, trainer, pl_module, model: nn.Module, calibration: Calibration):
         if self.steps == 1:
-            return super().make_plan(trainer, pl_module, model, calibration)
+            plan, calibration = super().make_plan(trainer, pl_module, model, calibration)
+            return self.record(plan), calibration
         first = calibration.need("scores", "dims", model)
         loader = trainer.train_dataloader
         if not isinstance(loader, DataLoader):
@@ -276,7 +277,11 @@ class IntermediatePruning(Compression):
                                  decide=lambda make: on_rank0(trainer, make), **options)
         finally:
             model.to(home)
-        return plan, Calibration(last, calibration.statistics)
+        return self.record(plan), Calibration(last, calibration.statistics)
+
+    def record(self, plan):
+        """The plan as saved: with `reconstruct`, its meta records the refit that on_fit_end applies after it."""
+        return recorded(plan, self.lam) if self.reconstruct else plan
 
     def on_fit_end(self, trainer, pl_module):
         super().on_fit_end(trainer, pl_module)

@@ -57,6 +57,7 @@ from fmoe.lightning import CalibrationModule, Compression, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery, epochs_for, evaluate
 from fmoe.distill import cache_teacher, check_options
 from fmoe.lightning.sharding import load_model, process_rank
+from fmoe.reconstruct import LAM
 from fmoe.report import write_report
 
 
@@ -82,7 +83,7 @@ class Prune:
     mode: str = "discrete"  # block_drop: discrete | consecutive
     steps: int = 1  # dims: remove the amount in this many steps, scoring the partly pruned model again before each
     reconstruct: bool = False  # dims: refit the kept dims' down projections by least squares (fmoe.reconstruct)
-    lam: float = 1e-3  # the refit's ridge, times the mean Gram diagonal
+    lam: float = LAM  # the refit's ridge towards the pruned weights, times the mean Gram diagonal
 
 
 @dataclass
