@@ -145,8 +145,8 @@ def prune_iteratively(
     subset of the previous step's. plan.meta records steps, schedule, step_ratios, achieved (the share removed)
     and clipped (dims a step's rounding asked back and nesting kept removed, usually 0). steps=1 is the one-shot
     path: fmoe.make_plan on fmoe.score, then fmoe.prune. With `reconstruct`, the final cut is fmoe.reconstruct
-    (the kept down columns refit by least squares, ridge `lam` towards the pruned weights, on the unpruned model's activations over `batches`),
-    and plan.meta records it ("reconstruct": {"lam": lam}).
+    (the kept down columns refit by least squares, ridge `lam` towards the pruned weights, on the unpruned model's
+    activations over `batches`), and plan.meta records it ("reconstruct": {"lam": lam}).
     """
     step_ratios(ratio, steps, schedule)  # bad arguments fail before any scoring
     if (steps > 1 or reconstruct) and batches is not None and iter(batches) is batches:
