@@ -51,7 +51,7 @@ def add(a, b):
 
 
 def main(model_dir: str = str(toy.TOY_DIR), sizes: list[int] = [2, 8, 16, 32, 64], ratio: float = 0.5,
-         method: str = "magnitude", lams: list[float] = [0.0, 1e-3, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 3.0],
+         method: str = "magnitude", lams: list[float] = [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
          limit: int = 64, batch_size: int = 16, out: str = "docs/quality/refit", threads: int = 2) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(threads)

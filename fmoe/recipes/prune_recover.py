@@ -83,7 +83,7 @@ class Prune:
     mode: str = "discrete"  # block_drop: discrete | consecutive
     steps: int = 1  # dims: remove the amount in this many steps, scoring the partly pruned model again before each
     reconstruct: bool = False  # dims: refit the kept dims' down projections by least squares (fmoe.reconstruct)
-    lam: float = LAM  # the refit's ridge towards the pruned weights, times the mean Gram diagonal
+    lam: float = LAM  # the refit's ridge towards the pruned weights, in pseudo-tokens per kept dim
 
 
 @dataclass
