@@ -1,4 +1,4 @@
-"""The least-squares refit's ridge `lam` against calibration size, on the shipped toy MoE (CPU, ~2 min on 2 cores).
+"""The least-squares refit's ridge `lam` against calibration size, on the shipped toy MoE (CPU, ~30 s on 2 cores).
 
     python benchmarks/refit_lam.py                             # -> docs/quality/refit/
     python benchmarks/refit_lam.py --lams '[0.1]' --out /tmp/refit
