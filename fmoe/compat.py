@@ -44,7 +44,7 @@ FAMILIES: dict[str, tuple[str, bool]] = {
 # MoE structure beyond the experts: every family's MoE block holds its router as `gate` or `router` (a module with
 # `weight` [E, H], `top_k`, `num_experts`, optionally `bias` [E] and `e_score_correction_bias` [E] or, ERNIE,
 # `moe_statics.e_score_correction_bias` [1, E]) and returns (logits [T, E], top-k weights, top-k ids); the decoder
-# layer runs `residual + block(post_attention_layernorm(residual))`.
+# layer runs `residual + m * block(post_attention_layernorm(residual))`, m = `residual_scale(config)`.
 ROUTER_NAMES = ("gate", "router")
 MOE_BLOCK_NAMES = ("mlp", "block_sparse_moe")
 POST_ATTENTION_NORM = "post_attention_layernorm"
@@ -52,6 +52,8 @@ SIGMOID_ROUTERS = ("deepseek_v3", "glm4_moe")  # score experts by sigmoid(logits
 TOP2_GROUP_ROUTERS = ("deepseek_v3", "glm4_moe")  # rank expert groups by the sum of their best two experts
 TWO_PICK_ROUTERS = ("phimoe",)  # sparsemixer always picks two experts, whatever top_k says
 TUPLE_BLOCKS = ("gpt_oss",)  # MoE blocks returning (hidden states, router scores); the others return a tensor
+# families whose decoder layer scales a sublayer's output before the residual add: {model_type: config field}
+RESIDUAL_SCALES = {"granitemoe": "residual_multiplier"}  # residual + m * block(norm(residual))
 # config fields holding the routed expert count (aliases of each other where a family has several)
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -104,6 +106,12 @@ def router_groups(router: nn.Module) -> tuple[int, int] | None:
     if n_group <= 1 or getattr(router, "topk_method", "group_limited_greedy") != "group_limited_greedy":
         return None
     return int(n_group), int(router.topk_group)
+
+
+def residual_scale(config) -> float:
+    """m of the decoder layer's `residual + m * block(norm(residual))`: 1 except where the family scales it."""
+    key = RESIDUAL_SCALES.get(getattr(config, "model_type", None))
+    return 1.0 if key is None else float(getattr(config, key))
 
 
 def select_rows(module: nn.Module, key: str, index: torch.Tensor, dim: int = 0) -> None:

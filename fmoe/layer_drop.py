@@ -1,8 +1,9 @@
 """Layer Drop (remove whole MoE sublayers) and Block Drop (remove whole decoder layers): plans and physical edits.
 
 Similarities come in as tensors, measured elsewhere on calibration data:
-- `moe_similarity` [L]: per decoder layer cos(x', x' + MoE(Norm(x'))), x' the residual entering the post-attention
-  norm (NaN where the layer has no MoE); the most similar MoE sublayers change the residual least and go first.
+- `moe_similarity` [L]: per decoder layer cos(x', x' + m MoE(Norm(x'))), x' the residual entering the post-attention
+  norm, m the layer's residual scale (GraniteMoE's residual_multiplier, else 1); NaN where the layer has no MoE;
+  the most similar MoE sublayers change the residual least and go first.
 - `block_similarity` [L+1, L+1]: S[i, j] = token-mean cos(h_i, h_j), h_i the input of decoder layer i (h_L the
   last layer's output); "discrete" drops the blocks with the highest S[l, l+1], "consecutive" the window l..l+n-1
   with the highest S[l, l+n].
