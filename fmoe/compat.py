@@ -4,11 +4,15 @@
   see the intermediate activation, which module hooks cannot reach;
 - the family table: which config field holds the routed expert width, and which families size their shared
   experts from that same field (so a routed-only prune cannot be described by the stock config);
-- grouped_mm's 16-byte stride requirement (`grouped_linear` falls back to transformers' per-group loop).
+- grouped_mm's 16-byte stride requirement (`grouped_linear` falls back to transformers' per-group loop);
+- the load-balancing loss of `output_router_logits=True`, which assumes one expert count in every layer
+  (`support_uneven_expert_counts`).
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -155,6 +159,59 @@ def router_probabilities(model_type: str, logits: torch.Tensor, top_weights: tor
         return logits.new_zeros(logits.shape, dtype=torch.float32).scatter_add_(1, ids.clamp(max=logits.shape[-1] - 1),
                                                                                weights)
     return logits.float().softmax(-1)
+
+
+# transformers' Switch-style load-balancing loss (each family's `load_balancing_loss_func`, which the causal LM
+# calls with its router logits, `num_experts` and `num_experts_per_tok` when `output_router_logits` is on) pools all
+# layers' selections and probabilities into one vector of num_experts: layers of different expert counts do not fit.
+LOAD_BALANCING_LOSS = "load_balancing_loss_func"
+
+
+def load_balancing_loss(gate_logits: tuple[torch.Tensor, ...], top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' pooled load-balancing loss for layers of different expert counts: E x sum_e f_e P_e over
+    E = the largest count, f_e and P_e the share of top-k selections and the mean routing probability of expert e
+    over every layer's real tokens. A layer of E_l < E experts counts as E experts of which the last E - E_l have
+    zero probability and are never selected (router logits [T, E_l] padded with -inf), and it selects
+    min(top_k, E_l), as its router does; with equal counts this is the stock loss."""
+    width, device = max(g.shape[-1] for g in gate_logits), gate_logits[0].device
+    selected = torch.zeros(width, dtype=torch.float32, device=device)  # [E]: selections per expert
+    probability = torch.zeros(width, dtype=torch.float32, device=device)  # [E]: summed routing probability
+    rows = 0.0
+    mask = None if attention_mask is None else attention_mask.reshape(-1).to(device, torch.float32)  # [T]
+    for logits in gate_logits:
+        probs = logits.to(device).softmax(-1)  # [T, E_l]
+        k = min(top_k, probs.shape[-1])
+        weight = torch.ones(probs.shape[0], device=device) if mask is None else mask  # [T]
+        ids = probs.topk(k, dim=-1).indices.reshape(-1)  # [T * k]
+        selected = selected.scatter_add(0, ids, weight.repeat_interleave(k))
+        probability = probability + F.pad((probs.float() * weight[:, None]).sum(0), (0, width - probs.shape[-1]))
+        rows = rows + weight.sum()
+    return width * torch.sum((selected / rows) * (probability / rows))
+
+
+def _pooled_loss(stock):
+    """The family's stock loss where every layer has num_experts experts, `load_balancing_loss` elsewhere."""
+
+    @functools.wraps(stock)  # inspect.unwrap gives the stock function back
+    def pooled(gate_logits, num_experts=None, top_k=2, attention_mask=None):
+        if isinstance(gate_logits, tuple) and gate_logits and any(g.shape[-1] != num_experts for g in gate_logits):
+            return load_balancing_loss(gate_logits, top_k, attention_mask)
+        return stock(gate_logits, num_experts, top_k, attention_mask)
+
+    pooled.fmoe_uneven = True
+    return pooled
+
+
+def support_uneven_expert_counts(model: nn.Module) -> None:
+    """Let `output_router_logits=True` (aux_loss, and `.loss` + router_aux_loss_coef x aux_loss with labels) run on
+    a model whose layers keep different expert counts: the transformers modules defining the model's classes get
+    `load_balancing_loss`, which hands models of one count everywhere to their stock function unchanged."""
+    for name in {type(m).__module__ for m in model.modules()}:
+        module = sys.modules.get(name)
+        stock = getattr(module, LOAD_BALANCING_LOSS, None)
+        if callable(stock) and not getattr(stock, "fmoe_uneven", False):
+            setattr(module, LOAD_BALANCING_LOSS, _pooled_loss(stock))
 
 
 def _fmoe_experts(self, hidden_states, top_k_index, top_k_weights):

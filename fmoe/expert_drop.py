@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .compat import (EXPERT_COUNT_FIELDS, TOP2_GROUP_ROUTERS, TWO_PICK_ROUTERS, cut_router, ensure_aligned_implementation,
-                     family_class, has_hooks, moe_layers, router_groups, select_rows)
+                     family_class, has_hooks, moe_layers, router_groups, select_rows, support_uneven_expert_counts)
 from .compressed import VECTORS
 from .experts import (RaggedExperts, expert_parameters, expert_widths, find_experts, fingerprint, num_experts,
                       on_meta, replace_module, up_name)
@@ -277,6 +277,8 @@ def select_experts(model: nn.Module, keep: dict[str, list[int]]) -> None:
                 module.num_experts = len(ids)
             if isinstance(getattr(module, "top_k", None), int):
                 module.top_k = min(module.top_k, len(ids))
+    if len({num_experts(m) for m in find_experts(model).values()}) > 1:  # the stock load-balancing loss needs one
+        support_uneven_expert_counts(model)
 
 
 def _select_params(module: nn.Module, index: torch.Tensor, keys: list[str]) -> None:
