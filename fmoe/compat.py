@@ -209,7 +209,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     if grouped_mm_supported(w.device, w.dtype) and _aligned(x, 1) and _aligned(w, 2):
         out = _GROUPED_MM(x, w, offs=offsets)
     else:
-        out = torch.ops.transformers.grouped_mm_fallback(x.contiguous(), w.contiguous(), offs=offsets)
+        out = torch.ops.transformers.grouped_mm_fallback(x, w, offs=offsets)  # per-group mm: any strides, no copy
     return out if bias is None else out + bias
 
 

@@ -2,6 +2,8 @@
 minutes); without one they skip. Each comparison that also holds on CPU runs there too, in the default suite, so
 the checks themselves are exercised everywhere."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reas
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 TOKENS = {"cpu": 24, "cuda": 4096}  # routed tokens per experts call: enough on a GPU to reach its grouped kernels
 WIDTHS = {"uniform": [32] * 4, "ragged": [16, 32, 16, 32], "ragged off-grid": [8, 12, 4, 32]}
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the largest value
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # relative to the largest value
 
 
 def assert_near(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = "") -> None:
@@ -40,12 +42,12 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("widths", WIDTHS)
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # stock layout; transposed, interleaved, biased
 def test_grouped_forward_and_backward_match_the_loop(device, dtype, widths, family):
     """The grouped forward (grouped_mm where it runs, the per-group loop elsewhere) equals one expert at a time:
-    outputs and the gradients of the input, routing weights and expert weights."""
+    outputs and the gradients of the input, routing weights and expert weights (fp16: GPUs without bf16, T4, V100)."""
     torch.manual_seed(0)
     module = cut(family, WIDTHS[widths], dtype).to(device)
     t = TOKENS[device]
@@ -106,7 +108,7 @@ class WideVocabularyLM(nn.Module):
         self.head = nn.Linear(hidden, vocab, bias=False, dtype=dtype)
 
     def forward(self, input_ids, **kwargs):
-        return type("Output", (), {"logits": self.head(self.embed(input_ids))})
+        return SimpleNamespace(logits=self.head(self.embed(input_ids)))  # [B, T, V]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -65,9 +65,16 @@ def test_grouped_mm_needs_compute_capability_8_read_once_per_device(monkeypatch)
         assert compat.grouped_mm_supported(torch.device("cuda", 1), torch.bfloat16)
     assert reads == [0, 1]
     assert compat.grouped_mm_supported(torch.device("cpu"), torch.float32)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not compat.grouped_mm_supported(torch.device("cpu"), torch.float32)
-    assert compat.grouped_mm_supported(torch.device("cpu"), torch.bfloat16)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def choices(x):  # traced: each choice is a constant of the graph
+        flags = [compat.grouped_mm_supported(torch.device(d), x.dtype) for d in ("cuda:0", "cuda:1", "cpu")]
+        return x + sum(int(flag) << i for i, flag in enumerate(flags))
+
+    torch._dynamo.reset()
+    assert choices(torch.zeros(1, dtype=torch.bfloat16)).tolist() == [0b110]
+    assert choices(torch.zeros(1)).tolist() == [0]
+    assert reads == [0, 1]
 
 
 def test_a_device_without_grouped_mm_scores_and_runs_ragged_experts_through_the_loop(monkeypatch):
