@@ -160,7 +160,7 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _fmoe_experts)
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
 NO_FLOAT64_DEVICES = ("mps",)  # Apple GPUs have no float64
-# transformers' rule (integrations/moe.py) after torch's: grouped_mm on CUDA needs SM80+, so T4 and V100 take the loop
+# torch documents grouped_mm on CUDA for SM80+ and transformers (integrations/moe.py) refuses it below: T4, V100 loop
 GROUPED_MM_CUDA_CAPABILITY = (8, 0)
 _CUDA_CAPABILITY: dict[int, tuple[int, int]] = {}  # per CUDA device index, read once
 
@@ -194,7 +194,8 @@ def _aligned(t: torch.Tensor, matrix_dims: int) -> bool:
     """grouped_mm's requirement: base pointer, strides and the last `matrix_dims` sizes 16-byte aligned (under
     torch.compile there is no pointer to read; inductor copies misaligned inputs itself)."""
     size = t.element_size()
-    return ((torch.compiler.is_compiling() or t.data_ptr() % 16 == 0) and all((n * size) % 16 == 0 for n in t.shape[-matrix_dims:])
+    pointer = torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+    return (pointer and all((n * size) % 16 == 0 for n in t.shape[-matrix_dims:])
             and all((stride * size) % 16 == 0 for stride, n in zip(t.stride(), t.shape) if stride != 1 and n > 1))
 
 
