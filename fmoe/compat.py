@@ -4,7 +4,9 @@
   see the intermediate activation, which module hooks cannot reach;
 - the family table: which config field holds the routed expert width, and which families size their shared
   experts from that same field (so a routed-only prune cannot be described by the stock config);
-- grouped_mm's 16-byte stride requirement (`grouped_linear` falls back to transformers' per-group loop);
+- grouped_mm's 16-byte stride requirement and its device support (`grouped_linear` falls back to transformers'
+  per-group loop);
+- devices without float64 (`accumulation_dtype`: the dtype every calibration sum accumulates in);
 - the load-balancing loss of `output_router_logits=True`, which assumes one expert count in every layer
   (`support_uneven_expert_counts`).
 """
@@ -222,26 +224,58 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _fmoe_experts)
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
+NO_FLOAT64_DEVICES = ("mps",)  # Apple GPUs have no float64
+# torch documents grouped_mm on CUDA for SM80+ and transformers (integrations/moe.py) refuses it below: T4, V100 loop
+GROUPED_MM_CUDA_CAPABILITY = (8, 0)
+_CUDA_CAPABILITY: dict[int, tuple[int, int]] = {}  # per CUDA device index, read once
+
+
+def accumulation_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of sums over a calibration set on `device` (scores, statistics, Gram sums, counts): float64, or
+    float32 on a device without float64 (MPS), which would fail at the first float64 tensor."""
+    return torch.float32 if torch.device(device).type in NO_FLOAT64_DEVICES else torch.float64
+
+
+@torch.compiler.assume_constant_result
+def cuda_capability(index: int) -> tuple[int, int]:
+    """Compute capability of CUDA device `index`, cached (a constant under torch.compile)."""
+    if index not in _CUDA_CAPABILITY:
+        _CUDA_CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return _CUDA_CAPABILITY[index]
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Can grouped_mm run on `device` in `dtype`? Not on CUDA below compute capability 8.0, and under torch.compile
+    in bf16 only (its compiled form takes bf16 only); transformers decides the same for its own grouped_mm."""
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return False
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return cuda_capability(index) >= GROUPED_MM_CUDA_CAPABILITY
+    return True
 
 
 def _aligned(t: torch.Tensor, matrix_dims: int) -> bool:
-    """grouped_mm's requirement: base pointer, strides and the last `matrix_dims` sizes 16-byte aligned."""
+    """grouped_mm's requirement: base pointer, strides and the last `matrix_dims` sizes 16-byte aligned (under
+    torch.compile there is no pointer to read; inductor copies misaligned inputs itself)."""
     size = t.element_size()
-    return (t.data_ptr() % 16 == 0 and all((n * size) % 16 == 0 for n in t.shape[-matrix_dims:])
+    pointer = torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
+    return (pointer and all((n * size) % 16 == 0 for n in t.shape[-matrix_dims:])
             and all((stride * size) % 16 == 0 for stride, n in zip(t.stride(), t.shape) if stride != 1 and n > 1))
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
                    transposed: bool) -> torch.Tensor:
     """x [S, in] through per-group weights (stock layout: [G, in, out] if `transposed` else [G, out, in]); rows
-    offsets[g-1]:offsets[g] use group g. One grouped_mm call; transformers' per-group mm loop where the strides
-    do not fit grouped_mm (widths that are not multiples of 16 bytes)."""
+    offsets[g-1]:offsets[g] use group g. One grouped_mm call; transformers' per-group mm loop where the device
+    cannot run grouped_mm (`grouped_mm_supported`) or the strides do not fit it (widths that are not multiples of
+    16 bytes)."""
     w = weight if transposed else weight.transpose(-2, -1)  # [G, in, out]
     x = x.to(w.dtype)
-    if _aligned(x, 1) and _aligned(w, 2):
+    if grouped_mm_supported(w.device, w.dtype) and _aligned(x, 1) and _aligned(w, 2):
         out = _GROUPED_MM(x, w, offs=offsets)
     else:
-        out = torch.ops.transformers.grouped_mm_fallback(x.contiguous(), w.contiguous(), offs=offsets)
+        out = torch.ops.transformers.grouped_mm_fallback(x, w, offs=offsets)  # per-group mm: any strides, no copy
     return out if bias is None else out + bias
 
 

@@ -148,7 +148,7 @@ def plan_experts(model: nn.Module, scores: dict[str, torch.Tensor], ratio: float
         if tuple(s.shape) != (totals[name],) or not bool(torch.isfinite(s).all()):
             raise ValueError(f"scores of {name} must be {totals[name]} finite values (one per expert), got "
                              f"shape {tuple(s.shape)}")
-    values = {name: scores[name].detach().double().cpu() for name in modules}
+    values = {name: scores[name].detach().cpu().double() for name in modules}
     routers = {name: model.get_submodule(layers[name].router) for name in modules}
     sizes = {name: expert_sizes(m) for name, m in modules.items()}
     if scope == "layer":

@@ -13,8 +13,8 @@ Methods (higher = keep):
               squares, ||down_j||^2 / [(G + lam I)^-1]_jj with G = sum h h^T over the expert's routed tokens (an
               optimal-brain-surgeon saliency; fmoe.reconstruct.compensated), from one forward pass.
 - random:     seeded uniform noise (a baseline).
-Sums accumulate in float64 (returned as float32) whatever the model dtype; padding tokens never contribute. Inside
-`fmoe.masked` every method scores the masked model: masked dims score 0.
+Sums accumulate in float64 (float32 on MPS, which has none; returned as float32) whatever the model dtype; padding
+tokens never contribute. Inside `fmoe.masked` every method scores the masked model: masked dims score 0.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import on_meta
-from .compat import experts_hooks
+from .compat import accumulation_dtype, experts_hooks
 from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, num_experts, up_name
 from .loss import Batch, prepare_batch, sequence_nll
 from .prune import active_mask
@@ -51,9 +51,9 @@ def _check_scorable(modules: dict[str, nn.Module]) -> None:
 
 
 def _zeros(modules: dict[str, nn.Module], device, dtype=None) -> dict[str, torch.Tensor]:
-    """Zero sums [E, I] per module: float64 totals by default (float32 where the device has no float64: MPS)."""
+    """Zero sums [E, I] per module: totals in the device's accumulation dtype by default (compat)."""
     if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        dtype = accumulation_dtype(device)
     return {n: torch.zeros(num_experts(m), expert_widths(m)[0], device=device, dtype=dtype) for n, m in modules.items()}
 
 

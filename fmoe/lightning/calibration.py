@@ -55,7 +55,7 @@ def sum_over_data(tensor: torch.Tensor, strategy) -> torch.Tensor:
 def reduced_state(scorer: Scorer, strategy) -> tuple[dict[str, torch.Tensor], int, int]:
     """(state, samples, tokens) SUM-reduced over data-parallel ranks; a collective, so every rank must call it."""
     state = {k: sum_over_data(t.detach().clone(), strategy) for k, t in scorer.state().items()}
-    counts = torch.tensor([scorer.samples, scorer.tokens], dtype=torch.float64, device=scorer.device)
+    counts = torch.tensor([scorer.samples, scorer.tokens], dtype=torch.int64, device=scorer.device)  # exact
     counts = sum_over_data(counts, strategy)
     return state, int(counts[0]), int(counts[1])
 
