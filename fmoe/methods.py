@@ -122,10 +122,8 @@ class Method:
 def _dims(model, calibration, amount, scope="layer", multiple_of=16, min_width=None, normalize="mean",
           max_widths=4):
     scores = calibration.need("scores", "dims", model)
-    plan = make_plan(scores, amount, scope, multiple_of=multiple_of, min_width=min_width, normalize=normalize,
-                     max_widths=max_widths, model=model)
-    plan.meta["achieved"] = plan.removed_fraction()  # of routed dims: of routed parameters up to expert biases
-    return plan
+    return make_plan(scores, amount, scope, multiple_of=multiple_of, min_width=min_width, normalize=normalize,
+                     max_widths=max_widths, model=model)  # achieved: of routed dims, of routed parameters up to biases
 
 
 def _experts(criterion: str) -> Callable:

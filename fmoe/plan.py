@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
@@ -14,6 +15,7 @@ from .io import read_json, write_json
 from .scores import Scores
 
 SCOPES = ("expert", "layer", "global")
+ROUNDING_WARNING = 0.05  # a plan further than this from its ratio (rounding to multiple_of) says so
 NORMALIZATIONS = ("mean", "none")
 
 
@@ -274,7 +276,8 @@ def make_plan(
     each layer (or the whole model) keeps round(dims x (1 - ratio)) within one unit. With `model`, the plan is
     checked against it (scores of another model are refused); non-finite scores are refused. `max_widths` bounds
     the distinct widths per layer (ragged experts run one grouped matmul per width; None = unbounded) without
-    changing any layer's total (see `limit_widths`).
+    changing any layer's total (see `limit_widths`). `meta["achieved"]` is the share of routed dims removed; a
+    warning says when rounding leaves it more than 5 points from `ratio`.
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
@@ -330,6 +333,12 @@ def make_plan(
                 normalize=normalize, max_widths=max_widths)
     full_widths = {name: [t.shape[1]] * t.shape[0] for name, t in tensors.items()}
     plan = PruningPlan(keep=keep, widths=full_widths, fingerprint=scores.fingerprint, meta=meta)
+    plan.meta["achieved"] = achieved = plan.removed_fraction()
+    if abs(achieved - ratio) > ROUNDING_WARNING:
+        warnings.warn(f"the plan removes {achieved:.1%} of routed dims, not the {ratio:.1%} asked: widths are rounded "
+                      f"to multiples of {multiple_of} (at least {min_width}) and the experts are "
+                      f"{sorted({t.shape[1] for t in tensors.values()})} wide; lower multiple_of/min_width to get "
+                      "closer", stacklevel=2)
     if model is not None:
         from .prune import check_plan
 
