@@ -255,6 +255,25 @@ def _ranked(values: torch.Tensor) -> torch.Tensor:
     return torch.sort(values, descending=True, stable=True).indices
 
 
+def check_options(ratio: float, scope: str = "layer", multiple_of: int = 16, min_width: int | None = None,
+                  normalize: str = "mean", max_widths: int | None = 4) -> int:
+    """Refuse options make_plan would refuse (no scores needed, so a run can check them first); the min_width used."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalize {normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
+    if max_widths is not None and max_widths < 1:
+        raise ValueError(f"max_widths must be >= 1 or None, got {max_widths}")
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    min_width = multiple_of if min_width is None else min_width
+    if min_width < 1 or min_width % multiple_of:
+        raise ValueError(f"min_width must be a positive multiple of multiple_of={multiple_of}, got {min_width}")
+    return min_width
+
+
 def make_plan(
     scores: Scores,
     ratio: float,
@@ -279,19 +298,7 @@ def make_plan(
     changing any layer's total (see `limit_widths`). `meta["achieved"]` is the share of routed dims removed; a
     warning says when rounding leaves it more than 5 points from `ratio`.
     """
-    if not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalize {normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
-    if max_widths is not None and max_widths < 1:
-        raise ValueError(f"max_widths must be >= 1 or None, got {max_widths}")
-    if multiple_of < 1:
-        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
-    min_width = multiple_of if min_width is None else min_width
-    if min_width < 1 or min_width % multiple_of:
-        raise ValueError(f"min_width must be a positive multiple of multiple_of={multiple_of}, got {min_width}")
+    min_width = check_options(ratio, scope, multiple_of, min_width, normalize, max_widths)
     for name, t in scores.tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"scores of {name} hold {int((~torch.isfinite(t)).sum())} non-finite values "

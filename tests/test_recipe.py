@@ -208,6 +208,14 @@ def test_data_module_reproducible_and_clear_errors(tmp_path):
         load_texts(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="too short"):
         tokenize_to_sequences(["one two"], dm.tokenizer, seq_len=64)
+    for name, text in (("none.jsonl", ""), ("blank.jsonl", "\n\n"), ("none.txt", "")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match="holds no|no non-empty"):
+            load_texts(str(tmp_path / name))
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(3)))
+    with pytest.warns(UserWarning, match="n_samples=64 sequences asked, but .* gives 3"):
+        TextDataModule(str(toy.TOY_DIR), str(few), seq_len=8, n_samples=64, pack=False).setup()
     (tmp_path / "qa.jsonl").write_text(json.dumps({"q": "2 + 2", "a": "4"}) + "\n")
     assert load_texts(str(tmp_path / "qa.jsonl"), template="{q} = {a}") == ["2 + 2 = 4"]
 
