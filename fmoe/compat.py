@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 import warnings
@@ -356,3 +357,18 @@ def ensure_aligned_implementation(model: nn.Module) -> None:
             model.set_experts_implementation("batched_mm")
             return
 
+
+
+def own_config(model: nn.Module):
+    """Give `model` a config object of its own before an edit rewrites it: transformers' `from_config` hands the
+    caller's config to the model and every submodule that keeps one, so an edit in place would also change the
+    caller's object (and every model built from it later). Returns the model's (now private) config."""
+    shared = model.config
+    if getattr(model, "_fmoe_own_config", None) is shared:  # copied by an earlier edit
+        return shared
+    config = copy.deepcopy(shared)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = config
+    model._fmoe_own_config = config
+    return config

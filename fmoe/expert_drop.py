@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .compat import (EXPERT_COUNT_FIELDS, TOP2_GROUP_ROUTERS, TWO_PICK_ROUTERS, cut_router, ensure_aligned_implementation,
-                     family_class, has_hooks, moe_layers, router_groups, select_rows, support_uneven_expert_counts)
+                     family_class, has_hooks, moe_layers, own_config, router_groups, select_rows,
+                     support_uneven_expert_counts)
 from .compressed import VECTORS
 from .experts import (RaggedExperts, expert_parameters, expert_widths, find_experts, fingerprint, num_experts,
                       on_meta, replace_module, up_name)
@@ -238,7 +239,7 @@ def drop_experts(model: nn.Module, plan: ExpertPlan) -> nn.Module:
     for name, ids in plan.keep.items():
         check_keep(model.config.model_type, name, model.get_submodule(layers[name].router), plan.num_experts[name], ids)
     select_experts(model, plan.keep)
-    config, counts = model.config, plan.kept_counts()
+    config, counts = own_config(model), plan.kept_counts()
     if getattr(config, WIDTHS_FIELD, None):  # dims were pruned before: the kept experts' widths
         record_widths(model)
     if len(set(counts.values())) == 1:  # a stock config describes it: rewrite the count fields

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .compat import TUPLE_BLOCKS, decoder_layers, has_hooks, moe_layers
+from .compat import TUPLE_BLOCKS, decoder_layers, has_hooks, moe_layers, own_config
 from .expert_drop import EXPERT_COUNTS_FIELD
 from .experts import find_experts, fingerprint, on_meta, replace_module
 from .io import read_json, write_json
@@ -235,7 +235,7 @@ def drop_moe_sublayers(model: nn.Module, layers: list[int]) -> nn.Module:
     if not remaining:
         raise ValueError(f"dropping MoE layers {layers} leaves none: fmoe models keep at least one MoE layer")
     blocks = _remove_sublayers(model, layers)
-    config = model.config
+    config = own_config(model)
     for name in LAYER_FIELDS:  # entries of the removed experts modules go
         value = getattr(config, name, None)
         if isinstance(value, dict):
@@ -368,8 +368,8 @@ def drop_blocks(model: nn.Module, blocks: list[int]) -> nn.Module:
         raise ValueError(f"dropping blocks {blocks} removes all {n} decoder layers")
     if not {m.index for m in moe_layers(model).values()} - set(blocks):
         raise ValueError(f"dropping blocks {blocks} removes every MoE layer: fmoe models keep at least one")
-    config = model.config
-    new = _rewritten_config(config, prefix, n, kept)
+    new = _rewritten_config(model.config, prefix, n, kept)  # checked before the model is touched
+    config = own_config(model)
 
     replace_module(model, prefix, nn.ModuleList([layers[i] for i in kept]))
     for j, layer in enumerate(model.get_submodule(prefix)):

@@ -190,7 +190,7 @@ def test_lightning_steps_refused_where_they_cannot_run():
     with pytest.raises(TypeError, match="ModelParallelStrategy"):
         IntermediatePruning(steps=2).setup(SimpleNamespace(strategy=ModelParallelStrategy()), module, "fit")
     with pytest.raises(TypeError, match="CalibrationModule"):
-        IntermediatePruning(steps=2).setup(SimpleNamespace(strategy=object()), torch.nn.Module(), "fit")
+        IntermediatePruning(steps=2).setup(SimpleNamespace(strategy=object(), callbacks=[]), torch.nn.Module(), "fit")
     IntermediatePruning(steps=1).setup(SimpleNamespace(strategy=ModelParallelStrategy()), module, "fit")
 
 

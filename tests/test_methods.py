@@ -206,3 +206,23 @@ def test_every_plan_runs_on_every_family_at_extreme_amounts(family, overrides):
                 assert torch.isfinite(logits).all(), (name, options, amount)
                 accepted.append(amount)
             assert accepted, f"{name} {options} refused every amount of the sweep on {family}"
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_every_edit_leaves_the_callers_config_alone(calibrated, name):
+    """transformers' from_config shares the caller's config object with the model: an edit must not rewrite it,
+    or the next model built from that config comes out compressed."""
+    from transformers import AutoModelForCausalLM
+
+    model, calibration = calibrated
+    config = copy.deepcopy(model.config)
+    before = config.to_dict()
+    built = AutoModelForCausalLM.from_config(config)
+    built.load_state_dict(model.state_dict())
+    plan = methods.make(model, name, 0.5, calibration)
+    edited = fmoe.apply_plan(built, plan)
+    assert config.to_dict() == before and edited.config is not config
+    assert all(getattr(m, "config", edited.config) is edited.config for m in edited.modules())  # one config inside
+    shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    assert shapes == {k: v.shape for k, v in model.state_dict().items()}
+    assert edited.config.to_dict() == fmoe.apply_plan(copy.deepcopy(model), plan).config.to_dict()

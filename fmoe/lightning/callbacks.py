@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 from .. import methods
 from ..experts import find_experts, fingerprint
 from ..iterative import iterate, step_ratios
-from ..plan import SCOPES
 from ..prune import weight_bytes
 from ..reconstruct import refit
 from ..methods import Calibration
@@ -144,9 +143,8 @@ class Compression(L.Callback):
 
     def __init__(self, method: str = "dims", amount: float | None = 0.5, save_dir: str | Path | None = None,
                  verbose: bool = True, model_attr: str | None = None, **options):
+        methods.check(method, amount, **options)  # before a calibration run is spent
         self.entry = methods.method(method)
-        if amount is not None and not 0 <= amount < 1:
-            raise ValueError(f"amount must be in [0, 1), got {amount}")
         self.method, self.amount, self.options = method, amount, options
         self.save_dir, self.verbose, self.model_attr = save_dir, verbose, model_attr
         self.plan = None
@@ -160,6 +158,12 @@ class Compression(L.Callback):
                 raise TypeError(f"{self.method} plans from expert/layer statistics, which a CalibrationModule fit "
                                 f"measures; {type(pl_module).__name__} is not one")
             pl_module.measure_structure()
+        elif self.entry.reads == "scores" and not isinstance(pl_module, CalibrationModule) and \
+                not any(isinstance(c, FisherScoring) for c in trainer.callbacks):
+            raise TypeError(f"{type(self).__name__} ({self.method}) plans from dim scores, which a CalibrationModule "
+                            f"fit or a FisherScoring() callback gathers; {type(pl_module).__name__} is not a "
+                            "CalibrationModule and the Trainer has no FisherScoring: add FisherScoring() to its "
+                            "callbacks")
 
     def _calibration(self, trainer, pl_module) -> Calibration:
         if isinstance(pl_module, CalibrationModule) and pl_module.scores is not None:
@@ -220,8 +224,6 @@ class IntermediatePruning(Compression):
                  min_width: int | None = None, normalize: str = "mean", max_widths: int | None = 4,
                  save_dir: str | Path | None = None, verbose: bool = True, model_attr: str | None = None,
                  steps: int = 1, reconstruct: bool = False, lam: float = 1e-3):
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
         super().__init__("dims", amount, save_dir, verbose, model_attr, scope=scope, multiple_of=multiple_of,
                          min_width=min_width, normalize=normalize, max_widths=max_widths)
         step_ratios(amount, steps)  # bad steps fail before a calibration run is spent
