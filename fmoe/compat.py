@@ -358,7 +358,6 @@ def ensure_aligned_implementation(model: nn.Module) -> None:
             return
 
 
-
 def own_config(model: nn.Module):
     """Give `model` a config object of its own before an edit rewrites it: transformers' `from_config` hands the
     caller's config to the model and every submodule that keeps one, so an edit in place would also change the
