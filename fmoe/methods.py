@@ -79,8 +79,9 @@ class Calibration:
 
 def calibrate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], method: str = "fisher",
               progress: bool | None = None) -> Calibration:
-    """Dim scores (`method`: a data method of fmoe.scoring) and expert and layer statistics of `model`, from one
-    pass over calibration `batches` (dicts with input_ids and optionally attention_mask, labels)."""
+    """Dim scores (`method`: a criterion a fmoe.scoring.Scorer runs, combinations included) and expert and layer
+    statistics of `model`, from one pass over calibration `batches` (dicts with input_ids and optionally
+    attention_mask, labels)."""
     progress = sys.stderr.isatty() if progress is None else progress
     scorer = Scorer(model, method, structure=True)
     with scorer.attached():

@@ -30,8 +30,8 @@ from torch import nn
 
 from ..checkpoint import on_meta
 from ..reconstruct import GramStatistics
-from ..scores import Scores
-from ..scoring import Scorer
+from ..scores import Scores, criterion_name
+from ..scoring import Scorer, scorer_criterion
 from ..statistics import Statistics
 from .sharding import RestoreOnException, data_parallel_mesh, is_sharded, materialize, shard, unshard
 
@@ -125,7 +125,7 @@ class CalibrationModule(L.LightningModule):
     def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False, gram: bool = False):
         super().__init__()
         self.model = model
-        self.method = method
+        self.method = criterion_name(*scorer_criterion(method))  # checked before any fit (also on an empty model)
         self.structure = structure
         self.gathers_gram = gram
         self.automatic_optimization = False
@@ -160,7 +160,7 @@ class CalibrationModule(L.LightningModule):
     def _make_scorer(self) -> None:
         """The scorer over the model's weights (its fingerprint reads them) and the parameters DDP must see."""
         self.scorer = Scorer(self.model, self.method, structure=self.structure, gram=self.gathers_gram)
-        anchors = getattr(self.scorer.acc, "anchors", {})
+        anchors = self.scorer.anchors
         self.anchors = nn.ParameterList(anchors.values())  # registered so DDP and device moves see them
         if not anchors:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
             self.ddp_anchor = nn.Parameter(torch.zeros((), device=self.step_anchor.device))
@@ -183,6 +183,10 @@ class CalibrationModule(L.LightningModule):
         for p in self.model.parameters():
             p.requires_grad_(False)
         shard(self, "model")
+        reads = sorted({"compensated", "magnitude"} & set(self.scorer.criteria))
+        if reads and is_sharded(self.model):  # an empty rank's scorer would have no weights to read at the end
+            raise ValueError(f"{self.method!r}: {', '.join(reads)} read the experts' weights, which under "
+                             "ModelParallelStrategy only rank 0 holds; use DDP or one process for these criteria")
         self.scorer.use(self.model)
 
     def configure_callbacks(self):
@@ -213,10 +217,10 @@ class CalibrationModule(L.LightningModule):
         """One scoring step. Under fp16 loss scaling a batch whose scaled gradients overflow (on any rank) runs
         again at half the scale, as a GradScaler backs off, so no batch is lost or counted twice."""
         scaler = grad_scaler(self.trainer)
-        fisher = self.scorer.acc.needs_grad
+        fisher = self.scorer.needs_grad
         while True:
             if fisher:  # the GradScaler multiplied the loss by S; S changes during the run
-                self.scorer.acc.gradient_scale = 1.0 / loss_scale(self.trainer)
+                self.scorer.gradient_scale = 1.0 / loss_scale(self.trainer)
             loss = self.scorer.step(batch, backward=self.manual_backward, sync=sync_flags(self.trainer),
                                     skip_non_finite=scaler is not None)
             if loss is not None or not fisher:

@@ -109,7 +109,7 @@ class FisherScoring(L.Callback):
         # their loss is the mean over B sequences, divided by Lightning by accumulate_grad_batches (k), and
         # multiplied by a GradScaler's scale S: dL_n/dm = g * B * k / S, scaled before squaring and summing
         per_sequence = self._counts[0] * trainer.accumulate_grad_batches if self.loss_reduction == "mean_of_sequences" else 1
-        self.scorer.acc.gradient_scale = per_sequence / loss_scale(trainer)
+        self.scorer.gradient_scale = per_sequence / loss_scale(trainer)
 
     def on_after_backward(self, trainer, pl_module):
         # after each backward and before the optimizer step, so a non-finite gradient stops the fit before it
