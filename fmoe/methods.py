@@ -107,7 +107,10 @@ class CompressionPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> CompressionPlan:
-        data = read_json(path, cls.FORMAT, "fmoe compression plan")
+        return cls.from_dict(read_json(path, cls.FORMAT, "fmoe compression plan"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionPlan:
         return cls(main=data["main"], meta=data["meta"])
 
 
@@ -214,6 +217,14 @@ def load_plan(path: str | Path):
     if found not in PLAN_FORMATS:
         raise ValueError(f"{path} is not an fmoe plan (format={found!r}; valid: {', '.join(PLAN_FORMATS)})")
     return PLAN_FORMATS[found].load(path)
+
+
+def plan_from_dict(data: dict):
+    """Any fmoe plan from its `to_dict()`, by its format (e.g. a plan a Lightning checkpoint carries)."""
+    found = data.get("format") if isinstance(data, dict) else None
+    if found not in PLAN_FORMATS:
+        raise ValueError(f"not an fmoe plan (format={found!r}; valid: {', '.join(PLAN_FORMATS)})")
+    return PLAN_FORMATS[found].from_dict(data)
 
 
 def apply_plan(model: nn.Module, plan) -> nn.Module:

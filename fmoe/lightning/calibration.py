@@ -33,6 +33,7 @@ from ..reconstruct import GramStatistics
 from ..scores import Scores, criterion_name
 from ..scoring import Scorer, scorer_criterion
 from ..statistics import Statistics
+from .plans import PLANS_KEY, restore_plans, save_plans
 from .sharding import RestoreOnException, data_parallel_mesh, is_sharded, materialize, shard, unshard
 
 _STATE_KEY = "fmoe_scorer"
@@ -124,6 +125,7 @@ def rank0_fingerprint(own: str | None) -> str | None:
 class CalibrationModule(L.LightningModule):
     def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False, gram: bool = False):
         super().__init__()
+        self.save_hyperparameters(ignore=["model"])  # `load_from_checkpoint(path, model=...)` restores the rest
         self.model = model
         self.method = criterion_name(*scorer_criterion(method))  # checked before any fit (also on an empty model)
         self.structure = structure
@@ -173,6 +175,8 @@ class CalibrationModule(L.LightningModule):
         """Freeze the model for the fit (DDP must see only the anchors as trainable; the user's requires_grad flags
         come back when the fit ends). Under ModelParallelStrategy (FSDP2) the fit runs a sharded twin (see
         fmoe.lightning.sharding); anchors stay replicated. `self.model` is the plain model again once the fit ends."""
+        if self._trainer is None:  # `load_from_checkpoint` calls it outside any fit: nothing to prepare
+            return
         materialize(self.model, self.trainer.strategy)  # DDP: a non-zero rank's empty model gets rank 0's weights
         if self.scorer is None:
             self._make_scorer()
@@ -255,13 +259,17 @@ class CalibrationModule(L.LightningModule):
             raise ValueError("a calibration under ModelParallelStrategy resumes from distributed checkpoints only: "
                              "leave save_distributed_checkpoint=True")
         state, samples, tokens = reduced_state(self.scorer, self.trainer.strategy)
-        if not is_sharded(self.model):  # a distributed (FSDP2) checkpoint cannot be loaded without the weights
+        save_plans(self, checkpoint)  # once a compression edited the model, its weights stay in the checkpoint too
+        if not is_sharded(self.model) and PLANS_KEY not in checkpoint:  # FSDP2's cannot load without the weights
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
         checkpoint[_STATE_KEY] = {"state": {k: t.cpu() for k, t in state.items()}, "samples": samples,
                                   "tokens": tokens, "method": self.method, "fingerprint": self.scorer.fingerprint,
                                   "structure": self.structure, "gram": self.gathers_gram}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if PLANS_KEY in checkpoint:  # saved after a compression: the edited model (plans, then its weights)
+            restore_plans(self, checkpoint)
+            return
         saved = checkpoint.get(_STATE_KEY)
         if saved is None:
             raise ValueError("checkpoint holds no fmoe calibration state")
