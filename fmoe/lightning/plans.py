@@ -22,6 +22,7 @@ from torch import nn
 
 from ..experts import fingerprint, on_meta
 from ..methods import apply_plan, plan_from_dict
+from .sharding import is_sharded
 
 PLANS_KEY = "fmoe_plans"  # checkpoint entry: {submodule name: [plan JSON, in the order applied]}
 _APPLIED = "_fmoe_plans"  # model attribute: the plans applied to it since it was built, as JSON
@@ -57,6 +58,10 @@ def restore_plans(module: nn.Module, checkpoint: dict) -> None:
         if plans[:len(done)] != done:
             raise ValueError(f"{name!r} was edited by plans the checkpoint does not record: build it as the "
                              "checkpoint's module was built (before any compression)")
+        if len(plans) > len(done) and is_sharded(model):
+            raise ValueError(f"{name!r} is sharded already (ModelParallelStrategy restores a checkpoint after "
+                             "sharding) and cannot be cut: build the module with `load_from_checkpoint` first, "
+                             "which applies the checkpoint's plans, then fit it with ckpt_path")
         for text in plans[len(done):]:
             plan = plan_from_dict(json.loads(text))
             if hasattr(plan, "fingerprint") and not on_meta(model):
