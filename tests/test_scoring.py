@@ -258,3 +258,20 @@ def test_a_bad_criterion_is_refused_with_the_valid_names(spec):
         CalibrationModule(model, method=spec)
     with pytest.raises(ValueError, match="grad_abs takes weight gradients"):  # a Scorer runs no grad_abs
         CalibrationModule(model, method="rank_mean(grad_abs, router)")
+
+
+def test_a_combination_counts_a_batch_run_again_after_overflow_once():
+    from fmoe.scoring import Scorer
+
+    model, batches = tiny_model("olmoe"), make_batches()
+    scorer = Scorer(model, "rank_mean(fisher, router)")
+    with scorer.attached():
+        scorer.gradient_scale = float("inf")  # every gradient overflows: the step is dropped, as under fp16
+        assert scorer.step(batches[0], skip_non_finite=True) is None
+        scorer.gradient_scale = 1.0
+        scorer.step(batches[0], skip_non_finite=True)  # the same batch again, as CalibrationModule runs it
+        scorer.step(batches[1], skip_non_finite=True)
+    router = fmoe.score(model, batches, "router")
+    for name, t in scorer._tensors("router").items():
+        torch.testing.assert_close(t, router.tensors[name])
+    equal_scores(scorer.result(), fmoe.score(model, batches, "rank_mean(fisher, router)"))
