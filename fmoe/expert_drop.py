@@ -60,7 +60,10 @@ class ExpertPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertPlan:
-        data = read_json(path, cls.FORMAT, "fmoe expert plan")
+        return cls.from_dict(read_json(path, cls.FORMAT, "fmoe expert plan"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExpertPlan:
         return cls(keep={n: [int(e) for e in ids] for n, ids in data["keep"].items()},
                    num_experts={n: int(k) for n, k in data["num_experts"].items()},
                    sizes=data["sizes"], fingerprint=data["fingerprint"], meta=data["meta"])

@@ -66,7 +66,10 @@ class DropPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> DropPlan:
-        data = read_json(path, cls.FORMAT, "fmoe drop plan")
+        return cls.from_dict(read_json(path, cls.FORMAT, "fmoe drop plan"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DropPlan:
         return cls(moe_layers=list(data["moe_layers"]), blocks=list(data["blocks"]), num_layers=data["num_layers"],
                    fingerprint=data["fingerprint"], meta=data["meta"])
 

@@ -79,8 +79,9 @@ class Calibration:
 
 def calibrate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], method: str = "fisher",
               progress: bool | None = None) -> Calibration:
-    """Dim scores (`method`: a data method of fmoe.scoring) and expert and layer statistics of `model`, from one
-    pass over calibration `batches` (dicts with input_ids and optionally attention_mask, labels)."""
+    """Dim scores (`method`: a criterion a fmoe.scoring.Scorer runs, combinations included) and expert and layer
+    statistics of `model`, from one pass over calibration `batches` (dicts with input_ids and optionally
+    attention_mask, labels)."""
     progress = sys.stderr.isatty() if progress is None else progress
     scorer = Scorer(model, method, structure=True)
     with scorer.attached():
@@ -106,7 +107,10 @@ class CompressionPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> CompressionPlan:
-        data = read_json(path, cls.FORMAT, "fmoe compression plan")
+        return cls.from_dict(read_json(path, cls.FORMAT, "fmoe compression plan"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionPlan:
         return cls(main=data["main"], meta=data["meta"])
 
 
@@ -240,6 +244,14 @@ def load_plan(path: str | Path):
     if found not in PLAN_FORMATS:
         raise ValueError(f"{path} is not an fmoe plan (format={found!r}; valid: {', '.join(PLAN_FORMATS)})")
     return PLAN_FORMATS[found].load(path)
+
+
+def plan_from_dict(data: dict):
+    """Any fmoe plan from its `to_dict()`, by its format (e.g. a plan a Lightning checkpoint carries)."""
+    found = data.get("format") if isinstance(data, dict) else None
+    if found not in PLAN_FORMATS:
+        raise ValueError(f"not an fmoe plan (format={found!r}; valid: {', '.join(PLAN_FORMATS)})")
+    return PLAN_FORMATS[found].from_dict(data)
 
 
 def apply_plan(model: nn.Module, plan) -> nn.Module:

@@ -53,7 +53,10 @@ class PruningPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> PruningPlan:
-        data = read_json(path, cls.FORMAT, "fmoe pruning plan")
+        return cls.from_dict(read_json(path, cls.FORMAT, "fmoe pruning plan"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruningPlan:
         keep = {name: [torch.tensor(k, dtype=torch.long) for k in ks] for name, ks in data["keep"].items()}
         return cls(keep=keep, widths=data["widths"], fingerprint=data["fingerprint"], meta=data["meta"])
 

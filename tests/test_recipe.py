@@ -369,3 +369,21 @@ def test_compressed_experts_run_saves_its_plan(tmp_path, recipe):
                  "--prune.method", "compressed_experts"])
     plan = fmoe.load_plan(tmp_path / "plan.json")
     assert plan.main == 1 and fmoe.from_pretrained(tmp_path / "export").config.fmoe_compressed == {"main": 1}
+
+
+def test_recipe_takes_a_combined_criterion_and_refuses_a_bad_one_first(tmp_path, recipe, monkeypatch):
+    base = ["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false", "--stages.recover", "false", "--stages.evaluate", "false",
+            "--data.n_samples", "16", "--tasks", "{}", "--lm_eval.tasks", "[]"]
+    rows = recipe.main([*base, "--model.method", "rank_mean(compensated, router)"])
+    assert list(rows) == ["dense", "pruned"]
+    assert fmoe.Scores.load(tmp_path / "scores").method == "rank_mean(compensated,router)"
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the dense model was evaluated before the criterion was checked")
+
+    monkeypatch.setattr(recipe, "evaluate", evaluated)
+    monkeypatch.setattr(recipe, "sizes", evaluated)
+    for bad in ("nosuch", "rank_mean(compensated, router"):
+        with pytest.raises(ValueError, match="valid: fisher"):
+            recipe.main([*base, "--stages.evaluate", "true", "--model.method", bad])

@@ -215,9 +215,9 @@ def test_a_step_run_again_after_overflowing_gradients_counts_once():
     model, batches = tiny_model("olmoe"), make_batches()
     scorer = Scorer(model, "fisher", gram=True)
     with scorer.attached():
-        scorer.acc.gradient_scale = float("inf")  # every gradient overflows: the step is dropped, as under fp16
+        scorer.gradient_scale = float("inf")  # every gradient overflows: the step is dropped, as under fp16
         assert scorer.step(batches[0], skip_non_finite=True) is None
-        scorer.acc.gradient_scale = 1.0
+        scorer.gradient_scale = 1.0
         scorer.step(batches[0], skip_non_finite=True)  # the same batch again, as CalibrationModule runs it
         scorer.step(batches[1], skip_non_finite=True)
     close_grams(scorer.gram(), gather(model, batches))

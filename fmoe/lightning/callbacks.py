@@ -23,7 +23,8 @@ from ..scores import Scores
 from ..scoring import Scorer
 from .calibration import (CalibrationModule, grad_scaler, loss_scale, rank0_object, refuse_repeated_samples,
                           sum_across_ranks, sync_flags)
-from .sharding import is_sharded, unshard
+from .plans import record_plan, save_plans
+from .sharding import is_sharded, mesh_of, unshard
 
 
 def find_hf_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
@@ -108,7 +109,7 @@ class FisherScoring(L.Callback):
         # their loss is the mean over B sequences, divided by Lightning by accumulate_grad_batches (k), and
         # multiplied by a GradScaler's scale S: dL_n/dm = g * B * k / S, scaled before squaring and summing
         per_sequence = self._counts[0] * trainer.accumulate_grad_batches if self.loss_reduction == "mean_of_sequences" else 1
-        self.scorer.acc.gradient_scale = per_sequence / loss_scale(trainer)
+        self.scorer.gradient_scale = per_sequence / loss_scale(trainer)
 
     def on_after_backward(self, trainer, pl_module):
         # after each backward and before the optimizer step, so a non-finite gradient stops the fit before it
@@ -138,7 +139,8 @@ class Compression(L.Callback):
     turns on before the fit) or, for dim scores, a FisherScoring callback of the same Trainer. Shapes change only
     in `on_fit_end`, after the loop and before anything else uses the model. In a multi-process run rank 0 plans
     and every rank applies its plan, so ranks cannot disagree; an empty (meta) model, a non-zero rank's under
-    FSDP2, is cut to the plan's shapes.
+    FSDP2, is cut to the plan's shapes. The plan applied is `self.plan`; it is also recorded on the model, and
+    checkpoints saved afterwards carry it, so a module with `fmoe.lightning.RestorePlans` reloads them.
     """
 
     def __init__(self, method: str = "dims", amount: float | None = 0.5, save_dir: str | Path | None = None,
@@ -190,6 +192,11 @@ class Compression(L.Callback):
         before, params = weight_bytes(model), sum(p.numel() for p in model.parameters())
         self.plan, calibration = self.make_plan(trainer, pl_module, model, calibration)
         self.entry.edit(model, self.plan)  # an empty model: shapes only (its plan was checked on rank 0)
+        record_plan(model, self.plan)
+        if trainer.optimizers and not isinstance(pl_module, CalibrationModule) and not mesh_of(pl_module):
+            # the fit's optimizers hold removed parameters: fresh ones over the edited model, so that a checkpoint
+            # saved from now on resumes with `trainer.fit(..., ckpt_path=...)`
+            trainer.strategy.setup_optimizers(trainer)
         directory = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             if calibration.scores is not None:
@@ -202,6 +209,9 @@ class Compression(L.Callback):
             rank_zero_info(f"{type(self).__name__} ({self.method}): parameters {params:,} -> {after:,}, weights "
                            f"{before / 2**20:.1f} MB -> {weight_bytes(model) / 2**20:.1f} MB; calibration and plan "
                            f"in {directory}")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        save_plans(pl_module, checkpoint)  # also when the module's own hooks do not (without RestorePlans)
 
 
 class IntermediatePruning(Compression):

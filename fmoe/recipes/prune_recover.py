@@ -61,6 +61,7 @@ from fmoe.distill import cache_teacher, check_options
 from fmoe.lightning.sharding import load_model, process_rank
 from fmoe.io import write_json
 from fmoe.report import write_report
+from fmoe.scoring import scorer_criterion
 
 
 @dataclass
@@ -113,8 +114,10 @@ class LMEval:
 
 
 def calibration(model: str = "toy", method: str = "fisher", dtype: str = "float32") -> CalibrationModule:
-    """Load the model to compress ("toy" = the shipped toy MoE) and wrap it for calibration. Read once per run:
+    """Load the model to compress ("toy" = the shipped toy MoE) and wrap it for calibration with scoring criterion
+    `method` (a method of fmoe.score or a combination, e.g. "rank_mean(compensated, router)"). Read once per run:
     in a multi-process run only rank 0 reads it, the others receive it in their first stage (see load_model)."""
+    scorer_criterion(method)  # a bad criterion fails before the model is read
     return CalibrationModule(load_model(checkpoint_of(model), dtype=getattr(torch, dtype)), method=method)
 
 
