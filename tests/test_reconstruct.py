@@ -226,8 +226,11 @@ def test_a_step_run_again_after_overflowing_gradients_counts_once():
 def test_reconstruct_needs_a_calibration_module():
     from types import SimpleNamespace
 
-    with pytest.raises(TypeError, match="CalibrationModule"):
-        IntermediatePruning(reconstruct=True).setup(SimpleNamespace(strategy=None), torch.nn.Linear(1, 1), "fit")
+    from fmoe.lightning import FisherScoring
+
+    with pytest.raises(TypeError, match="reconstruct=True refits from Gram sums, which a CalibrationModule"):
+        IntermediatePruning(reconstruct=True).setup(SimpleNamespace(strategy=None, callbacks=[FisherScoring()]),
+                                                    torch.nn.Linear(1, 1), "fit")
 
 
 def test_calibration_fit_with_reconstruct_equals_core(tmp_path):
