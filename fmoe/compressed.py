@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .compat import own_config
 from .experts import RaggedExperts, adopt_stock, attached_hooks, experts_forward, is_routed_experts, replace_module
 
 COMPRESSED_FIELD = "fmoe_compressed"  # config field: {"main": experts computed per token} of a compressed model
@@ -113,7 +114,7 @@ def compress_experts(model: nn.Module, main: int | None = None) -> nn.Module:
         raise ValueError(f"cannot compress experts of different widths ({ragged[0]} is RaggedExperts): prune "
                          "dims uniformly (expert scope), then compress")
     main = _compress(model, main)
-    setattr(model.config, COMPRESSED_FIELD, {"main": main})
+    setattr(own_config(model), COMPRESSED_FIELD, {"main": main})
     return model
 
 

@@ -19,6 +19,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 
 
+def _has_text(path: Path, chunk: int = 1 << 16) -> bool:
+    """Whether the file holds anything but whitespace (read until the first such byte)."""
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
 def load_texts(source: str, split: str = "train", text_field: str = "text", subset: str | None = None,
                template: str | None = None) -> list[str]:
     """Texts of a local file (by extension) or a hub dataset name (`subset` = its config name).
@@ -31,6 +40,8 @@ def load_texts(source: str, split: str = "train", text_field: str = "text", subs
     if path.suffix in _BUILDERS:
         if not path.is_file():
             raise FileNotFoundError(f"data file {source} does not exist")
+        if not _has_text(path):  # datasets' builders fail on it with a bare StopIteration or a split error
+            raise ValueError(f"data file {source} holds no record (it is empty or blank)")
         ds = datasets.load_dataset(_BUILDERS[path.suffix], data_files=str(path), split="train")
     else:
         ds = datasets.load_dataset(source, subset, split=split)
@@ -144,10 +155,14 @@ class TextDataModule(L.LightningDataModule):
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
         return self._tokenizer
 
-    def _sequences(self, source, split, limit, seed, subset=None, template=None) -> _Sequences:
+    def _sequences(self, source, split, limit, seed, subset=None, template=None, asked: str | None = None
+                   ) -> _Sequences:
         h = self.hparams
         texts = load_texts(source, split, h.text_field, subset, template)
         rows, lengths = tokenize_to_sequences(texts, self.tokenizer, h.seq_len, h.pack)
+        if asked is not None and rows.shape[0] < limit:
+            rank_zero_warn(f"{asked}={limit} sequences asked, but {source} gives {rows.shape[0]} (of {h.seq_len} "
+                           f"tokens{', packed' if h.pack else ', one record each'}): using all {rows.shape[0]}")
         if limit is not None and rows.shape[0] > limit:
             pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:limit]
             rows, lengths = rows[pick], (lengths[pick] if lengths is not None else None)
@@ -160,7 +175,7 @@ class TextDataModule(L.LightningDataModule):
         if h.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {h.n_samples}")
         # train and domain eval share the domain's dataset layout (subset, template); general eval is plain text
-        self.train_set = self._sequences(h.train, h.split, h.n_samples, h.seed, h.subset, h.template)
+        self.train_set = self._sequences(h.train, h.split, h.n_samples, h.seed, h.subset, h.template, "n_samples")
         self.eval_sets = {}
         if h.domain_eval:
             self.eval_sets["domain"] = self._sequences(h.domain_eval, h.eval_split, h.max_eval_samples, h.seed + 1,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .io import atomic_file
-from .loss import Batch, _chunk_nll, chunked, forward_logits, prepare_batch, targets
+from .loss import Batch, _chunk_nll, chunked, forward, forward_logits, prepare_batch, targets, with_router_loss
 
 Teacher = tuple[torch.Tensor, torch.Tensor | None]  # (logits [B, T, k], their vocabulary ids [B, T, k] or None: all)
 _FORMAT = "fmoe-teacher-cache"
@@ -50,11 +50,13 @@ def _chunk_terms(student: torch.Tensor, target: torch.Tensor, values: torch.Tens
 def distillation_loss(model: nn.Module, batch: Batch, teacher: nn.Module | TeacherCache, temperature: float = 1.0,
                       weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(weight * T^2 * mean KL + (1 - weight) * mean NLL over the batch's supervised tokens, {"kd": T^2 * mean KL,
-    "nll": mean NLL, "tokens": their count}). Like fmoe.loss.mean_nll the loss is 0, still in the graph, when
-    nothing is supervised, and the [B, T, V] float32 terms are formed a chunk of positions at a time."""
+    "nll": mean NLL, "tokens": their count}), plus the load-balancing term ("aux") when the student's config sets
+    `output_router_logits` (fmoe.loss.with_router_loss). Like fmoe.loss.mean_nll the KL and NLL are 0, still in the
+    graph, when nothing is supervised, and the [B, T, V] float32 terms are formed a chunk of positions at a time."""
     check_options(temperature, weight)
     values, ids = teacher_logits(teacher, batch)  # [B, T, k]
-    logits = forward_logits(model, batch)  # [B, T, V]
+    output = forward(model, batch)
+    logits = output.logits  # [B, T, V]
     vocab = teacher.vocab if isinstance(teacher, TeacherCache) else values.shape[-1]
     if values.shape[:2] != logits.shape[:2] or vocab != logits.shape[-1]:
         raise ValueError(f"teacher logits {tuple(values.shape)} do not match the student's {tuple(logits.shape)}: "
@@ -70,7 +72,8 @@ def distillation_loss(model: nn.Module, batch: Batch, teacher: nn.Module | Teach
     tokens = (target != -100).sum()
     kd = temperature**2 * kl.sum() / tokens.clamp(min=1)
     nll = nll.sum() / tokens.clamp(min=1)
-    return weight * kd + (1.0 - weight) * nll, {"kd": kd.detach(), "nll": nll.detach(), "tokens": tokens}
+    parts = {"kd": kd.detach(), "nll": nll.detach(), "tokens": tokens}
+    return with_router_loss(model, output, weight * kd + (1.0 - weight) * nll, parts), parts
 
 
 def check_options(temperature: float, weight: float) -> None:

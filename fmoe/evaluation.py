@@ -110,6 +110,19 @@ def flat_metrics(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def check_tasks(tasks: list[str], include_path: str | Path | None = None):
+    """lm-eval's TaskManager, after checking it knows every task (an error names the unknown ones)."""
+    _require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        where = f" (task YAMLs read from {include_path})" if include_path is not None else ""
+        raise ValueError(f"unknown lm-eval task(s) {unknown}{where}; `lm_eval ls tasks` lists the valid ones")
+    return manager
+
+
 def lm_eval(model: nn.Module | object, tokenizer, tasks: list[str] | str, limit: int | float | None = None,
             include_path: str | Path | None = None, batch_size: int = 8,
             num_fewshot: int | None = None) -> dict[str, dict[str, float]]:
@@ -120,7 +133,6 @@ def lm_eval(model: nn.Module | object, tokenizer, tasks: list[str] | str, limit:
     put back afterwards, so an evaluation does not change what a later training step draws."""
     lm_eval_pkg, _ = _require_lm_eval()
     from lm_eval.api.model import LM
-    from lm_eval.tasks import TaskManager
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
@@ -131,11 +143,7 @@ def lm_eval(model: nn.Module | object, tokenizer, tasks: list[str] | str, limit:
         if tokenizer is None:
             raise ValueError("a tokenizer is needed to evaluate a model object")
         lm = hflm(model, tokenizer, batch_size)
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
-    unknown = [t for t in tasks if not manager.match_tasks([t])]
-    if unknown:
-        where = f" (task YAMLs read from {include_path})" if include_path is not None else ""
-        raise ValueError(f"unknown lm-eval task(s) {unknown}{where}; `lm_eval ls tasks` lists the valid ones")
+    manager = check_tasks(tasks, include_path)
     was_training = getattr(model, "training", False)
     try:
         with _global_generators_kept():

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .compat import (EXPERT_COUNT_FIELDS, TOP2_GROUP_ROUTERS, TWO_PICK_ROUTERS, cut_router, ensure_aligned_implementation,
-                     family_class, has_hooks, moe_layers, router_groups, select_rows)
+                     family_class, has_hooks, moe_layers, own_config, router_groups, select_rows,
+                     support_uneven_expert_counts)
 from .compressed import VECTORS
 from .experts import (RaggedExperts, expert_parameters, expert_widths, find_experts, fingerprint, num_experts,
                       on_meta, replace_module, up_name)
@@ -59,7 +60,10 @@ class ExpertPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertPlan:
-        data = read_json(path, cls.FORMAT, "fmoe expert plan")
+        return cls.from_dict(read_json(path, cls.FORMAT, "fmoe expert plan"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExpertPlan:
         return cls(keep={n: [int(e) for e in ids] for n, ids in data["keep"].items()},
                    num_experts={n: int(k) for n, k in data["num_experts"].items()},
                    sizes=data["sizes"], fingerprint=data["fingerprint"], meta=data["meta"])
@@ -71,29 +75,36 @@ def expert_sizes(module: nn.Module) -> list[int]:
     return [sum(t.numel() for t in params(e).values()) for e in range(num_experts(module))]
 
 
+def keep_minimum(model_type: str, router: nn.Module) -> tuple[int, int, str]:
+    """(groups, least, why): the router's expert groups (1 unless group-limited) and the fewest experts each group
+    must keep for the layer to run, with the rule that sets it."""
+    groups = router_groups(router)
+    rules = [(1, "every MoE layer needs at least one expert")]
+    if model_type in TWO_PICK_ROUTERS:
+        rules.append((2, f"{model_type}'s router (sparsemixer) always picks two experts"))
+    if model_type in TOP2_GROUP_ROUTERS:  # .topk(2) on the group scores, whatever n_group (GLM-4.5 ships 1)
+        rules.append((2, f"{model_type}'s router ranks expert groups by their two best experts, also with one group"))
+    if groups:
+        rules.append((-(-router.top_k // groups[1]), f"top_k={router.top_k} experts must come from "
+                                                     f"topk_group={groups[1]} groups"))
+    least, why = max(rules, key=lambda rule: rule[0])
+    return (groups[0] if groups else 1), least, why
+
+
 def check_keep(model_type: str, name: str, router: nn.Module, total: int, ids: list[int]) -> None:
     """A clear ValueError when keeping experts `ids` of `total` breaks the layer's router."""
     if not ids:
         raise ValueError(f"{name}: the plan keeps no expert of {total}; every MoE layer needs at least one")
-    if model_type in TWO_PICK_ROUTERS and len(ids) < 2:
-        raise ValueError(f"{name}: {model_type}'s router (sparsemixer) always picks two experts; keep at least 2")
-    groups = router_groups(router)
-    if groups is None:
-        return
-    n_group, topk_group = groups
+    n_group, least, why = keep_minimum(model_type, router)
     size = total // n_group
     per_group = [sum(g * size <= e < (g + 1) * size for e in ids) for g in range(n_group)]
     if len(set(per_group)) > 1:
         raise ValueError(f"{name}: the plan keeps {per_group} experts in the router's {n_group} groups; a "
                          "group-limited router reshapes its scores to [n_group, E / n_group], so every group must "
                          "keep the same number")
-    kept = per_group[0]
-    if model_type in TOP2_GROUP_ROUTERS and kept < 2:
-        raise ValueError(f"{name}: {model_type}'s router ranks groups by their two best experts; each of the "
-                         f"{n_group} groups must keep at least 2, the plan keeps {kept}")
-    if router.top_k > topk_group * kept:
-        raise ValueError(f"{name}: top_k={router.top_k} experts must come from topk_group={topk_group} groups of "
-                         f"{kept} kept experts each; keep at least {-(-router.top_k // topk_group)} per group")
+    if per_group[0] < least:
+        where = f"each of its {n_group} groups" if n_group > 1 else "the layer"
+        raise ValueError(f"{name}: {why}, so {where} must keep at least {least}; the plan keeps {per_group[0]}")
 
 
 def _layer_keep(name: str, scores: torch.Tensor, drop: int, groups: tuple[int, int] | None) -> list[int]:
@@ -119,7 +130,8 @@ def plan_experts(model: nn.Module, scores: dict[str, torch.Tensor], ratio: float
     """Drop the lowest-scored experts: `ratio` (share of routed parameters to remove) or `count` (experts per layer
     for scope "layer", in all for "global"). Scope "layer" drops the same number in every MoE layer (ratio: round(
     ratio x E)); "global" ranks experts across layers (each layer's scores divided by their mean first when
-    normalize="mean") and keeps at least one per layer (two where the router always picks two)."""
+    normalize="mean"), dropping from every group of a group-limited router alike, and never takes a layer below
+    what its router needs to run (`keep_minimum`); a layer-scope drop past that is refused."""
     if (ratio is None) == (count is None):
         raise ValueError("give exactly one of ratio (share of routed parameters to remove) or count (experts)")
     if ratio is not None and not 0 <= ratio <= 1:
@@ -140,19 +152,15 @@ def plan_experts(model: nn.Module, scores: dict[str, torch.Tensor], ratio: float
         if tuple(s.shape) != (totals[name],) or not bool(torch.isfinite(s).all()):
             raise ValueError(f"scores of {name} must be {totals[name]} finite values (one per expert), got "
                              f"shape {tuple(s.shape)}")
-    values = {name: scores[name].detach().double().cpu() for name in modules}
+    values = {name: scores[name].detach().cpu().double() for name in modules}
     routers = {name: model.get_submodule(layers[name].router) for name in modules}
     sizes = {name: expert_sizes(m) for name, m in modules.items()}
     if scope == "layer":
         keep = {name: _layer_keep(name, values[name], round(ratio * totals[name]) if count is None else count,
                                   router_groups(routers[name])) for name in modules}
     else:
-        grouped = [name for name in modules if router_groups(routers[name])]
-        if grouped:
-            raise ValueError(f"global scope cannot plan for group-limited routers ({grouped[0]}, ...): they need the "
-                             "same number of experts dropped from every group, which a ranking across layers does "
-                             "not give; use scope='layer'")
-        keep = _global_keep(values, sizes, ratio, count, normalize, 2 if model_type in TWO_PICK_ROUTERS else 1)
+        keep = _global_keep(values, sizes, ratio, count, normalize,
+                            {name: keep_minimum(model_type, routers[name])[:2] for name in modules})
     for name, ids in keep.items():
         check_keep(model_type, name, routers[name], totals[name], ids)
     meta = dict(criterion=criterion, scope=scope, normalize=normalize, ratio=ratio, count=count)
@@ -162,36 +170,45 @@ def plan_experts(model: nn.Module, scores: dict[str, torch.Tensor], ratio: float
 
 
 def _global_keep(values: dict[str, torch.Tensor], sizes: dict[str, list[int]], ratio: float | None,
-                 count: int | None, normalize: str, min_keep: int) -> dict[str, list[int]]:
-    """Experts dropped lowest first across layers (ties by layer, then expert order), never below `min_keep` per
-    layer: `count` of them, or while the removed parameters come nearer to `ratio` of the total."""
+                 count: int | None, normalize: str, minimum: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
+    """Experts dropped lowest first across layers: `count` of them, or while the removed parameters come nearer to
+    `ratio` of the total. A layer of minimum[name] = (groups, least) loses experts one round at a time, a round being
+    the lowest expert left in each group (scored by their mean; one expert where the router has no groups), and
+    keeps at least `least` per group. Ties by layer, then round."""
     if normalize == "mean":
         for name, v in values.items():
             if not v.mean() > 0:
                 raise ValueError(f"normalize='mean' divides each layer's scores by their mean, which is not positive "
                                  f"for {name}; use normalize='none'")
         values = {name: v / v.mean() for name, v in values.items()}
-    order = sorted((float(v[e]), i, e) for i, v in enumerate(values.values()) for e in range(v.numel()))
+    rounds = []  # (score, layer, round, expert ids)
+    for i, (name, v) in enumerate(values.items()):
+        n_group, least = minimum[name]
+        size = v.numel() // n_group
+        lowest = [g * size + torch.sort(v[g * size:(g + 1) * size], stable=True).indices for g in range(n_group)]
+        for r in range(size - least):  # [n_group] the r-th lowest of every group
+            ids = [int(order[r]) for order in lowest]
+            rounds.append((float(v[ids].mean()), i, r, ids))
     names = list(values)
-    left = {name: v.numel() for name, v in values.items()}
     dropped: set[tuple[str, int]] = set()
     target = None if ratio is None else ratio * sum(sum(s) for s in sizes.values())
     removed = 0
-    for _, i, e in order:
+    for _, i, _, ids in sorted(rounds, key=lambda unit: unit[:3]):
         name = names[i]
-        if count is not None and len(dropped) == count:
-            break
-        if left[name] <= min_keep:
-            continue
+        if count is not None and len(dropped) + len(ids) > count:
+            continue  # a round of a grouped layer can overshoot: a smaller one may still fit
         if target is not None:
-            if abs(removed + sizes[name][e] - target) >= abs(removed - target):
+            cost = sum(sizes[name][e] for e in ids)
+            if abs(removed + cost - target) >= abs(removed - target):
                 break
-            removed += sizes[name][e]
-        dropped.add((name, e))
-        left[name] -= 1
+            removed += cost
+        dropped.update((name, e) for e in ids)
     if count is not None and len(dropped) < count:
-        raise ValueError(f"count={count} drops more experts than the layers can lose while each keeps {min_keep}: "
-                         f"at most {len(dropped)}")
+        most = sum(len(unit[3]) for unit in rounds)
+        reach = f"at most {most}" if len(dropped) == most else (f"{len(dropped)} (a group-limited router loses one "
+                                                                 f"expert from every group at a time)")
+        raise ValueError(f"count={count} drops more experts than the layers can lose while each keeps what its "
+                         f"router needs to run: the ranking reaches {reach}")
     return {name: [e for e in range(v.numel()) if (name, e) not in dropped] for name, v in values.items()}
 
 
@@ -225,7 +242,7 @@ def drop_experts(model: nn.Module, plan: ExpertPlan) -> nn.Module:
     for name, ids in plan.keep.items():
         check_keep(model.config.model_type, name, model.get_submodule(layers[name].router), plan.num_experts[name], ids)
     select_experts(model, plan.keep)
-    config, counts = model.config, plan.kept_counts()
+    config, counts = own_config(model), plan.kept_counts()
     if getattr(config, WIDTHS_FIELD, None):  # dims were pruned before: the kept experts' widths
         record_widths(model)
     if len(set(counts.values())) == 1:  # a stock config describes it: rewrite the count fields
@@ -264,6 +281,8 @@ def select_experts(model: nn.Module, keep: dict[str, list[int]]) -> None:
                 module.num_experts = len(ids)
             if isinstance(getattr(module, "top_k", None), int):
                 module.top_k = min(module.top_k, len(ids))
+    if len({num_experts(m) for m in find_experts(model).values()}) > 1:  # the stock load-balancing loss needs one
+        support_uneven_expert_counts(model)
 
 
 def _select_params(module: nn.Module, index: torch.Tensor, keys: list[str]) -> None:

@@ -139,7 +139,8 @@ def prune_iteratively(
     `batches`, which are iterated once per step: a list, not a generator) the partly pruned model before each, then
     prune physically (in place) with the final plan and return it.
 
-    `method` is a scoring method of fmoe.score, or a function model -> Scores (e.g. a rank_mean of two criteria).
+    `method` is a criterion of fmoe.score (a method, or a combination such as "rank_mean(compensated, router)"),
+    or a function model -> Scores.
     `plan_options` are make_plan's (multiple_of, min_width, normalize, max_widths); `after_step(model, plan, step)`
     runs after each step's mask is in place (e.g. to reconstruct the layer outputs). Each step's kept dims are a
     subset of the previous step's. plan.meta records steps, schedule, step_ratios, achieved (the share removed)

@@ -1,8 +1,9 @@
 """Layer Drop (remove whole MoE sublayers) and Block Drop (remove whole decoder layers): plans and physical edits.
 
 Similarities come in as tensors, measured elsewhere on calibration data:
-- `moe_similarity` [L]: per decoder layer cos(x', x' + MoE(Norm(x'))), x' the residual entering the post-attention
-  norm (NaN where the layer has no MoE); the most similar MoE sublayers change the residual least and go first.
+- `moe_similarity` [L]: per decoder layer cos(x', x' + m MoE(Norm(x'))), x' the residual entering the post-attention
+  norm, m the layer's residual scale (GraniteMoE's residual_multiplier, else 1); NaN where the layer has no MoE;
+  the most similar MoE sublayers change the residual least and go first.
 - `block_similarity` [L+1, L+1]: S[i, j] = token-mean cos(h_i, h_j), h_i the input of decoder layer i (h_L the
   last layer's output); "discrete" drops the blocks with the highest S[l, l+1], "consecutive" the window l..l+n-1
   with the highest S[l, l+n].
@@ -28,7 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .compat import TUPLE_BLOCKS, decoder_layers, has_hooks, moe_layers
+from .compat import TUPLE_BLOCKS, decoder_layers, has_hooks, moe_layers, own_config
 from .expert_drop import EXPERT_COUNTS_FIELD
 from .experts import find_experts, fingerprint, on_meta, replace_module
 from .io import read_json, write_json
@@ -65,7 +66,10 @@ class DropPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> DropPlan:
-        data = read_json(path, cls.FORMAT, "fmoe drop plan")
+        return cls.from_dict(read_json(path, cls.FORMAT, "fmoe drop plan"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DropPlan:
         return cls(moe_layers=list(data["moe_layers"]), blocks=list(data["blocks"]), num_layers=data["num_layers"],
                    fingerprint=data["fingerprint"], meta=data["meta"])
 
@@ -234,7 +238,7 @@ def drop_moe_sublayers(model: nn.Module, layers: list[int]) -> nn.Module:
     if not remaining:
         raise ValueError(f"dropping MoE layers {layers} leaves none: fmoe models keep at least one MoE layer")
     blocks = _remove_sublayers(model, layers)
-    config = model.config
+    config = own_config(model)
     for name in LAYER_FIELDS:  # entries of the removed experts modules go
         value = getattr(config, name, None)
         if isinstance(value, dict):
@@ -367,8 +371,8 @@ def drop_blocks(model: nn.Module, blocks: list[int]) -> nn.Module:
         raise ValueError(f"dropping blocks {blocks} removes all {n} decoder layers")
     if not {m.index for m in moe_layers(model).values()} - set(blocks):
         raise ValueError(f"dropping blocks {blocks} removes every MoE layer: fmoe models keep at least one")
-    config = model.config
-    new = _rewritten_config(config, prefix, n, kept)
+    new = _rewritten_config(model.config, prefix, n, kept)  # checked before the model is touched
+    config = own_config(model)
 
     replace_module(model, prefix, nn.ModuleList([layers[i] for i in kept]))
     for j, layer in enumerate(model.get_submodule(prefix)):

@@ -81,10 +81,34 @@ def chunked(fn, logits: torch.Tensor, target: torch.Tensor, *aligned: torch.Tens
     return sums
 
 
+def forward(model: nn.Module, batch: Batch):
+    """The model's output for a prepared batch (explicit position ids, no KV cache): next-token logits [B, T, V],
+    and the load-balancing `aux_loss` of a MoE whose config sets `output_router_logits`."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, use_cache=False)
+
+
 def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The model's next-token logits [B, T, V] for a prepared batch (explicit position ids, no KV cache)."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                 position_ids=batch.position_ids, use_cache=False).logits
+    return forward(model, batch).logits
+
+
+def with_router_loss(model: nn.Module, output, loss: torch.Tensor, parts: dict) -> torch.Tensor:
+    """`loss` + router_aux_loss_coef x the load-balancing loss in `output`, the term HF's `.loss` adds when the
+    config sets `output_router_logits` (recorded as parts["aux"]); `loss` itself when the model returned none."""
+    aux = getattr(output, "aux_loss", None)
+    if aux is None:
+        return loss
+    parts["aux"] = aux.detach()
+    return loss + model.config.router_aux_loss_coef * aux.to(loss.device)
+
+
+def logits_nll(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token NLL per sequence [B] float32, supervised token count per sequence [B]) of `logits`
+    [B, T, V] computed for `batch`."""
+    target = targets(batch)  # [B, T-1]
+    (nll,) = chunked(lambda z, t: (_chunk_nll(z, t),), logits, target)
+    return nll, (target != -100).sum(1)
 
 
 def sequence_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,14 +117,24 @@ def sequence_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Te
     nll[n] / count[n] is what the HF model returns as `.loss` for sequence n alone; nll.sum() / count.sum() is its
     `.loss` for the whole batch.
     """
-    target = targets(batch)  # [B, T-1]
-    (nll,) = chunked(lambda z, t: (_chunk_nll(z, t),), forward_logits(model, batch), target)
-    return nll, (target != -100).sum(1)
+    return logits_nll(forward_logits(model, batch), batch)
 
 
 def mean_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean NLL over the batch's supervised tokens, their count): HF's `.loss`, 0 (still in the graph) when
     nothing is supervised, so that every data-parallel rank runs the same backward."""
-    nll, counts = sequence_nll(model, batch)
+    return _mean(*sequence_nll(model, batch))
+
+
+def _mean(nll: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     total = counts.sum()
     return nll.sum() / total.clamp(min=1), total
+
+
+def training_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(HF's `.loss` for the batch: `mean_nll`, plus router_aux_loss_coef x the load-balancing loss when the config
+    sets `output_router_logits`; {"nll": mean NLL, "aux": that loss (when on), "tokens": supervised tokens})."""
+    output = forward(model, batch)
+    nll, total = _mean(*logits_nll(output.logits, batch))
+    parts = {"nll": nll.detach(), "tokens": total}
+    return with_router_loss(model, output, nll, parts), parts

@@ -79,8 +79,9 @@ class Calibration:
 
 def calibrate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], method: str = "fisher",
               progress: bool | None = None) -> Calibration:
-    """Dim scores (`method`: a data method of fmoe.scoring) and expert and layer statistics of `model`, from one
-    pass over calibration `batches` (dicts with input_ids and optionally attention_mask, labels)."""
+    """Dim scores (`method`: a criterion a fmoe.scoring.Scorer runs, combinations included) and expert and layer
+    statistics of `model`, from one pass over calibration `batches` (dicts with input_ids and optionally
+    attention_mask, labels)."""
     progress = sys.stderr.isatty() if progress is None else progress
     scorer = Scorer(model, method, structure=True)
     with scorer.attached():
@@ -106,7 +107,10 @@ class CompressionPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> CompressionPlan:
-        data = read_json(path, cls.FORMAT, "fmoe compression plan")
+        return cls.from_dict(read_json(path, cls.FORMAT, "fmoe compression plan"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionPlan:
         return cls(main=data["main"], meta=data["meta"])
 
 
@@ -122,10 +126,8 @@ class Method:
 def _dims(model, calibration, amount, scope="layer", multiple_of=16, min_width=None, normalize="mean",
           max_widths=4):
     scores = calibration.need("scores", "dims", model)
-    plan = make_plan(scores, amount, scope, multiple_of=multiple_of, min_width=min_width, normalize=normalize,
-                     max_widths=max_widths, model=model)
-    plan.meta["achieved"] = plan.removed_fraction()  # of routed dims: of routed parameters up to expert biases
-    return plan
+    return make_plan(scores, amount, scope, multiple_of=multiple_of, min_width=min_width, normalize=normalize,
+                     max_widths=max_widths, model=model)  # achieved: of routed dims, of routed parameters up to biases
 
 
 def _experts(criterion: str) -> Callable:
@@ -192,6 +194,35 @@ def options_of(name: str, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in accepted and k not in ("model", "calibration", "amount")}
 
 
+def check(name: str, amount: float | None, **options) -> None:
+    """Refuse what method `name`'s planner would refuse that needs no model or calibration (the name, the amount,
+    unknown options, values outside their choices), so a run fails before its calibration is spent."""
+    import inspect
+
+    from .expert_drop import NORMALIZATIONS, SCOPES as EXPERT_SCOPES
+    from .layer_drop import BLOCK_MODES
+    from .plan import check_options
+
+    accepted = set(inspect.signature(method(name).plan).parameters) - {"model", "calibration", "amount"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"method {name!r} takes no option {unknown}; its options: {', '.join(sorted(accepted))}")
+    count = options.get("count")
+    if amount is None and count is None and options.get("main") is None:
+        raise ValueError(f"method {name!r} needs an amount (the share removed) or a count")
+    if amount is not None and not (isinstance(amount, (int, float)) and 0 <= amount < 1):
+        raise ValueError(f"amount is the share removed, in [0, 1); got {amount!r}")
+    if count is not None and (not isinstance(count, int) or count < 0):
+        raise ValueError(f"count must be a non-negative int, got {count!r}")
+    if name == "dims":
+        check_options(amount, **options)
+        return
+    choices = {"scope": EXPERT_SCOPES, "normalize": NORMALIZATIONS, "mode": BLOCK_MODES}
+    for key, valid in choices.items():
+        if key in options and options[key] not in valid:
+            raise ValueError(f"unknown {key} {options[key]!r} for method {name!r}; valid: {', '.join(valid)}")
+
+
 def make(model: nn.Module, name: str, amount: float | None, calibration: Calibration | None = None, **options):
     """The plan of method `name` for `model` at `amount` (options: the method's own, e.g. scope, mode, count)."""
     return method(name).plan(model, calibration or Calibration(), amount, **options)
@@ -213,6 +244,14 @@ def load_plan(path: str | Path):
     if found not in PLAN_FORMATS:
         raise ValueError(f"{path} is not an fmoe plan (format={found!r}; valid: {', '.join(PLAN_FORMATS)})")
     return PLAN_FORMATS[found].load(path)
+
+
+def plan_from_dict(data: dict):
+    """Any fmoe plan from its `to_dict()`, by its format (e.g. a plan a Lightning checkpoint carries)."""
+    found = data.get("format") if isinstance(data, dict) else None
+    if found not in PLAN_FORMATS:
+        raise ValueError(f"not an fmoe plan (format={found!r}; valid: {', '.join(PLAN_FORMATS)})")
+    return PLAN_FORMATS[found].from_dict(data)
 
 
 def apply_plan(model: nn.Module, plan) -> nn.Module:

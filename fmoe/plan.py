@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
@@ -14,6 +15,7 @@ from .io import read_json, write_json
 from .scores import Scores
 
 SCOPES = ("expert", "layer", "global")
+ROUNDING_WARNING = 0.05  # a plan further than this from its ratio (rounding to multiple_of) says so
 NORMALIZATIONS = ("mean", "none")
 
 
@@ -51,7 +53,10 @@ class PruningPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> PruningPlan:
-        data = read_json(path, cls.FORMAT, "fmoe pruning plan")
+        return cls.from_dict(read_json(path, cls.FORMAT, "fmoe pruning plan"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruningPlan:
         keep = {name: [torch.tensor(k, dtype=torch.long) for k in ks] for name, ks in data["keep"].items()}
         return cls(keep=keep, widths=data["widths"], fingerprint=data["fingerprint"], meta=data["meta"])
 
@@ -253,6 +258,25 @@ def _ranked(values: torch.Tensor) -> torch.Tensor:
     return torch.sort(values, descending=True, stable=True).indices
 
 
+def check_options(ratio: float, scope: str = "layer", multiple_of: int = 16, min_width: int | None = None,
+                  normalize: str = "mean", max_widths: int | None = 4) -> int:
+    """Refuse options make_plan would refuse (no scores needed, so a run can check them first); the min_width used."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalize {normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
+    if max_widths is not None and max_widths < 1:
+        raise ValueError(f"max_widths must be >= 1 or None, got {max_widths}")
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    min_width = multiple_of if min_width is None else min_width
+    if min_width < 1 or min_width % multiple_of:
+        raise ValueError(f"min_width must be a positive multiple of multiple_of={multiple_of}, got {min_width}")
+    return min_width
+
+
 def make_plan(
     scores: Scores,
     ratio: float,
@@ -274,21 +298,10 @@ def make_plan(
     each layer (or the whole model) keeps round(dims x (1 - ratio)) within one unit. With `model`, the plan is
     checked against it (scores of another model are refused); non-finite scores are refused. `max_widths` bounds
     the distinct widths per layer (ragged experts run one grouped matmul per width; None = unbounded) without
-    changing any layer's total (see `limit_widths`).
+    changing any layer's total (see `limit_widths`). `meta["achieved"]` is the share of routed dims removed; a
+    warning says when rounding leaves it more than 5 points from `ratio`.
     """
-    if not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalize {normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
-    if max_widths is not None and max_widths < 1:
-        raise ValueError(f"max_widths must be >= 1 or None, got {max_widths}")
-    if multiple_of < 1:
-        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
-    min_width = multiple_of if min_width is None else min_width
-    if min_width < 1 or min_width % multiple_of:
-        raise ValueError(f"min_width must be a positive multiple of multiple_of={multiple_of}, got {min_width}")
+    min_width = check_options(ratio, scope, multiple_of, min_width, normalize, max_widths)
     for name, t in scores.tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"scores of {name} hold {int((~torch.isfinite(t)).sum())} non-finite values "
@@ -330,6 +343,12 @@ def make_plan(
                 normalize=normalize, max_widths=max_widths)
     full_widths = {name: [t.shape[1]] * t.shape[0] for name, t in tensors.items()}
     plan = PruningPlan(keep=keep, widths=full_widths, fingerprint=scores.fingerprint, meta=meta)
+    plan.meta["achieved"] = achieved = plan.removed_fraction()
+    if abs(achieved - ratio) > ROUNDING_WARNING:
+        warnings.warn(f"the plan removes {achieved:.1%} of routed dims, not the {ratio:.1%} asked: widths are rounded "
+                      f"to multiples of {multiple_of} (at least {min_width}) and the experts are "
+                      f"{sorted({t.shape[1] for t in tensors.values()})} wide; lower multiple_of/min_width to get "
+                      "closer", stacklevel=2)
     if model is not None:
         from .prune import check_plan
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .compat import ensure_aligned_implementation, experts_hooks, has_hooks, moe_layers, width_field
+from .compat import ensure_aligned_implementation, experts_hooks, has_hooks, moe_layers, own_config, width_field
 from .compressed import CompressedExperts
 from .experts import (RaggedExperts, attached_hooks, expert_widths, find_experts, fingerprint, num_experts, on_meta,
                       replace_module, slice_experts)
@@ -39,7 +39,14 @@ def check_plan_fits(plan: PruningPlan, widths: dict[str, list[int]], fp: str) ->
         )
     if plan.fingerprint != fp:
         raise ValueError(f"plan was made from scores of another model (fingerprint {plan.fingerprint} != {fp})")
+    missing, unknown = sorted(set(widths) - set(plan.keep)), sorted(set(plan.keep) - set(widths))
+    if missing or unknown:
+        raise ValueError(f"plan keeps no dims for experts modules {missing[:3]} (a plan lists the kept dims of every "
+                         "experts module; list all of a module's dims to leave it whole)" if missing else
+                         f"plan names experts modules the model does not have: {unknown[:3]}")
     for name, keeps in plan.keep.items():
+        if len(keeps) != len(widths[name]):
+            raise ValueError(f"plan keeps dims for {len(keeps)} experts of {name}, which has {len(widths[name])}")
         for e, keep in enumerate(keeps):
             if keep.numel() == 0 or keep.min() < 0 or keep.max() >= widths[name][e] or not bool((keep.diff() > 0).all()):
                 raise ValueError(f"plan keeps invalid dims for {name} expert {e}: need ascending, unique, in range")
@@ -74,7 +81,7 @@ def record_widths(model: nn.Module) -> nn.Module:
     """Write the experts' widths into the config (WIDTHS_FIELD, and the family's width field when every expert has
     the same width, so a stock loader builds this exact shape); fall back from grouped_mm where it cannot run."""
     widths = {name: expert_widths(m) for name, m in find_experts(model).items()}
-    setattr(model.config, WIDTHS_FIELD, widths)
+    setattr(own_config(model), WIDTHS_FIELD, widths)
     uniform = {w for ws in widths.values() for w in ws}
     field = width_field(model.config.model_type)
     if field is not None and len(uniform) == 1 and not any(isinstance(m, RaggedExperts) for m in find_experts(model).values()):

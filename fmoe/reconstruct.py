@@ -50,15 +50,14 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from .compat import accumulation_dtype
 from .experts import RaggedExperts, expert_parameters, expert_widths, find_experts, num_experts, on_meta
 from .plan import PruningPlan
 
 
 LAM = 0.1  # the refit's default ridge: see the module docstring and benchmarks/refit_lam.py
 
-
-def _dtype(device) -> torch.dtype:
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+_dtype = accumulation_dtype  # float64, float32 on a device without it (MPS)
 
 
 @dataclasses.dataclass

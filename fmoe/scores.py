@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,3 +66,43 @@ def rank_mean(*scores: Scores) -> Scores:
     tensors = {n: (sum(ranks(s.tensors[n]) for s in scores) / len(scores)).float() for n in names}
     method = "rank_mean(" + ",".join(s.method for s in scores) + ")"
     return Scores(tensors, method, scores[0].fingerprint, scores[0].samples, scores[0].tokens, dict(scores[0].meta))
+
+
+COMBINERS = {"rank_mean": rank_mean}  # name -> function(*Scores) -> Scores
+_SPEC = re.compile(r"\s*(\w+)\s*(?:\((.*)\))?\s*")
+
+
+def parse_criterion(spec: str, names: Sequence[str]) -> tuple[str | None, tuple[str, ...]]:
+    """A scoring criterion: one of `names` ("fisher") or a combiner of COMBINERS over two or more of them
+    ("rank_mean(compensated, router)") -> (combiner or None, criteria). A bad spec raises, listing what is valid."""
+    valid = f"valid: {', '.join(names)}, or {' | '.join(COMBINERS)}(name, name, ...) over them"
+    match = _SPEC.fullmatch(spec) if isinstance(spec, str) else None
+    if match is None:
+        raise ValueError(f"malformed scoring criterion {spec!r}; {valid}")
+    head, inner = match.groups()
+    if inner is None:
+        if head not in names:
+            raise ValueError(f"unknown scoring criterion {head!r}; {valid}")
+        return None, (head,)
+    if head not in COMBINERS:
+        raise ValueError(f"unknown combiner {head!r} in {spec!r}; {valid}")
+    parts = tuple(p.strip() for p in inner.split(","))
+    malformed = [p for p in parts if not re.fullmatch(r"\w+", p)]
+    if malformed:
+        raise ValueError(f"malformed scoring criterion {spec!r} (at {malformed[0]!r}); {valid}")
+    unknown = [p for p in parts if p not in names]
+    if unknown:
+        raise ValueError(f"unknown scoring criterion {unknown[0]!r} in {spec!r}; {valid}")
+    if len(parts) < 2 or len(set(parts)) != len(parts):
+        raise ValueError(f"{head} combines two or more different criteria, got {spec!r}; {valid}")
+    return head, parts
+
+
+def criterion_name(combiner: str | None, criteria: Sequence[str]) -> str:
+    """The canonical spelling of a parsed criterion, as the combined Scores' `method` records it."""
+    return criteria[0] if combiner is None else f"{combiner}({','.join(criteria)})"
+
+
+def combine(combiner: str | None, parts: Sequence[Scores]) -> Scores:
+    """The Scores of each criterion (in spec order) combined as the spec says."""
+    return parts[0] if combiner is None else COMBINERS[combiner](*parts)

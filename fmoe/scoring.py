@@ -13,8 +13,10 @@ Methods (higher = keep):
               squares, ||down_j||^2 / [(G + lam I)^-1]_jj with G = sum h h^T over the expert's routed tokens (an
               optimal-brain-surgeon saliency; fmoe.reconstruct.compensated), from one forward pass.
 - random:     seeded uniform noise (a baseline).
-Sums accumulate in float64 (returned as float32) whatever the model dtype; padding tokens never contribute. Inside
-`fmoe.masked` every method scores the masked model: masked dims score 0.
+Criteria combine: "rank_mean(compensated, router)" averages each criterion's per-layer ranks (fmoe.scores); `score`
+and every Scorer (so the Lightning calibration) take such a spec wherever they take a method name.
+Sums accumulate in float64 (float32 on MPS, which has none; returned as float32) whatever the model dtype; padding
+tokens never contribute. Inside `fmoe.masked` every method scores the masked model: masked dims score 0.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import on_meta
-from .compat import experts_hooks
+from .compat import accumulation_dtype, experts_hooks
 from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, num_experts, up_name
 from .loss import Batch, prepare_batch, sequence_nll
 from .prune import active_mask
-from .reconstruct import Gram, GramStatistics
-from .scores import Scores
+from .reconstruct import Gram, GramStatistics, compensated, gather
+from .scores import Scores, combine, criterion_name, parse_criterion
 from .statistics import Statistics, StructureStatistics
 
 
@@ -51,9 +53,9 @@ def _check_scorable(modules: dict[str, nn.Module]) -> None:
 
 
 def _zeros(modules: dict[str, nn.Module], device, dtype=None) -> dict[str, torch.Tensor]:
-    """Zero sums [E, I] per module: float64 totals by default (float32 where the device has no float64: MPS)."""
+    """Zero sums [E, I] per module: totals in the device's accumulation dtype by default (compat)."""
     if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        dtype = accumulation_dtype(device)
     return {n: torch.zeros(num_experts(m), expert_widths(m)[0], device=device, dtype=dtype) for n, m in modules.items()}
 
 
@@ -163,9 +165,12 @@ class Activation:
         self.sums = _zeros(modules, device)
         self.counts = {n: torch.zeros(t.shape[0], 1, device=device, dtype=t.dtype) for n, t in self.sums.items()}
         self.weighted = weighted
+        self.repeat = False  # the next forward reruns a dropped step's batch, already counted (see end_step)
 
     def hook(self, name, ctx):
         def on_intermediate(routing, h):  # h [S, I], rows sorted by expert
+            if self.repeat:
+                return h
             keep = ctx.real_rows(routing)[:, None]  # [S, 1]
             a = h.detach().abs().to(self.sums[name].dtype)
             if self.weighted:
@@ -175,6 +180,10 @@ class Activation:
             return h
 
         return on_intermediate
+
+    def end_step(self, commit: bool) -> None:
+        """After a step with a backward (beside Fisher): a dropped step's batch runs again and adds nothing then."""
+        self.repeat = not commit
 
     def state(self):
         return {**{f"sum/{n}": t for n, t in self.sums.items()}, **{f"count/{n}": t for n, t in self.counts.items()}}
@@ -269,11 +278,23 @@ def _check_finite(loss: torch.Tensor, method: str) -> None:
 
 DATA_METHODS = {"fisher": Fisher, "activation": Activation, "router": lambda m, d: Activation(m, d, weighted=True)}
 METHODS = ("fisher", "grad_abs", "activation", "router", "magnitude", "random", "compensated")
+PASS_METHODS = tuple(m for m in METHODS if m != "grad_abs")  # what a Scorer measures, together, in one pass
+
+
+def scorer_criterion(spec: str) -> tuple[str | None, tuple[str, ...]]:
+    """(combiner or None, criteria) of a spec a Scorer runs: any method or combination but grad_abs."""
+    combiner, criteria = parse_criterion(spec, METHODS)
+    if "grad_abs" in criteria:
+        raise ValueError(f"{spec!r}: grad_abs takes weight gradients one sequence at a time, which fmoe.score runs "
+                         f"and a Scorer (the Lightning calibration) does not; valid here: {', '.join(PASS_METHODS)} "
+                         "and their combinations")
+    return combiner, criteria
 
 
 class Scorer:
-    """Step-wise accumulation of a data method (fisher, activation, router): `score()` and the Lightning layer
-    both drive it, so there is one implementation of each criterion.
+    """Step-wise accumulation of a criterion: any method but grad_abs, or a combination of them (see
+    `fmoe.scores.parse_criterion`), every criterion of a combination measured in the same pass. `score()` and the
+    Lightning layer both drive it, so there is one implementation of each criterion.
 
         scorer = Scorer(model, "fisher")
         with scorer.attached():          # fmoe experts forward + hooks; weights frozen, eval mode
@@ -284,25 +305,44 @@ class Scorer:
     Lightning hooks that cannot hold a `with` block call `attach()` and `detach()` instead. With `structure`, the
     same pass also measures the expert- and layer-level statistics of fmoe.statistics (`statistics()`); their sums
     join `state()` under "structure/" keys, so rank reduction and checkpoints cover them. With `gram`, the same
-    pass gathers the per-expert Gram sums of fmoe.reconstruct (`gram()`), under "gram/" keys.
+    pass gathers the per-expert Gram sums of fmoe.reconstruct (`gram()`), under "gram/" keys (compensated scores
+    come from such sums too). Criteria that read weights (compensated, magnitude) read the model the scorer was made
+    with: `use` switches only the module the batches run through.
     """
 
-    def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False, gram: bool = False):
-        if method not in DATA_METHODS:
-            raise ValueError(f"Scorer runs the data methods {', '.join(DATA_METHODS)}; got {method!r}")
-        self.model, self.method = model, method
-        self.modules = find_experts(model)
+    def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False, gram: bool = False,
+                 seed: int = 0):
+        self.combiner, self.criteria = scorer_criterion(method)
+        self.model, self.method, self.seed = model, criterion_name(self.combiner, self.criteria), seed
+        self.modules = self.weights = find_experts(model)
         _check_scorable(self.modules)
         empty = on_meta(model)  # an empty (meta) model has no weights to fingerprint
         self.fingerprint = None if empty else fingerprint(model)
         self.device = torch.device("cpu") if empty else next(model.parameters()).device
-        self.acc = DATA_METHODS[method](self.modules, self.device)
-        self.structure = StructureStatistics(model, self.device, fisher=self.acc.needs_grad,
-                                             gradient_scale=lambda: self.acc.gradient_scale) if structure else None
-        self.grams = Gram(self.modules, self.device) if gram else None
+        self.accs = {c: DATA_METHODS[c](self.modules, self.device) for c in self.criteria if c in DATA_METHODS}
+        self.needs_grad = "fisher" in self.accs  # one backward per step
+        self.structure = StructureStatistics(model, self.device, fisher=self.needs_grad,
+                                             gradient_scale=lambda: self.gradient_scale) if structure else None
+        self.gathers_gram = gram
+        self.grams = Gram(self.modules, self.device) if gram or "compensated" in self.criteria else None
         self.ctx = _Context()
         self.samples = self.tokens = 0
         self._stack: ExitStack | None = None
+
+    @property
+    def gradient_scale(self) -> float:
+        """dL_n/dm is the Fisher hooks' gradient times this (see Fisher.gradient_scale); 1 without Fisher."""
+        return self.accs["fisher"].gradient_scale if self.needs_grad else 1.0
+
+    @gradient_scale.setter
+    def gradient_scale(self, value: float) -> None:
+        if self.needs_grad:
+            self.accs["fisher"].gradient_scale = value
+
+    @property
+    def anchors(self) -> dict[str, nn.Parameter]:
+        """The trainable zero scalars Fisher adds to the activations (DDP needs a parameter the forward uses)."""
+        return self.accs["fisher"].anchors if self.needs_grad else {}
 
     def use(self, model: nn.Module) -> None:
         """Score through another module with the same experts (e.g. a sharded twin of the model); not attached."""
@@ -317,7 +357,8 @@ class Scorer:
         stack = ExitStack()
         if freeze:
             stack.enter_context(frozen(self.model))
-        stack.enter_context(experts_hooks(self.model, {name: self.acc.hook(name, self.ctx) for name in self.modules}))
+        for acc in self.accs.values():
+            stack.enter_context(experts_hooks(self.model, {name: acc.hook(name, self.ctx) for name in self.modules}))
         if self.structure is not None:
             stack.enter_context(self.structure.attached(self.model, self.ctx))
         if self.grams is not None:
@@ -350,7 +391,8 @@ class Scorer:
     def to(self, device) -> Scorer:
         """Move the accumulated state (the model is moved by its owner)."""
         self.device = torch.device(device)
-        self.acc.to(self.device)
+        for acc in self.accs.values():
+            acc.to(self.device)
         if self.structure is not None:
             self.structure.to(self.device)
         if self.grams is not None:
@@ -367,7 +409,7 @@ class Scorer:
         `sync(flags)` (a SUM over ranks) makes every rank raise on a non-finite loss or gradient at the same step.
         """
         batch = self.observe(raw)
-        if not self.acc.needs_grad:
+        if not self.needs_grad:
             with torch.no_grad():
                 self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False)
@@ -386,7 +428,8 @@ class Scorer:
         """After a backward: keep the step's Fisher sums if the loss and every gradient were finite on every rank
         (one host sync). Otherwise drop them and raise; with `skip_non_finite` (fp16 loss scaling, whose scaled
         gradients can overflow) a finite loss with non-finite gradients returns False instead."""
-        finite = self.acc.finite.all()
+        fisher = self.accs["fisher"]
+        finite = fisher.finite.all()
         if self.structure is not None:
             finite = finite & self.structure.finite.all()
         flags = torch.stack([~torch.as_tensor(loss_ok, device=self.device), ~finite]).float()
@@ -394,7 +437,7 @@ class Scorer:
         if not bool((ranks > 0).any()):
             self._end_step(commit=True)
             return True
-        bad_module = self.acc.bad_module() or (self.structure.bad_module() if self.structure is not None else None)
+        bad_module = fisher.bad_module() or (self.structure.bad_module() if self.structure is not None else None)
         self._end_step(commit=False)
         if skip_non_finite and ranks[0] == 0:
             return False
@@ -407,7 +450,8 @@ class Scorer:
         raise FloatingPointError(f"{cause}: Fisher scores would be poisoned (under fp16, use bf16 or fp32)")
 
     def _end_step(self, commit: bool) -> None:
-        self.acc.end_step(commit)
+        for acc in self.accs.values():
+            acc.end_step(commit)
         if self.structure is not None:
             self.structure.end_step(commit)
         if self.grams is not None:
@@ -419,7 +463,10 @@ class Scorer:
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every accumulated tensor (sums over samples), e.g. to SUM-reduce across ranks or checkpoint."""
-        state = dict(self.acc.state())
+        if len(self.accs) == 1:  # a single criterion's keys as they always were (checkpoints resume)
+            state = dict(next(iter(self.accs.values())).state())
+        else:
+            state = {f"{c}/{k}": t for c, acc in self.accs.items() for k, t in acc.state().items()}
         if self.structure is not None:
             state.update({f"structure/{k}": t for k, t in self.structure.state().items()})
         if self.grams is not None:
@@ -438,9 +485,24 @@ class Scorer:
     def result(self) -> Scores:
         if self.samples == 0:
             raise ValueError("no calibration sample with a supervised token: nothing to score")
-        tensors = {n: t.float().cpu() for n, t in self.acc.result().items()}
         meta = {"model_type": getattr(self.model.config, "model_type", None)}
-        return Scores(tensors, self.method, self.fingerprint, self.samples, self.tokens, meta)
+        parts = [Scores(self._tensors(c), c, self.fingerprint, self.samples, self.tokens,
+                        {**meta, "seed": self.seed} if c == "random" else dict(meta)) for c in self.criteria]
+        return combine(self.combiner, parts)
+
+    def _tensors(self, criterion: str) -> dict[str, torch.Tensor]:
+        """{module name: [E, I] float32 on the CPU} of one criterion of the pass."""
+        if criterion in self.accs:
+            return {n: t.float().cpu() for n, t in self.accs[criterion].result().items()}
+        if criterion != "random" and any(p.is_meta for m in self.weights.values() for p in m.parameters()):
+            raise ValueError(f"{criterion!r} scores read the experts' weights, which this empty (meta) model lacks")
+        if criterion == "compensated":
+            tensors = compensated(self.grams.result(self.weights))
+        elif criterion == "magnitude":
+            tensors = magnitude_scores(self.weights)
+        else:
+            tensors = random_scores(self.weights, self.seed)
+        return _masked_zero(self.weights, tensors)
 
     def statistics(self) -> Statistics:
         """The expert- and layer-level statistics of the pass (a Scorer made with `structure=True`)."""
@@ -454,7 +516,7 @@ class Scorer:
     def gram(self) -> GramStatistics:
         """The Gram sums of the pass, with the down projections of the scored model (a Scorer made with
         `gram=True`; read before pruning the model)."""
-        if self.grams is None:
+        if not self.gathers_gram:
             raise ValueError("this scorer gathers no Gram sums: make it with gram=True")
         if self.samples == 0:
             raise ValueError("no calibration sample with a supervised token: no Gram sums")
@@ -473,9 +535,18 @@ def score(
 
     `batches` yields dicts with `input_ids` [B, T] and optionally `attention_mask` and `labels` (-100 ignored;
     default: the non-padding tokens). Model weights are left untouched and their requires_grad restored.
+    `method` may combine methods ("rank_mean(compensated, router)"): their scores come from one pass (a Scorer),
+    except grad_abs, scored on its own pass, and are combined (fmoe.scores.COMBINERS); `method` records the spec.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown scoring method {method!r}; valid: {', '.join(METHODS)}")
+    combiner, criteria = parse_criterion(method, METHODS)
+    if combiner is not None:
+        passes = [c for c in criteria if c not in ("magnitude", "random")]
+        if passes and "grad_abs" not in criteria:  # one pass for every criterion
+            return _score_pass(model, batches, criterion_name(combiner, criteria), seed, progress)
+        if len(passes) > 1 and batches is not None and iter(batches) is batches:
+            raise ValueError(f"{method!r} scores grad_abs on a pass of its own: pass a list of batches (or another "
+                             "re-iterable), not an iterator")
+        return combine(combiner, [score(model, batches, c, seed=seed, progress=progress) for c in criteria])
     modules = find_experts(model)
     _check_scorable(modules)
     meta = {"model_type": getattr(model.config, "model_type", None)}
@@ -484,20 +555,31 @@ def score(
         return Scores(_masked_zero(modules, magnitude_scores(modules)), method, fp, meta=meta)
     if method == "random":
         return Scores(_masked_zero(modules, random_scores(modules, seed)), method, fp, meta={**meta, "seed": seed})
-    if batches is None:
-        raise ValueError(f"method {method!r} needs calibration batches")
-    progress = sys.stderr.isatty() if progress is None else progress
     if method == "compensated":
-        from .reconstruct import compensated, gather
-
-        stats = gather(model, tqdm(batches, disable=not progress, desc="scoring (compensated)"))
+        stats = gather(model, tqdm(_needed(batches, method), disable=not _shows(progress),
+                                   desc="scoring (compensated)"))
         return Scores(_masked_zero(modules, compensated(stats)), method, fp, stats.samples, stats.tokens, meta)
     if method != "grad_abs":
-        scorer = Scorer(model, method)
-        with scorer.attached():
-            for batch in tqdm(batches, disable=not progress, desc=f"scoring ({method})"):
-                scorer.step(batch)
-        return scorer.result()
+        return _score_pass(model, batches, method, seed, progress)
     with frozen(model):
-        tensors, samples, tokens = _grad_abs(model, modules, batches, progress)
+        tensors, samples, tokens = _grad_abs(model, modules, _needed(batches, method), _shows(progress))
     return Scores({n: t.float().cpu() for n, t in tensors.items()}, method, fp, samples, tokens, meta)
+
+
+def _needed(batches, method: str):
+    if batches is None:
+        raise ValueError(f"method {method!r} needs calibration batches")
+    return batches
+
+
+def _shows(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def _score_pass(model: nn.Module, batches, method: str, seed: int, progress: bool | None) -> Scores:
+    """`method` (a Scorer's criterion) over one pass of `batches`."""
+    scorer = Scorer(model, method, seed=seed)
+    with scorer.attached():
+        for batch in tqdm(_needed(batches, method), disable=not _shows(progress), desc=f"scoring ({method})"):
+            scorer.step(batch)
+    return scorer.result()

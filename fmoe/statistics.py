@@ -9,12 +9,13 @@ similarities, where higher = more redundant):
                output before the routing weight (REAP);
 - fisher:      sum_n (dL_n/dg_e)^2 for a mask g_e = 1 on expert e's output, L_n the mean NLL of sequence n (as the
                dim Fisher of fmoe.scoring; only when the pass runs a backward);
-- moe_similarity[l]: token mean of cos(x', x' + block(norm(x'))), x' the input of layer l's post-attention norm
-               (NaN for layers without MoE);
+- moe_similarity[l]: token mean of cos(x', x' + m block(norm(x'))), x' the input of layer l's post-attention norm,
+               m the layer's residual scale (GraniteMoE's residual_multiplier, else 1); NaN for layers without MoE;
 - block_similarity[i, j]: token mean of cos(h_i, h_j), h_i the input of decoder layer i, h_L the output of the
                last one (before the final norm). A forward holds its L+1 unit-norm states of the real tokens in
                float32 ((L+1) x tokens x hidden) until its last layer has run.
-Sums accumulate in float64 over real tokens only; `state()` holds every sum, so runs add up and ranks SUM-reduce.
+Sums accumulate in float64 (float32 on MPS: compat.accumulation_dtype) over real tokens only; `state()` holds every
+sum, so runs add up and ranks SUM-reduce.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .compat import decoder_layers, experts_hooks, moe_layers, router_probabilities
+from .compat import accumulation_dtype, decoder_layers, experts_hooks, moe_layers, residual_scale, router_probabilities
 from .experts import num_experts
 from .io import atomic_directory
 
@@ -126,8 +127,8 @@ class _ExpertsHook:
 
 
 class StructureStatistics:
-    """Float64 sums and counts of the expert- and layer-level statistics; `attached(model, ctx)` installs the
-    experts hooks and the forward hooks (routers, norms, MoE blocks, decoder layers) and removes them all on exit.
+    """Sums and counts (accumulation dtype) of the expert- and layer-level statistics; `attached(model, ctx)` installs
+    the experts hooks and the forward hooks (routers, norms, MoE blocks, decoder layers) and removes them all on exit.
     With `fisher` (a pass with a backward), a step's sums wait (expert Fisher in `pending`, the rest in `step`) until
     `end_step` commits or drops them, as the dim Fisher's do."""
 
@@ -137,8 +138,9 @@ class StructureStatistics:
         self.names = list(self.layers)
         self.num_layers = len(decoder_layers(model)[1])
         self.model_type = getattr(getattr(model, "config", None), "model_type", None)
+        self.residual_scale = residual_scale(getattr(model, "config", None))  # the layer adds m x the block's output
         self.fisher, self.gradient_scale = fisher, gradient_scale
-        dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        dtype = accumulation_dtype(device)
         experts = {n: num_experts(m) for n, m in _experts_of(model, self.names).items()}
         self.sums: dict[str, torch.Tensor] = {}
         for name, count in experts.items():
@@ -187,7 +189,7 @@ class StructureStatistics:
             x = self._norm_input.pop(index, None)
             if x is None:
                 return
-            y = x + _rows(_first(output), ctx.valid)
+            y = x + self.residual_scale * _rows(_first(output), ctx.valid)  # the decoder layer's output
             total = self.live["moe_similarity"]
             total[index] += F.cosine_similarity(x, y, dim=-1).sum().to(total.dtype)
             self.live["moe_tokens"][index] += x.shape[0]
@@ -271,7 +273,7 @@ class StructureStatistics:
         self.finite = self.finite.to(device)
 
     def result(self, fingerprint: str | None, samples: int, tokens: int, meta: dict) -> Statistics:
-        s = {k: t.detach().double().cpu() for k, t in self.sums.items()}
+        s = {k: t.detach().cpu() for k, t in self.sums.items()}  # ratios in the sums' own dtype
         experts: dict[str, dict[str, torch.Tensor]] = {c: {} for c in CRITERIA if c != "fisher" or self.fisher}
         for name in self.names:
             seen = s[f"tokens/{name}"].clamp(min=1)

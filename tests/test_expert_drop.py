@@ -84,12 +84,12 @@ def untouched(model):
     return {n: t.clone() for n, t in model.state_dict().items() if not n.startswith(skip)}
 
 
-SCOPED = [(f, o, scope) for f, o in CASES for scope in ("layer", "global") if scope == "layer" or not o]
+SCOPED = [(f, o, scope) for f, o in CASES for scope in ("layer", "global")]
 
 
 @pytest.mark.parametrize("family,overrides,scope", SCOPED, ids=[f"{f}{'-groups' if o else ''}-{s}" for f, o, s in SCOPED])
 def test_dropped_equals_router_logits_at_minus_inf(family, overrides, scope):
-    """Group-limited routers (overrides) are planned per layer only."""
+    """Group-limited routers (overrides) lose experts from every group alike, in both scopes."""
     model = eight(family, **overrides)
     grouped = any(router_groups(model.get_submodule(layer.router)) for layer in moe_layers(model).values())
     assert grouped == bool(overrides)
@@ -97,8 +97,10 @@ def test_dropped_equals_router_logits_at_minus_inf(family, overrides, scope):
     if scope == "layer":  # 3 per layer, or 1 from each of 2 groups
         plan = plan_experts(model, random_scores(model), count=2 if grouped else 3, criterion="random")
     else:  # the second layer's scores run higher: it loses fewer
-        plan = plan_experts(model, random_scores(model, offset=0.3), count=5, scope="global", normalize="none")
+        plan = plan_experts(model, random_scores(model, offset=0.3), count=4 if grouped else 5, scope="global",
+                            normalize="none")
         assert len(set(plan.kept_counts().values())) > 1
+        assert all(sum(e < 4 for e in ids) * 2 == len(ids) for ids in plan.keep.values()) or not grouped
     assert len({tuple(ids) for ids in plan.keep.values()}) > 1  # each layer its own experts
     dense = logits(model, probe)
     with routed_away(model, plan):
@@ -154,12 +156,13 @@ def test_uniform_drop_round_trips_and_loads_stock(family, count, tmp_path):
         torch.testing.assert_close(logits(stock, probe), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "phimoe", "ernie4_5_moe"])
-def test_uneven_drop_round_trips(family, tmp_path):
-    model = eight(family)
+@pytest.mark.parametrize("family,overrides", [("qwen2_moe", {}), ("gpt_oss", {}), ("phimoe", {}), ("ernie4_5_moe", {}),
+                                              ("glm4_moe", GROUPED)])
+def test_uneven_drop_round_trips(family, overrides, tmp_path):
+    model = eight(family, **overrides)
     probe = make_batches(n_batches=1, batch_size=2, pad="right", seed=2)[0]
-    drop_experts(model, plan_experts(model, random_scores(model, offset=0.3), count=5, scope="global",
-                                     normalize="none"))
+    drop_experts(model, plan_experts(model, random_scores(model, offset=0.3), count=4 if overrides else 5,
+                                     scope="global", normalize="none"))
     counts = {name: num_experts(m) for name, m in fmoe.find_experts(model).items()}
     assert len(set(counts.values())) > 1 and getattr(model.config, EXPERT_COUNTS_FIELD) == counts
     assert not is_stock_loadable(model)
@@ -241,13 +244,20 @@ def test_plan_errors():
         plan_experts(grouped, scores, count=3)
     with pytest.raises(ValueError, match="at least 2"):  # 3 of 4 from each group leaves 1: no top-2 to rank by
         plan_experts(grouped, scores, count=6)
-    with pytest.raises(ValueError, match="group-limited"):
-        plan_experts(grouped, scores, count=2, scope="global")
+    with pytest.raises(ValueError, match="at most 8"):  # 2 of 4 from each group of each layer, in pairs
+        plan_experts(grouped, scores, count=10, scope="global")
+    with pytest.raises(ValueError, match="reaches 6 .a group-limited"):  # in pairs: 7 is out of reach
+        plan_experts(grouped, scores, count=7, scope="global")
     broken = plan_experts(grouped, scores, count=2)
     first = next(iter(broken.keep))
     broken.keep[first] = [0, 1, 2, 3, 4, 5]  # 4 from the first group, 2 from the second
     with pytest.raises(ValueError, match="same number"):
         drop_experts(grouped, broken)
+    single = eight("glm4_moe")  # n_group=1, as GLM-4.5/4.6 ship: the router still ranks its one group by .topk(2)
+    with pytest.raises(ValueError, match="at least 2; the plan keeps 1"):
+        plan_experts(single, random_scores(single), count=7)
+    deepest = plan_experts(single, random_scores(single, offset=0.3), ratio=0.99, scope="global")
+    assert set(deepest.kept_counts().values()) == {2}  # the ranking stops at each layer's minimum
     narrow = eight("deepseek_v3", n_group=2, topk_group=1, num_experts_per_tok=3)
     with pytest.raises(ValueError, match="top_k=3"):  # 3 experts from 1 group of 2 kept
         plan_experts(narrow, random_scores(narrow), count=4)

@@ -190,7 +190,7 @@ def test_lightning_steps_refused_where_they_cannot_run():
     with pytest.raises(TypeError, match="ModelParallelStrategy"):
         IntermediatePruning(steps=2).setup(SimpleNamespace(strategy=ModelParallelStrategy()), module, "fit")
     with pytest.raises(TypeError, match="CalibrationModule"):
-        IntermediatePruning(steps=2).setup(SimpleNamespace(strategy=object()), torch.nn.Module(), "fit")
+        IntermediatePruning(steps=2).setup(SimpleNamespace(strategy=object(), callbacks=[]), torch.nn.Module(), "fit")
     IntermediatePruning(steps=1).setup(SimpleNamespace(strategy=ModelParallelStrategy()), module, "fit")
 
 
@@ -251,3 +251,18 @@ def test_a_criterion_function_scores_each_step():
 
 if __name__ == "__main__":
     two_processes(Path(sys.argv[1]))
+
+
+def test_lightning_steps_rescore_with_a_combined_criterion(tmp_path):
+    spec = "rank_mean(compensated, router)"
+    data = sequences()
+    batches = [default_collate(data[i:i + 4]) for i in (0, 4)]
+    reference = tiny_model("qwen2_moe")
+    expected = fmoe.prune_iteratively(reference, batches, 0.5, steps=2, method=spec, multiple_of=4, progress=False)
+    model = tiny_model("qwen2_moe")
+    pruning = IntermediatePruning(amount=0.5, multiple_of=4, steps=2, save_dir=tmp_path / "out")
+    trainer(tmp_path, callbacks=[pruning]).fit(CalibrationModule(model, method=spec), DataLoader(data, batch_size=4))
+    assert same_plan(pruning.plan, expected)
+    assert fmoe.Scores.load(tmp_path / "out" / "scores").method == "rank_mean(compensated,router)"
+    fisher = fmoe.prune_iteratively(tiny_model("qwen2_moe"), batches, 0.5, steps=2, multiple_of=4, progress=False)
+    assert not same_plan(fisher, expected)  # the criterion decides the plan

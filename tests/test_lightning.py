@@ -202,6 +202,32 @@ def test_bad_arguments_are_clear():
         IntermediatePruning().setup(SimpleNamespace(strategy=FSDPStrategy()), None, "fit")
 
 
+def test_callbacks_refuse_bad_options_and_a_missing_calibration_before_the_first_batch(tmp_path):
+    from fmoe.lightning import Compression, ExpertPruning
+
+    for amount in (1.5, -0.1):
+        with pytest.raises(ValueError, match="amount"):
+            Compression("reap", amount)
+    with pytest.raises(ValueError, match="valid: dims, expert_drop"):
+        Compression("nosuch", 0.5)
+    with pytest.raises(ValueError, match="valid: layer, global"):
+        ExpertPruning(0.25, scope="expert")
+    with pytest.raises(ValueError, match="takes no option"):
+        Compression("layer_drop", 0.25, scope="layer")
+
+    class Counting(UserModule):
+        steps = 0
+
+        def training_step(self, batch, batch_idx):
+            Counting.steps += 1
+            return super().training_step(batch, batch_idx)
+
+    model = tiny_model("olmoe")
+    with pytest.raises(TypeError, match="FisherScoring"):  # no scores would exist at the end of the fit
+        trainer(tmp_path, callbacks=[IntermediatePruning(0.5)]).fit(Counting(model), DataLoader(sequences(), batch_size=4))
+    assert Counting.steps == 0
+
+
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2", "resume", "resume fsdp2", "activation"])
 def test_two_processes_equal_one_process(tmp_path, kind):
     run_two_processes(tmp_path, *kind.split())

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 import fmoe
 from fmoe import methods
 from fmoe.lightning import BlockDropping, CalibrationModule, ExpertPruning, LayerDropping
-from fmoe.tiny import tiny_model
+from fmoe.tiny import FAMILIES, tiny_model
 from tests.conftest import make_batches
 from tests.test_lightning import sequences, trainer
 
@@ -168,3 +168,61 @@ def test_drop_experts_then_slim_the_survivors_from_one_calibration(calibrated, t
         torch.testing.assert_close(replayed(**probe).logits, compressed(**probe).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="only an expert drop"):
         calibration.after(fmoe.methods.make(model, "layer_drop", 0.25, calibration), model)
+
+
+# every option a planner varies in shape (its scopes, Block Drop's modes): the amount sweep covers each one
+VARIANTS = {"dims": [{"scope": s} for s in ("expert", "layer", "global")],
+            **{n: [{"scope": s} for s in ("layer", "global")]
+               for n in ("expert_drop", "expert_frequency", "reap", "expert_fisher")},
+            "block_drop": [{"mode": m} for m in ("discrete", "consecutive")]}
+FAMILY_CASES = [(f, {}) for f in FAMILIES] + [  # and group-limited routers, 8 experts in 2 groups
+    ("deepseek_v3", dict(n_routed_experts=8, n_group=2, topk_group=1)),
+    ("glm4_moe", dict(n_routed_experts=8, n_group=2, topk_group=2)),
+    ("deepseek_v2", dict(n_routed_experts=8, topk_method="group_limited_greedy", n_group=2, topk_group=1))]
+
+
+@pytest.mark.parametrize("family,overrides", FAMILY_CASES,
+                         ids=[f + ("-groups" if o else "") for f, o in FAMILY_CASES])
+def test_every_plan_runs_on_every_family_at_extreme_amounts(family, overrides):
+    """A plan never makes a model that cannot run: at every amount up to 0.99, each method (each scope or mode)
+    either refuses with a ValueError or plans an edit after which the forward runs and stays finite; every one
+    accepts some amount of the sweep (one calibration per family, copies of the model per plan)."""
+    model = tiny_model(family, **overrides)
+    calibration = methods.calibrate(model, make_batches(n_batches=1), progress=False)
+    probe = make_batches(n_batches=1, seed=7)[0]
+    for name in methods.METHODS:
+        for options in VARIANTS.get(name, [{}]):
+            accepted = []
+            for amount in (0.5, 0.75, 0.99):
+                edited = copy.deepcopy(model)
+                try:
+                    plan = methods.make(edited, name, amount, calibration, **options)
+                except ValueError as refusal:
+                    assert str(refusal)
+                    continue
+                methods.method(name).edit(edited, plan)
+                with torch.no_grad():
+                    logits = edited(**probe).logits
+                assert torch.isfinite(logits).all(), (name, options, amount)
+                accepted.append(amount)
+            assert accepted, f"{name} {options} refused every amount of the sweep on {family}"
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_every_edit_leaves_the_callers_config_alone(calibrated, name):
+    """transformers' from_config shares the caller's config object with the model: an edit must not rewrite it,
+    or the next model built from that config comes out compressed."""
+    from transformers import AutoModelForCausalLM
+
+    model, calibration = calibrated
+    config = copy.deepcopy(model.config)
+    before = config.to_dict()
+    built = AutoModelForCausalLM.from_config(config)
+    built.load_state_dict(model.state_dict())
+    plan = methods.make(model, name, 0.5, calibration)
+    edited = fmoe.apply_plan(built, plan)
+    assert config.to_dict() == before and edited.config is not config
+    assert all(getattr(m, "config", edited.config) is edited.config for m in edited.modules())  # one config inside
+    shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    assert shapes == {k: v.shape for k, v in model.state_dict().items()}
+    assert edited.config.to_dict() == fmoe.apply_plan(copy.deepcopy(model), plan).config.to_dict()

@@ -191,3 +191,29 @@ def test_max_widths_keeps_exact_budgets_and_the_width_grid_on_random_layers():
             widths = fmoe.make_plan(scores, ratio, "layer", multiple_of=16, max_widths=bound).kept_widths()["m"]
             assert len(set(widths)) <= bound and sum(widths) == sum(free), (case, bound)
             assert all(w % 16 == 0 or w == width for w in widths), (case, widths)
+
+
+def test_plan_reports_what_it_achieved_and_warns_when_rounding_defeats_the_ratio():
+    scores = fake_scores(width=16)
+    with pytest.warns(UserWarning, match="removes 0.0% of routed dims, not the 50.0% asked"):
+        plan = fmoe.make_plan(scores, 0.5, "layer")  # 16 wide, multiple_of 16: nothing can go
+    assert plan.meta["achieved"] == plan.removed_fraction() == 0.0
+    plan = fmoe.make_plan(fake_scores(), 0.5, "layer", multiple_of=1)
+    assert plan.meta["achieved"] == plan.removed_fraction() == 0.5
+
+
+def test_a_plan_missing_an_experts_module_is_refused_by_prune_and_prune_checkpoint(tmp_path):
+    from fmoe.tiny import tiny_model
+
+    model = tiny_model("qwen2_moe")
+    plan = fmoe.make_plan(fmoe.score(model, [], "magnitude"), 0.5, "layer", model=model)
+    missing = next(iter(plan.keep))
+    del plan.keep[missing]  # its widths entry stays: the plan still "fits" the model's shapes
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match="plan keeps no dims for experts modules"):
+        fmoe.prune(model, plan)
+    with pytest.raises(ValueError, match="plan keeps no dims for experts modules"):
+        fmoe.apply_plan(model, plan)
+    with pytest.raises(ValueError, match="plan keeps no dims for experts modules"):
+        fmoe.prune_checkpoint(tmp_path / "src", plan, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()

@@ -51,14 +51,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_recipe_lm_eval_tasks_in_every_row(tmp_path, recipe):
     pytest.importorskip("lm_eval")
-    from fmoe.evaluation import toy_tasks_dir
-
     rows = recipe.main(["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
                         "--trainer.enable_progress_bar", "false", "--stages.recover", "false", "--tasks", "{}",
-                        "--lm_eval.tasks", "[fmoe_arithmetic]", "--lm_eval.include_path", str(toy_tasks_dir()),
-                        "--lm_eval.limit", "10"])
+                        "--lm_eval.tasks", "[fmoe_facts]", "--lm_eval.limit", "10"])  # any toy task, by name
     assert list(rows) == ["dense", "pruned"]
-    key = "fmoe_arithmetic_exact_match"
+    key = "fmoe_facts_exact_match"
     assert all(0.0 <= rows[stage][key] <= 1.0 for stage in rows)
     assert json.loads((tmp_path / "e" / "results.json").read_text()) == json.loads(json.dumps(rows))
     assert (tmp_path / "report.png").read_bytes()[:8] == PNG
@@ -208,6 +205,14 @@ def test_data_module_reproducible_and_clear_errors(tmp_path):
         load_texts(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="too short"):
         tokenize_to_sequences(["one two"], dm.tokenizer, seq_len=64)
+    for name, text in (("none.jsonl", ""), ("blank.jsonl", "\n\n"), ("none.txt", "")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match="holds no|no non-empty"):
+            load_texts(str(tmp_path / name))
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(3)))
+    with pytest.warns(UserWarning, match="n_samples=64 sequences asked, but .* gives 3"):
+        TextDataModule(str(toy.TOY_DIR), str(few), seq_len=8, n_samples=64, pack=False).setup()
     (tmp_path / "qa.jsonl").write_text(json.dumps({"q": "2 + 2", "a": "4"}) + "\n")
     assert load_texts(str(tmp_path / "qa.jsonl"), template="{q} = {a}") == ["2 + 2 = 4"]
 
@@ -312,3 +317,73 @@ def test_recipe_honours_every_trainer_option(tmp_path, recipe):
     calibrate = STAGES_SEEN[1]  # a calibration steps no weights: no accumulation or clipping there
     assert calibrate["accumulate"] == 1 and calibrate["clip"] is None
     assert (tmp_path / "logs").is_dir()
+
+
+def test_recipe_checks_every_option_before_any_stage(tmp_path, recipe, monkeypatch):
+    def no_stage(*args, **kwargs):
+        raise AssertionError("a stage ran before the options were checked")
+
+    monkeypatch.setattr(recipe, "evaluate", no_stage)
+    monkeypatch.setattr(recipe.TextDataModule, "setup", no_stage)
+    common = ["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+    for bad, match in ((["--prune.amount", "1.5"], "amount"), (["--prune.amount", "-0.1"], "amount"),
+                       (["--prune.method", "nosuch"], "valid: dims, expert_drop"),
+                       (["--prune.method", "reap", "--prune.scope", "expert"], "valid: layer, global"),
+                       (["--prune.scope", "model"], "valid: expert, layer, global")):
+        with pytest.raises(ValueError, match=match):
+            recipe.main([*common, *bad])
+    if importlib.util.find_spec("lm_eval"):
+        with pytest.raises(ValueError, match=r"unknown lm-eval task\(s\) \['nosuch'\]"):
+            recipe.main([*common, "--lm_eval.tasks", "[fmoe_facts, nosuch]"])
+
+
+def test_one_run_directory_per_run_whose_files_agree(tmp_path, recipe, monkeypatch):
+    quick = ["--trainer.enable_progress_bar", "false", "--stages.evaluate", "false", "--data.n_samples", "16",
+             "--tasks", "{}", "--lm_eval.tasks", "[]", "--stages.recover", "false"]
+    for root, amount in ((tmp_path / "a", "0.25"), (tmp_path / "b", "0.5")):  # no --export_dir: under the root
+        recipe.main([*quick, "--trainer.default_root_dir", str(root), "--prune.amount", amount])
+    for root, amount in ((tmp_path / "a", 0.25), (tmp_path / "b", 0.5)):
+        plan = fmoe.PruningPlan.load(root / "plan.json")
+        assert plan.meta["ratio"] == amount and (root / "scores").is_dir() and (root / "report.png").is_file()
+        model = fmoe.from_pretrained(root / "export")
+        assert {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()} == plan.kept_widths()
+        assert json.loads((root / "run.json").read_text())["status"] == "complete"
+
+    class Interrupted(recipe.LoRARecovery):  # the run stops during recovery
+        def training_step(self, batch, batch_idx):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "LoRARecovery", Interrupted)
+    root = tmp_path / "a"  # again into a finished run's directory, with another amount
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        recipe.main([*quick, "--trainer.default_root_dir", str(root), "--prune.amount", "0.5",
+                     "--stages.recover", "true"])
+    assert json.loads((root / "run.json").read_text())["status"] == "running"
+    assert fmoe.PruningPlan.load(root / "plan.json").meta["ratio"] == 0.5
+    assert not (root / "export").exists()  # the 0.25 export is gone, not left beside the 0.5 plan
+
+
+def test_compressed_experts_run_saves_its_plan(tmp_path, recipe):
+    recipe.main(["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+                 "--stages.evaluate", "false", "--stages.recover", "false", "--tasks", "{}", "--lm_eval.tasks", "[]",
+                 "--prune.method", "compressed_experts"])
+    plan = fmoe.load_plan(tmp_path / "plan.json")
+    assert plan.main == 1 and fmoe.from_pretrained(tmp_path / "export").config.fmoe_compressed == {"main": 1}
+
+
+def test_recipe_takes_a_combined_criterion_and_refuses_a_bad_one_first(tmp_path, recipe, monkeypatch):
+    base = ["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false", "--stages.recover", "false", "--stages.evaluate", "false",
+            "--data.n_samples", "16", "--tasks", "{}", "--lm_eval.tasks", "[]"]
+    rows = recipe.main([*base, "--model.method", "rank_mean(compensated, router)"])
+    assert list(rows) == ["dense", "pruned"]
+    assert fmoe.Scores.load(tmp_path / "scores").method == "rank_mean(compensated,router)"
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the dense model was evaluated before the criterion was checked")
+
+    monkeypatch.setattr(recipe, "evaluate", evaluated)
+    monkeypatch.setattr(recipe, "sizes", evaluated)
+    for bad in ("nosuch", "rank_mean(compensated, router"):
+        with pytest.raises(ValueError, match="valid: fisher"):
+            recipe.main([*base, "--stages.evaluate", "true", "--model.method", bad])

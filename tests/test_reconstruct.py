@@ -216,9 +216,9 @@ def test_a_step_run_again_after_overflowing_gradients_counts_once():
     model, batches = tiny_model("olmoe"), make_batches()
     scorer = Scorer(model, "fisher", gram=True)
     with scorer.attached():
-        scorer.acc.gradient_scale = float("inf")  # every gradient overflows: the step is dropped, as under fp16
+        scorer.gradient_scale = float("inf")  # every gradient overflows: the step is dropped, as under fp16
         assert scorer.step(batches[0], skip_non_finite=True) is None
-        scorer.acc.gradient_scale = 1.0
+        scorer.gradient_scale = 1.0
         scorer.step(batches[0], skip_non_finite=True)  # the same batch again, as CalibrationModule runs it
         scorer.step(batches[1], skip_non_finite=True)
     close_grams(scorer.gram(), gather(model, batches))
@@ -227,8 +227,11 @@ def test_a_step_run_again_after_overflowing_gradients_counts_once():
 def test_reconstruct_needs_a_calibration_module():
     from types import SimpleNamespace
 
-    with pytest.raises(TypeError, match="CalibrationModule"):
-        IntermediatePruning(reconstruct=True).setup(SimpleNamespace(strategy=None), torch.nn.Linear(1, 1), "fit")
+    from fmoe.lightning import FisherScoring
+
+    with pytest.raises(TypeError, match="reconstruct=True refits from Gram sums, which a CalibrationModule"):
+        IntermediatePruning(reconstruct=True).setup(SimpleNamespace(strategy=None, callbacks=[FisherScoring()]),
+                                                    torch.nn.Linear(1, 1), "fit")
 
 
 def test_calibration_fit_with_reconstruct_equals_core(tmp_path):

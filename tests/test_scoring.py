@@ -214,3 +214,64 @@ def test_scoring_inside_a_mask_scores_the_masked_model(method):
         for name, keeps in plan.keep.items():
             got = torch.stack([inside.tensors[name][e, k] for e, k in enumerate(keeps)])
             torch.testing.assert_close(got, reference.tensors[name], rtol=2e-3, atol=1e-9)
+
+
+def equal_scores(a: fmoe.Scores, b: fmoe.Scores) -> None:
+    assert (a.method, a.samples, a.tokens, a.fingerprint) == (b.method, b.samples, b.tokens, b.fingerprint)
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
+
+
+def test_a_combined_criterion_equals_its_criteria_combined(tmp_path):
+    from torch.utils.data import DataLoader, default_collate
+
+    from fmoe.lightning import CalibrationModule
+    from fmoe.scores import rank_mean
+    from tests.test_lightning import sequences, trainer
+
+    model, data = tiny_model("olmoe"), sequences()
+    batches = [default_collate(data[i:i + 4]) for i in (0, 4)]
+    spec = "rank_mean(compensated, router)"
+    combined = fmoe.score(model, batches, spec, progress=False)
+    expected = rank_mean(fmoe.score(model, batches, "compensated"), fmoe.score(model, batches, "router"))
+    equal_scores(combined, expected)  # one pass for both criteria, the same numbers
+    assert combined.method == "rank_mean(compensated,router)"
+    combined.save(tmp_path / "s")
+    assert fmoe.Scores.load(tmp_path / "s").method == combined.method  # the saved scores name the criterion
+    for other in ("rank_mean(fisher, activation)", "rank_mean(grad_abs, magnitude)"):  # with a backward; own pass
+        parts = other[len("rank_mean("):-1].split(", ")
+        equal_scores(fmoe.score(model, batches, other), rank_mean(*(fmoe.score(model, batches, p) for p in parts)))
+    module = CalibrationModule(model, method=spec)
+    trainer(tmp_path).fit(module, DataLoader(data, batch_size=4))
+    equal_scores(module.scores, expected)
+
+
+@pytest.mark.parametrize("spec", ["nosuch", "rank_mean(compensated", "rank_mean(router)", "mean(fisher, router)",
+                                  "rank_mean(fisher, nosuch)", "rank_mean(rank_mean(fisher, router), magnitude)"])
+def test_a_bad_criterion_is_refused_with_the_valid_names(spec):
+    from fmoe.lightning import CalibrationModule
+
+    model = tiny_model("olmoe")
+    with pytest.raises(ValueError, match=r"valid: fisher, grad_abs, .*rank_mean\(name, name"):
+        fmoe.score(model, make_batches(), spec)
+    with pytest.raises(ValueError, match="valid: fisher"):
+        CalibrationModule(model, method=spec)
+    with pytest.raises(ValueError, match="grad_abs takes weight gradients"):  # a Scorer runs no grad_abs
+        CalibrationModule(model, method="rank_mean(grad_abs, router)")
+
+
+def test_a_combination_counts_a_batch_run_again_after_overflow_once():
+    from fmoe.scoring import Scorer
+
+    model, batches = tiny_model("olmoe"), make_batches()
+    scorer = Scorer(model, "rank_mean(fisher, router)")
+    with scorer.attached():
+        scorer.gradient_scale = float("inf")  # every gradient overflows: the step is dropped, as under fp16
+        assert scorer.step(batches[0], skip_non_finite=True) is None
+        scorer.gradient_scale = 1.0
+        scorer.step(batches[0], skip_non_finite=True)  # the same batch again, as CalibrationModule runs it
+        scorer.step(batches[1], skip_non_finite=True)
+    router = fmoe.score(model, batches, "router")
+    for name, t in scorer._tensors("router").items():
+        torch.testing.assert_close(t, router.tensors[name])
+    equal_scores(scorer.result(), fmoe.score(model, batches, "rank_mean(fisher, router)"))

@@ -7,7 +7,7 @@ from fmoe.compat import decoder_layers, experts_hooks, moe_layers
 from fmoe.experts import experts_forward
 from fmoe.loss import prepare_batch
 from fmoe.scoring import Scorer
-from fmoe.tiny import tiny_model
+from fmoe.tiny import FAMILIES, tiny_model
 from tests.conftest import make_batches, unpadded
 
 
@@ -124,9 +124,16 @@ def test_expert_fisher_equals_autograd_through_a_mask_on_each_experts_output(fam
         close(stats.experts["fisher"][n], expected, rtol=2e-3, atol=1e-10)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "deepseek_v3"])
-def test_similarities_equal_the_hidden_states(family):
-    model = tiny_model(family, **({"first_k_dense_replace": 1} if family == "deepseek_v3" else {}))
+SIMILARITY_CASES = [(f, {"first_k_dense_replace": 1} if f == "deepseek_v3" else {}) for f in FAMILIES] + [
+    ("granitemoe", {"residual_multiplier": 0.5})]  # the layer adds 0.5 x MoE to the residual
+
+
+@pytest.mark.parametrize("family,overrides", SIMILARITY_CASES, ids=[f + "".join(f"-{k}={v}" for k, v in o.items())
+                                                                    for f, o in SIMILARITY_CASES])
+def test_similarities_equal_the_hidden_states(family, overrides):
+    """moe_similarity is cos(x', y) with y the decoder layer's real output (x' plus what the MoE sublayer adds,
+    scaled where the family scales it), block_similarity the cosines of the layers' inputs."""
+    model = tiny_model(family, **overrides)
     batches = make_batches(n_batches=2)
     stats = fmoe.measure(model, batches, fisher=False)
     _, layers = decoder_layers(model)
@@ -137,7 +144,8 @@ def test_similarities_equal_the_hidden_states(family):
     for i, layer in enumerate(layers):  # x' (post-attention residual) and the layer output x' + block(norm(x'))
         handles.append(layer.post_attention_layernorm.register_forward_pre_hook(
             lambda m, args, i=i: captured.__setitem__(("x", i), args[0])))
-        handles.append(layer.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(("y", i), out)))
+        handles.append(layer.register_forward_hook(
+            lambda m, a, out, i=i: captured.__setitem__(("y", i), out[0] if isinstance(out, tuple) else out)))
     block, moe_sim, tokens = torch.zeros(n_layers + 1, n_layers + 1, dtype=torch.float64), torch.zeros(n_layers), 0
     for raw in batches:
         out, valid = plain_forward(model, raw)

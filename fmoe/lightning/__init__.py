@@ -2,6 +2,7 @@
 
 from .calibration import CalibrationModule
 from .callbacks import BlockDropping, Compression, ExpertPruning, FisherScoring, IntermediatePruning, LayerDropping
+from .plans import RestorePlans
 
 __all__ = ["BlockDropping", "CalibrationModule", "Compression", "ExpertPruning", "FisherScoring", "IntermediatePruning",
-           "LayerDropping"]
+           "LayerDropping", "RestorePlans"]

@@ -30,9 +30,10 @@ from torch import nn
 
 from ..checkpoint import on_meta
 from ..reconstruct import GramStatistics
-from ..scores import Scores
-from ..scoring import Scorer
+from ..scores import Scores, criterion_name
+from ..scoring import Scorer, scorer_criterion
 from ..statistics import Statistics
+from .plans import PLANS_KEY, restore_plans, save_plans
 from .sharding import RestoreOnException, data_parallel_mesh, is_sharded, materialize, shard, unshard
 
 _STATE_KEY = "fmoe_scorer"
@@ -55,7 +56,7 @@ def sum_over_data(tensor: torch.Tensor, strategy) -> torch.Tensor:
 def reduced_state(scorer: Scorer, strategy) -> tuple[dict[str, torch.Tensor], int, int]:
     """(state, samples, tokens) SUM-reduced over data-parallel ranks; a collective, so every rank must call it."""
     state = {k: sum_over_data(t.detach().clone(), strategy) for k, t in scorer.state().items()}
-    counts = torch.tensor([scorer.samples, scorer.tokens], dtype=torch.float64, device=scorer.device)
+    counts = torch.tensor([scorer.samples, scorer.tokens], dtype=torch.int64, device=scorer.device)  # exact
     counts = sum_over_data(counts, strategy)
     return state, int(counts[0]), int(counts[1])
 
@@ -124,8 +125,9 @@ def rank0_fingerprint(own: str | None) -> str | None:
 class CalibrationModule(L.LightningModule):
     def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False, gram: bool = False):
         super().__init__()
+        self.save_hyperparameters(ignore=["model"])  # `load_from_checkpoint(path, model=...)` restores the rest
         self.model = model
-        self.method = method
+        self.method = criterion_name(*scorer_criterion(method))  # checked before any fit (also on an empty model)
         self.structure = structure
         self.gathers_gram = gram
         self.automatic_optimization = False
@@ -160,7 +162,7 @@ class CalibrationModule(L.LightningModule):
     def _make_scorer(self) -> None:
         """The scorer over the model's weights (its fingerprint reads them) and the parameters DDP must see."""
         self.scorer = Scorer(self.model, self.method, structure=self.structure, gram=self.gathers_gram)
-        anchors = getattr(self.scorer.acc, "anchors", {})
+        anchors = self.scorer.anchors
         self.anchors = nn.ParameterList(anchors.values())  # registered so DDP and device moves see them
         if not anchors:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
             self.ddp_anchor = nn.Parameter(torch.zeros((), device=self.step_anchor.device))
@@ -173,6 +175,8 @@ class CalibrationModule(L.LightningModule):
         """Freeze the model for the fit (DDP must see only the anchors as trainable; the user's requires_grad flags
         come back when the fit ends). Under ModelParallelStrategy (FSDP2) the fit runs a sharded twin (see
         fmoe.lightning.sharding); anchors stay replicated. `self.model` is the plain model again once the fit ends."""
+        if self._trainer is None:  # `load_from_checkpoint` calls it outside any fit: nothing to prepare
+            return
         materialize(self.model, self.trainer.strategy)  # DDP: a non-zero rank's empty model gets rank 0's weights
         if self.scorer is None:
             self._make_scorer()
@@ -183,6 +187,10 @@ class CalibrationModule(L.LightningModule):
         for p in self.model.parameters():
             p.requires_grad_(False)
         shard(self, "model")
+        reads = sorted({"compensated", "magnitude"} & set(self.scorer.criteria))
+        if reads and is_sharded(self.model):  # an empty rank's scorer would have no weights to read at the end
+            raise ValueError(f"{self.method!r}: {', '.join(reads)} read the experts' weights, which under "
+                             "ModelParallelStrategy only rank 0 holds; use DDP or one process for these criteria")
         self.scorer.use(self.model)
 
     def configure_callbacks(self):
@@ -213,10 +221,10 @@ class CalibrationModule(L.LightningModule):
         """One scoring step. Under fp16 loss scaling a batch whose scaled gradients overflow (on any rank) runs
         again at half the scale, as a GradScaler backs off, so no batch is lost or counted twice."""
         scaler = grad_scaler(self.trainer)
-        fisher = self.scorer.acc.needs_grad
+        fisher = self.scorer.needs_grad
         while True:
             if fisher:  # the GradScaler multiplied the loss by S; S changes during the run
-                self.scorer.acc.gradient_scale = 1.0 / loss_scale(self.trainer)
+                self.scorer.gradient_scale = 1.0 / loss_scale(self.trainer)
             loss = self.scorer.step(batch, backward=self.manual_backward, sync=sync_flags(self.trainer),
                                     skip_non_finite=scaler is not None)
             if loss is not None or not fisher:
@@ -251,13 +259,17 @@ class CalibrationModule(L.LightningModule):
             raise ValueError("a calibration under ModelParallelStrategy resumes from distributed checkpoints only: "
                              "leave save_distributed_checkpoint=True")
         state, samples, tokens = reduced_state(self.scorer, self.trainer.strategy)
-        if not is_sharded(self.model):  # a distributed (FSDP2) checkpoint cannot be loaded without the weights
+        save_plans(self, checkpoint)  # once a compression edited the model, its weights stay in the checkpoint too
+        if not is_sharded(self.model) and PLANS_KEY not in checkpoint:  # FSDP2's cannot load without the weights
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
         checkpoint[_STATE_KEY] = {"state": {k: t.cpu() for k, t in state.items()}, "samples": samples,
                                   "tokens": tokens, "method": self.method, "fingerprint": self.scorer.fingerprint,
                                   "structure": self.structure, "gram": self.gathers_gram}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if PLANS_KEY in checkpoint:  # saved after a compression: the edited model (plans, then its weights)
+            restore_plans(self, checkpoint)
+            return
         saved = checkpoint.get(_STATE_KEY)
         if saved is None:
             raise ValueError("checkpoint holds no fmoe calibration state")

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 from .. import methods
 from ..experts import find_experts, fingerprint
 from ..iterative import iterate, step_ratios
-from ..plan import SCOPES
 from ..prune import weight_bytes
 from ..reconstruct import LAM, recorded, refit
 from ..methods import Calibration
@@ -24,7 +23,8 @@ from ..scores import Scores
 from ..scoring import Scorer
 from .calibration import (CalibrationModule, grad_scaler, loss_scale, rank0_object, refuse_repeated_samples,
                           sum_across_ranks, sync_flags)
-from .sharding import is_sharded, unshard
+from .plans import record_plan, save_plans
+from .sharding import is_sharded, mesh_of, unshard
 
 
 def find_hf_model(pl_module: nn.Module, attr: str | None = None) -> nn.Module:
@@ -109,7 +109,7 @@ class FisherScoring(L.Callback):
         # their loss is the mean over B sequences, divided by Lightning by accumulate_grad_batches (k), and
         # multiplied by a GradScaler's scale S: dL_n/dm = g * B * k / S, scaled before squaring and summing
         per_sequence = self._counts[0] * trainer.accumulate_grad_batches if self.loss_reduction == "mean_of_sequences" else 1
-        self.scorer.acc.gradient_scale = per_sequence / loss_scale(trainer)
+        self.scorer.gradient_scale = per_sequence / loss_scale(trainer)
 
     def on_after_backward(self, trainer, pl_module):
         # after each backward and before the optimizer step, so a non-finite gradient stops the fit before it
@@ -139,14 +139,14 @@ class Compression(L.Callback):
     turns on before the fit) or, for dim scores, a FisherScoring callback of the same Trainer. Shapes change only
     in `on_fit_end`, after the loop and before anything else uses the model. In a multi-process run rank 0 plans
     and every rank applies its plan, so ranks cannot disagree; an empty (meta) model, a non-zero rank's under
-    FSDP2, is cut to the plan's shapes.
+    FSDP2, is cut to the plan's shapes. The plan applied is `self.plan`; it is also recorded on the model, and
+    checkpoints saved afterwards carry it, so a module with `fmoe.lightning.RestorePlans` reloads them.
     """
 
     def __init__(self, method: str = "dims", amount: float | None = 0.5, save_dir: str | Path | None = None,
                  verbose: bool = True, model_attr: str | None = None, **options):
+        methods.check(method, amount, **options)  # before a calibration run is spent
         self.entry = methods.method(method)
-        if amount is not None and not 0 <= amount < 1:
-            raise ValueError(f"amount must be in [0, 1), got {amount}")
         self.method, self.amount, self.options = method, amount, options
         self.save_dir, self.verbose, self.model_attr = save_dir, verbose, model_attr
         self.plan = None
@@ -160,6 +160,12 @@ class Compression(L.Callback):
                 raise TypeError(f"{self.method} plans from expert/layer statistics, which a CalibrationModule fit "
                                 f"measures; {type(pl_module).__name__} is not one")
             pl_module.measure_structure()
+        elif self.entry.reads == "scores" and not isinstance(pl_module, CalibrationModule) and \
+                not any(isinstance(c, FisherScoring) for c in trainer.callbacks):
+            raise TypeError(f"{type(self).__name__} ({self.method}) plans from dim scores, which a CalibrationModule "
+                            f"fit or a FisherScoring() callback gathers; {type(pl_module).__name__} is not a "
+                            "CalibrationModule and the Trainer has no FisherScoring: add FisherScoring() to its "
+                            "callbacks")
 
     def _calibration(self, trainer, pl_module) -> Calibration:
         if isinstance(pl_module, CalibrationModule) and pl_module.scores is not None:
@@ -186,6 +192,11 @@ class Compression(L.Callback):
         before, params = weight_bytes(model), sum(p.numel() for p in model.parameters())
         self.plan, calibration = self.make_plan(trainer, pl_module, model, calibration)
         self.entry.edit(model, self.plan)  # an empty model: shapes only (its plan was checked on rank 0)
+        record_plan(model, self.plan)
+        if trainer.optimizers and not isinstance(pl_module, CalibrationModule) and not mesh_of(pl_module):
+            # the fit's optimizers hold removed parameters: fresh ones over the edited model, so that a checkpoint
+            # saved from now on resumes with `trainer.fit(..., ckpt_path=...)`
+            trainer.strategy.setup_optimizers(trainer)
         directory = Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             if calibration.scores is not None:
@@ -198,6 +209,9 @@ class Compression(L.Callback):
             rank_zero_info(f"{type(self).__name__} ({self.method}): parameters {params:,} -> {after:,}, weights "
                            f"{before / 2**20:.1f} MB -> {weight_bytes(model) / 2**20:.1f} MB; calibration and plan "
                            f"in {directory}")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        save_plans(pl_module, checkpoint)  # also when the module's own hooks do not (without RestorePlans)
 
 
 class IntermediatePruning(Compression):
@@ -220,8 +234,6 @@ class IntermediatePruning(Compression):
                  min_width: int | None = None, normalize: str = "mean", max_widths: int | None = 4,
                  save_dir: str | Path | None = None, verbose: bool = True, model_attr: str | None = None,
                  steps: int = 1, reconstruct: bool = False, lam: float = LAM):
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
         super().__init__("dims", amount, save_dir, verbose, model_attr, scope=scope, multiple_of=multiple_of,
                          min_width=min_width, normalize=normalize, max_widths=max_widths)
         step_ratios(amount, steps)  # bad steps fail before a calibration run is spent

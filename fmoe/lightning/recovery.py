@@ -23,7 +23,7 @@ from ..compat import peft_adapts_experts
 from ..compressed import VECTORS
 from ..distill import TeacherCache, check_options, distillation_loss
 from ..experts import find_experts, fused_parts, up_name
-from ..loss import mean_nll, prepare_batch, sequence_nll
+from ..loss import prepare_batch, sequence_nll, training_loss
 from ..tasks import exact_match
 from .sharding import RestoreOnException, is_sharded, materialize, shard, unshard
 
@@ -171,11 +171,13 @@ class LoRARecovery(Evaluation):
         batch = prepare_batch(batch, self.device)
         size = batch.input_ids.shape[0]
         if self.teacher is None:
-            loss, _ = mean_nll(self.model, batch)  # HF's .loss, padding never supervised
+            loss, parts = training_loss(self.model, batch)  # HF's .loss, padding never supervised
         else:
             loss, parts = distillation_loss(self.model, batch, self.teacher, self.temperature, self.kd_weight)
             self.log("train_kd", parts["kd"], batch_size=size)
-            self.log("train_nll", parts["nll"], batch_size=size)
+        self.log("train_nll", parts["nll"], batch_size=size)
+        if "aux" in parts:  # output_router_logits: the load-balancing loss is part of the training loss
+            self.log("train_aux", parts["aux"], batch_size=size)
         self.log("train_loss", loss, prog_bar=True, batch_size=size)
         return loss
 

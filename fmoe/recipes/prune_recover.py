@@ -35,6 +35,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -57,8 +59,10 @@ from fmoe.lightning import CalibrationModule, Compression, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery, epochs_for, evaluate
 from fmoe.distill import cache_teacher, check_options
 from fmoe.lightning.sharding import load_model, process_rank
+from fmoe.io import write_json
 from fmoe.reconstruct import LAM
 from fmoe.report import write_report
+from fmoe.scoring import scorer_criterion
 
 
 @dataclass
@@ -111,8 +115,10 @@ class LMEval:
 
 
 def calibration(model: str = "toy", method: str = "fisher", dtype: str = "float32") -> CalibrationModule:
-    """Load the model to compress ("toy" = the shipped toy MoE) and wrap it for calibration. Read once per run:
+    """Load the model to compress ("toy" = the shipped toy MoE) and wrap it for calibration with scoring criterion
+    `method` (a method of fmoe.score or a combination, e.g. "rank_mean(compensated, router)"). Read once per run:
     in a multi-process run only rank 0 reads it, the others receive it in their first stage (see load_model)."""
+    scorer_criterion(method)  # a bad criterion fails before the model is read
     return CalibrationModule(load_model(checkpoint_of(model), dtype=getattr(torch, dtype)), method=method)
 
 
@@ -126,7 +132,8 @@ class RecipeCLI(LightningCLI):
         parser.add_class_arguments(Prune, "prune")
         parser.add_class_arguments(Recover, "recover")
         parser.add_class_arguments(LMEval, "lm_eval")
-        parser.add_argument("--export_dir", default="runs/prune_recover/export")
+        parser.add_argument("--export_dir", type=str | None, default=None,
+                            help="where the compressed model goes (default: <trainer.default_root_dir>/export)")
         files = toy.corpus_files()  # generated once into ~/.cache/fmoe (FMOE_CACHE)
         parser.add_argument("--tasks", type=dict[str, str] | None, default=None,
                             help="{name: jsonl of prompt/answer records}: exact-match accuracy per stage "
@@ -192,18 +199,38 @@ def sizes(model) -> dict:
             "weight_MB": fmoe.weight_bytes(model) / 2**20}
 
 
-def toy_lm_eval(options: LMEval, limit: int, root: str | None) -> LMEval:
-    """The toy model's default lm-eval run: its arithmetic task over the toy corpus (YAMLs written under `root` by
-    rank 0, the one that runs lm-eval), `limit` records, when lm-eval is installed."""
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        rank_zero_info(f"no lm-eval scores: lm-evaluation-harness is not installed ({evaluation.EVAL_EXTRA})")
-        return LMEval(tasks=[])
-    include = options.include_path
-    if include is None and process_rank() == 0:
-        include = str(evaluation.toy_tasks_dir(Path(root or ".") / "lm_eval_tasks"))
-    return LMEval(tasks=["fmoe_arithmetic"], limit=options.limit or limit, include_path=include)
+def toy_lm_eval(options: LMEval, limit: int, run_dir: Path) -> LMEval:
+    """lm-eval on the toy model: its tasks over the toy corpus (`fmoe_<domain>`, YAMLs written under `run_dir` by
+    rank 0, the one that runs lm-eval) can be named; unset, its arithmetic task runs on `limit` records when lm-eval
+    is installed."""
+    if options.tasks is None:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            rank_zero_info(f"no lm-eval scores: lm-evaluation-harness is not installed ({evaluation.EVAL_EXTRA})")
+            return LMEval(tasks=[])
+        options = LMEval(tasks=["fmoe_arithmetic"], limit=options.limit or limit, include_path=options.include_path)
+    if options.tasks and options.include_path is None and process_rank() == 0:
+        options.include_path = str(evaluation.toy_tasks_dir(run_dir / "lm_eval_tasks"))
+    return options
+
+
+# what a run writes into its directory (besides logs/ and lm_eval_tasks/); a new run there removes them first
+RUN_FILES = ("run.json", "plan.json", "scores", "statistics", "teacher.safetensors", "report.png")
+
+
+def start_run(run_dir: Path, export_dir: Path, argv) -> None:
+    """Rank 0 clears the previous run's files from `run_dir` and the export target, and marks the run as running
+    in run.json, so that a run stopped part way never leaves a plan beside an export it did not make."""
+    if process_rank() != 0:
+        return
+    for path in [*(run_dir / name for name in RUN_FILES), export_dir]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "run.json", {"status": "running", "argv": argv, "export": str(export_dir)})
 
 
 def lm_eval_metrics(model, tokenizer, options: LMEval, is_global_zero: bool) -> dict[str, float]:
@@ -243,14 +270,27 @@ def main(args=None, prog: str | None = None) -> dict:
     cfg, trainer, module, data = cli.config, cli.trainer, cli.model, cli.datamodule
     stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
     lm_eval_cfg = LMEval(**cfg.lm_eval)
-    if lm_eval_cfg.tasks is None and cfg.model.model == "toy":
-        lm_eval_cfg = toy_lm_eval(lm_eval_cfg, cfg.task_limit, cfg.trainer.default_root_dir)
-    if (prune_cfg.steps != 1 or prune_cfg.reconstruct) and prune_cfg.method != "dims":  # before any stage runs
+    run_dir = Path(cfg.trainer.default_root_dir or ".")  # everything this run writes goes under it
+    export_dir = Path(cfg.export_dir) if cfg.export_dir else run_dir / "export"
+    # every option is checked before any stage runs
+    if (prune_cfg.steps != 1 or prune_cfg.reconstruct) and prune_cfg.method != "dims":
         raise ValueError(f"--prune.steps and --prune.reconstruct apply to the dims method, not {prune_cfg.method!r}")
+    options = {k: v for k, v in asdict(prune_cfg).items() if k not in ("method", "amount")}
+    options = methods.options_of(prune_cfg.method, options)
+    if prune_cfg.method == "dims":  # its own callback: iterative steps re-score inside the calibration fit
+        compression = IntermediatePruning(prune_cfg.amount, save_dir=run_dir, steps=prune_cfg.steps,
+                                          reconstruct=prune_cfg.reconstruct, lam=prune_cfg.lam, **options)
+    else:  # checks the method's name, amount and options
+        compression = Compression(prune_cfg.method, prune_cfg.amount, save_dir=run_dir, **options)
     if recover_cfg.teacher not in ("live", "cached"):
         raise ValueError(f"--recover.teacher is live or cached, not {recover_cfg.teacher!r}")
     if recover_cfg.distill:
         check_options(recover_cfg.temperature, recover_cfg.kd_weight)
+    start_run(run_dir, export_dir, args if args is not None else sys.argv[1:])
+    if cfg.model.model == "toy":
+        lm_eval_cfg = toy_lm_eval(lm_eval_cfg, cfg.task_limit, run_dir)
+    if lm_eval_cfg.tasks and process_rank() == 0:  # rank 0 runs lm-eval
+        evaluation.check_tasks(lm_eval_cfg.tasks, lm_eval_cfg.include_path)
     data.setup("fit")
     paths = cfg.tasks
     if paths is None:
@@ -267,27 +307,22 @@ def main(args=None, prog: str | None = None) -> dict:
         rows[stage] = row
 
     record("dense", module.model)
-    run_dir = Path(cfg.export_dir).parent  # plan.json, scores, teacher.safetensors, report.png
     cached = recover_cfg.distill and recover_cfg.teacher == "cached"
     cache = run_dir / "teacher.safetensors"
     if stages.recover and cached:  # now, while the model is still dense
         cache_dense_logits(module.model, data, cache, recover_cfg.top_k)
-    compression = None
-    options = {k: v for k, v in asdict(prune_cfg).items() if k not in ("method", "amount")}
-    options = methods.options_of(prune_cfg.method, options)
+    plan = None
     if stages.prune and not methods.method(prune_cfg.method).reads:  # nothing to calibrate (compressed experts)
-        methods.compress(module.model, prune_cfg.method, prune_cfg.amount, **options)
+        plan = methods.compress(module.model, prune_cfg.method, prune_cfg.amount, **options)
+        if trainer.is_global_zero:
+            plan.save(run_dir / "plan.json")
         record("pruned", module.model)
     elif stages.calibrate:
-        if prune_cfg.method == "dims":  # its own callback: iterative steps re-score inside the calibration fit
-            compression = IntermediatePruning(prune_cfg.amount, save_dir=run_dir, steps=prune_cfg.steps,
-                                              reconstruct=prune_cfg.reconstruct, lam=prune_cfg.lam, **options)
-        else:
-            compression = Compression(prune_cfg.method, prune_cfg.amount, save_dir=run_dir, **options)
         callbacks = [compression] if stages.prune else []
         calib = L.Trainer(**trainer_kwargs(cfg, "calibrate", callbacks))
         calib.fit(module, datamodule=data)
         if stages.prune:
+            plan = compression.plan
             record("pruned", module.model)
     model = module.model
     if stages.recover:
@@ -309,11 +344,13 @@ def main(args=None, prog: str | None = None) -> dict:
         model = recovery.merged()
         record("recovered", model)
     if stages.export and trainer.is_global_zero:
-        out = fmoe.save_pretrained(model, cfg.export_dir, tokenizer=data.tokenizer)
+        out = fmoe.save_pretrained(model, export_dir, tokenizer=data.tokenizer)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
     if trainer.is_global_zero:
-        plan = getattr(compression, "plan", None)
         write_report(rows, plan, run_dir / "report.png")
+        write_json(run_dir / "run.json", {"status": "complete", "argv": args if args is not None else sys.argv[1:],
+                                          "export": str(export_dir) if stages.export else None,
+                                          "plan": "plan.json" if plan is not None else None, "rows": rows})
         print_table(rows)
     if torch.distributed.is_initialized():  # closed here: left to interpreter exit, gloo's threads can abort it
         torch.distributed.barrier()
