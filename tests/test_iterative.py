@@ -218,6 +218,11 @@ def test_recipe_prunes_in_steps(tmp_path):
             same = torch.equal(tensor, module.state_dict()[key])
             refit_expected = key.endswith("down_proj") and tensor.shape[-1] < 128  # experts keeping all 128 stay
             assert same != refit_expected, key  # up projections as sliced, pruned down projections refit
+    from fmoe.reconstruct import LAM
+
+    saved = fmoe.PruningPlan.load(tmp_path / "plan.json")  # the plan.json says what was applied: the refit too
+    assert "reconstruct" not in plan.meta and saved.meta.pop("reconstruct") == {"lam": LAM}
+    assert saved.to_dict() == plan.to_dict()
     with pytest.raises(ValueError, match="steps"):
         prune_recover.main(["--trainer.default_root_dir", str(tmp_path), "--prune.method", "reap",
                             "--prune.steps", "2", "--stages.evaluate", "false", "--tasks", "{}"])
