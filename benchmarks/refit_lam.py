@@ -13,7 +13,6 @@ Writes results.json and results.md to `out`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from pathlib import Path
 
@@ -23,31 +22,8 @@ from quality import save_results
 
 import fmoe
 from fmoe import toy
-from fmoe.loss import prepare_batch, sequence_nll
+from fmoe.loss import corpus_nll
 from fmoe.reconstruct import gather, solutions, write
-
-
-def held_out_nll(model, batches) -> float:
-    """Mean next-token NLL per supervised token over `batches`."""
-    total = count = 0.0
-    with torch.no_grad():
-        for b in batches:
-            nll, n = sequence_nll(model, prepare_batch(b))
-            total, count = total + float(nll.sum()), count + float(n.sum())
-    return total / count
-
-
-def interleaved(files, split: str, limit: int | None) -> list[str]:
-    """Texts of every domain of `split`, the domains in turn (the first `limit` of each)."""
-    per_domain = [[r["text"] for r in toy.read_jsonl(files[d][split])][:limit] for d in files]
-    return [t for group in zip(*per_domain) for t in group]
-
-
-def add(a, b):
-    """Gram statistics of two groups of sequences together."""
-    return dataclasses.replace(a, **{f: {n: getattr(a, f)[n] + getattr(b, f)[n] for n in getattr(a, f)}
-                                     for f in ("products", "sums", "counts")},
-                               samples=a.samples + b.samples, tokens=a.tokens + b.tokens)
 
 
 def main(model_dir: str = str(toy.TOY_DIR), sizes: list[int] = [2, 8, 16, 32, 64], ratio: float = 0.5,
@@ -57,23 +33,23 @@ def main(model_dir: str = str(toy.TOY_DIR), sizes: list[int] = [2, 8, 16, 32, 64
     torch.set_num_threads(threads)
     model, tokenizer, config = toy.load(model_dir)
     files = toy.corpus_files(config)
-    calib = toy.batches(tokenizer, interleaved(files, "train", None)[: max(sizes)], 1)  # one sequence per batch
-    held = {s: toy.batches(tokenizer, interleaved(files, s, limit), batch_size) for s in ("val", "test")}
+    calib = toy.batches(tokenizer, toy.interleaved(files, "train", None)[: max(sizes)], 1)  # one sequence per batch
+    held = {s: toy.batches(tokenizer, toy.interleaved(files, s, limit), batch_size) for s in ("val", "test")}
     plan = fmoe.make_plan(fmoe.score(model, method=method), ratio, "layer", model=model)
     plain = fmoe.prune(copy.deepcopy(model), plan)
     results = {"method": method, "ratio": ratio, "limit": limit, "kept_widths": plan.kept_widths(),
-               "dense": {s: held_out_nll(model, b) for s, b in held.items()},
-               "pruned": {s: held_out_nll(plain, b) for s, b in held.items()}, "rows": []}
+               "dense": {s: corpus_nll(model, b) for s, b in held.items()},
+               "pruned": {s: corpus_nll(plain, b) for s, b in held.items()}, "rows": []}
     print(results["dense"], results["pruned"], flush=True)
     stats, start = None, 0
     for size in sorted(sizes):
         part = gather(model, calib[start:size])
-        stats, start = (part if stats is None else add(stats, part)), size
+        stats, start = (part if stats is None else stats + part), size
         least = min(int(c.min()) for c in stats.counts.values())
         for lam in lams:
             refit = write(copy.deepcopy(plain), solutions(stats, plan, lam))
             row = {"sequences": size, "tokens": stats.tokens, "fewest_expert_tokens": least, "lam": lam,
-                   **{s: held_out_nll(refit, b) for s, b in held.items()}}
+                   **{s: corpus_nll(refit, b) for s, b in held.items()}}
             results["rows"].append(row)
             print(row, flush=True)
     results["seconds"] = round(time.perf_counter() - t0)

@@ -138,3 +138,13 @@ def training_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[st
     nll, total = _mean(*logits_nll(output.logits, batch))
     parts = {"nll": nll.detach(), "tokens": total}
     return with_router_loss(model, output, nll, parts), parts
+
+
+@torch.no_grad()
+def corpus_nll(model: nn.Module, batches) -> float:
+    """Mean next-token NLL per supervised token over every batch of `batches` (held-out loss, no gradients)."""
+    total = count = 0.0
+    for batch in batches:
+        nll, n = sequence_nll(model, prepare_batch(batch))
+        total, count = total + float(nll.sum()), count + float(n.sum())
+    return total / count

@@ -70,6 +70,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def interleaved(files: dict[str, dict[str, Path]], split: str, limit: int | None = None) -> list[str]:
+    """The texts of every domain's `split`, the domains in turn (the first `limit` of each)."""
+    per_domain = [[r["text"] for r in read_jsonl(files[d][split])][:limit] for d in files]
+    return [t for group in zip(*per_domain) for t in group]
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE trained on the corpus with every digit its own token (so numbers are spelled digit by digit)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -10,6 +10,7 @@ import fmoe.toy
 from fmoe.compat import experts_hooks
 from fmoe.experts import expert_parameters, find_experts, up_name, up_rows
 from fmoe.lightning import CalibrationModule, IntermediatePruning
+from fmoe.loss import corpus_nll
 from fmoe.reconstruct import gather, refit
 from fmoe.scoring import Scorer
 from fmoe.tiny import tiny_model
@@ -335,23 +336,6 @@ def test_saved_plan_records_the_refit_and_only_then(tmp_path):
     assert saved[True] == saved[False]  # the same cut, and the refit on top of it recorded
 
 
-def interleaved(files, split, limit=None):
-    """The texts of every toy domain of `split`, the domains in turn (the first `limit` of each)."""
-    per_domain = [[r["text"] for r in fmoe.toy.read_jsonl(files[d][split])][:limit] for d in files]
-    return [t for group in zip(*per_domain) for t in group]
-
-
-def held_out_nll(model, batches):
-    from fmoe.loss import prepare_batch, sequence_nll
-
-    total = count = 0.0
-    with torch.no_grad():
-        for b in batches:
-            nll, n = sequence_nll(model, prepare_batch(b))
-            total, count = total + float(nll.sum()), count + float(n.sum())
-    return total / count
-
-
 def test_refit_is_never_worse_than_plain_pruning_at_any_calibration_size():
     """The toy, a 0.5 magnitude plan, refit (default lam) from 2 to 64 training sequences: held-out NLL (test
     split) at most the plainly pruned model's. A ridge towards zero overfits the small sizes."""
@@ -359,15 +343,15 @@ def test_refit_is_never_worse_than_plain_pruning_at_any_calibration_size():
 
     model, tokenizer, config = fmoe.toy.load()
     files = fmoe.toy.corpus_files(config)
-    calib = fmoe.toy.batches(tokenizer, interleaved(files, "train")[:64], 1)
-    held = fmoe.toy.batches(tokenizer, interleaved(files, "test", 12), 12)
+    calib = fmoe.toy.batches(tokenizer, fmoe.toy.interleaved(files, "train")[:64], 1)
+    held = fmoe.toy.batches(tokenizer, fmoe.toy.interleaved(files, "test", 12), 12)
     plan = fmoe.make_plan(fmoe.score(model, method="magnitude"), 0.5, "layer", model=model)
     plain = fmoe.prune(copy.deepcopy(model), plan)
-    plain_nll = held_out_nll(plain, held)
+    plain_nll = corpus_nll(plain, held)
     stats, start = None, 0
     for size in (2, 8, 16, 32, 64):  # Gram sums over prefixes: each group's statistics gathered once
         part = gather(model, calib[start:size])
         stats, start = part if stats is None else stats + part, size
-        refit_nll = held_out_nll(write(copy.deepcopy(plain), solutions(stats, plan)), held)
+        refit_nll = corpus_nll(write(copy.deepcopy(plain), solutions(stats, plan)), held)
         assert refit_nll <= plain_nll, (size, refit_nll, plain_nll)
     assert refit_nll < plain_nll  # and the refit does something
