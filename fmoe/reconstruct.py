@@ -296,7 +296,7 @@ def reconstruct(model: nn.Module, plan: PruningPlan, batches: Iterable[Mapping[s
                 lam: float = LAM, layers_at_once: int | None = None) -> nn.Module:
     """Prune `model` with `plan` (fmoe.prune) and refit the kept dims by least squares on `batches` (in place):
     G is gathered on the unpruned model, `layers_at_once` layers per pass (default: all in one pass). `plan` is
-    not changed; `recorded(plan, lam)` is the plan to save with the model."""
+    not changed; `recorded(plan, lam)` (`from fmoe.reconstruct import recorded`) is the plan to save with the model."""
     from .prune import check_plan, prune
 
     check_plan(model, plan)

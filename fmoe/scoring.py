@@ -535,8 +535,9 @@ def score(
 
     `batches` yields dicts with `input_ids` [B, T] and optionally `attention_mask` and `labels` (-100 ignored;
     default: the non-padding tokens). Model weights are left untouched and their requires_grad restored.
-    `method` may combine methods ("rank_mean(compensated, router)"): their scores come from one pass (a Scorer),
-    except grad_abs, scored on its own pass, and are combined (fmoe.scores.COMBINERS); `method` records the spec.
+    `method` may combine methods ("rank_mean(compensated, router)"): their scores come from one pass (a Scorer) and
+    are combined (fmoe.scores.COMBINERS); a combination with grad_abs scores each criterion on a pass of its own.
+    `method` records the spec.
     """
     combiner, criteria = parse_criterion(method, METHODS)
     if combiner is not None:

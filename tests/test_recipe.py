@@ -325,16 +325,27 @@ def test_recipe_checks_every_option_before_any_stage(tmp_path, recipe, monkeypat
 
     monkeypatch.setattr(recipe, "evaluate", no_stage)
     monkeypatch.setattr(recipe.TextDataModule, "setup", no_stage)
+    earlier = {tmp_path / "plan.json": "{}", tmp_path / "export" / "config.json": "{}",
+               tmp_path / "export" / "results.json": "{}"}  # a finished run's files
+    for path, text in earlier.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
     common = ["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
     for bad, match in ((["--prune.amount", "1.5"], "amount"), (["--prune.amount", "-0.1"], "amount"),
                        (["--prune.method", "nosuch"], "valid: dims, expert_drop"),
                        (["--prune.method", "reap", "--prune.scope", "expert"], "valid: layer, global"),
-                       (["--prune.scope", "model"], "valid: expert, layer, global")):
+                       (["--prune.scope", "model"], "valid: expert, layer, global"),
+                       (["--export_dir", str(tmp_path)], "would replace the run directory"),
+                       (["--export_dir", str(tmp_path.parent)], "would replace the run directory"),
+                       (["--model.method", "magnitude", "--trainer.strategy",
+                         "lightning.pytorch.strategies.ModelParallelStrategy",
+                         "--trainer.strategy.data_parallel_size", "1"], "only rank 0 holds")):
         with pytest.raises(ValueError, match=match):
             recipe.main([*common, *bad])
     if importlib.util.find_spec("lm_eval"):
         with pytest.raises(ValueError, match=r"unknown lm-eval task\(s\) \['nosuch'\]"):
             recipe.main([*common, "--lm_eval.tasks", "[fmoe_facts, nosuch]"])
+    assert all(path.read_text() == text for path, text in earlier.items())  # a refused run removes nothing
 
 
 def test_one_run_directory_per_run_whose_files_agree(tmp_path, recipe, monkeypatch):
@@ -361,6 +372,13 @@ def test_one_run_directory_per_run_whose_files_agree(tmp_path, recipe, monkeypat
     assert json.loads((root / "run.json").read_text())["status"] == "running"
     assert fmoe.PruningPlan.load(root / "plan.json").meta["ratio"] == 0.5
     assert not (root / "export").exists()  # the 0.25 export is gone, not left beside the 0.5 plan
+    keep = tmp_path / "mine"  # an --export_dir that holds no export of a run is left until the export replaces it
+    (keep / "notes.txt").parent.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        recipe.main([*quick, "--trainer.default_root_dir", str(root), "--export_dir", str(keep),
+                     "--stages.recover", "true"])
+    assert (keep / "notes.txt").read_text() == "mine"
 
 
 def test_compressed_experts_run_saves_its_plan(tmp_path, recipe):

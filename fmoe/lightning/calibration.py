@@ -122,6 +122,17 @@ def rank0_fingerprint(own: str | None) -> str | None:
     return own if own is not None else sent
 
 
+def check_strategy(method: str, strategy) -> None:
+    """Criteria that read the experts' weights (compensated, magnitude) cannot run under ModelParallelStrategy
+    (FSDP2), where only rank 0 holds the weights: an empty rank's scorer would have nothing to read at the end."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    reads = sorted({"compensated", "magnitude"} & set(scorer_criterion(method)[1]))
+    if reads and isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(f"{method!r}: {', '.join(reads)} read the experts' weights, which under "
+                         "ModelParallelStrategy only rank 0 holds; use DDP or one process for these criteria")
+
+
 class CalibrationModule(L.LightningModule):
     def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False, gram: bool = False):
         super().__init__()
@@ -186,11 +197,8 @@ class CalibrationModule(L.LightningModule):
         self._user_flags = {name: p.requires_grad for name, p in self.model.named_parameters()}
         for p in self.model.parameters():
             p.requires_grad_(False)
+        check_strategy(self.method, self.trainer.strategy)  # before anything is sharded
         shard(self, "model")
-        reads = sorted({"compensated", "magnitude"} & set(self.scorer.criteria))
-        if reads and is_sharded(self.model):  # an empty rank's scorer would have no weights to read at the end
-            raise ValueError(f"{self.method!r}: {', '.join(reads)} read the experts' weights, which under "
-                             "ModelParallelStrategy only rank 0 holds; use DDP or one process for these criteria")
         self.scorer.use(self.model)
 
     def configure_callbacks(self):

@@ -56,6 +56,7 @@ from fmoe import toy
 from fmoe.tasks import load_tasks
 from fmoe import methods
 from fmoe.lightning import CalibrationModule, Compression, IntermediatePruning
+from fmoe.lightning.calibration import check_strategy
 from fmoe.lightning.recovery import LoRARecovery, epochs_for, evaluate
 from fmoe.distill import cache_teacher, check_options
 from fmoe.lightning.sharding import load_model, process_rank
@@ -219,12 +220,26 @@ def toy_lm_eval(options: LMEval, limit: int, run_dir: Path) -> LMEval:
 RUN_FILES = ("run.json", "plan.json", "scores", "statistics", "teacher.safetensors", "report.png")
 
 
+def check_export_dir(run_dir: Path, export_dir: Path) -> None:
+    """The export replaces its directory: it may not be the run directory or hold it."""
+    run, export = run_dir.resolve(), export_dir.resolve()
+    if export == run or export in run.parents:
+        raise ValueError(f"--export_dir {export_dir} would replace the run directory {run_dir} (or a folder above "
+                         "it): give the export a directory of its own")
+
+
+def is_export(path: Path) -> bool:
+    """A model directory a run exported (fmoe.save_pretrained, with its results.json)."""
+    return (path / "config.json").is_file() and (path / "results.json").is_file()
+
+
 def start_run(run_dir: Path, export_dir: Path, argv) -> None:
-    """Rank 0 clears the previous run's files from `run_dir` and the export target, and marks the run as running
-    in run.json, so that a run stopped part way never leaves a plan beside an export it did not make."""
+    """Rank 0 clears the previous run's files from `run_dir` and the export it left at `export_dir`, and marks the
+    run as running in run.json, so that a run stopped part way never leaves a plan beside an export it did not
+    make. Called once every option is checked; anything else at `export_dir` stays until the export replaces it."""
     if process_rank() != 0:
         return
-    for path in [*(run_dir / name for name in RUN_FILES), export_dir]:
+    for path in [*(run_dir / name for name in RUN_FILES), *([export_dir] if is_export(export_dir) else [])]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -286,11 +301,13 @@ def main(args=None, prog: str | None = None) -> dict:
         raise ValueError(f"--recover.teacher is live or cached, not {recover_cfg.teacher!r}")
     if recover_cfg.distill:
         check_options(recover_cfg.temperature, recover_cfg.kd_weight)
-    start_run(run_dir, export_dir, args if args is not None else sys.argv[1:])
+    check_export_dir(run_dir, export_dir)
+    check_strategy(module.method, trainer.strategy)
     if cfg.model.model == "toy":
         lm_eval_cfg = toy_lm_eval(lm_eval_cfg, cfg.task_limit, run_dir)
     if lm_eval_cfg.tasks and process_rank() == 0:  # rank 0 runs lm-eval
         evaluation.check_tasks(lm_eval_cfg.tasks, lm_eval_cfg.include_path)
+    start_run(run_dir, export_dir, args if args is not None else sys.argv[1:])
     data.setup("fit")
     paths = cfg.tasks
     if paths is None:
