@@ -57,8 +57,6 @@ from .plan import PruningPlan
 
 LAM = 0.1  # the refit's default ridge: see the module docstring and benchmarks/refit_lam.py
 
-_dtype = accumulation_dtype  # float64, float32 on a device without it (MPS)
-
 
 @dataclasses.dataclass
 class GramStatistics:
@@ -93,7 +91,7 @@ class Gram:
         ragged = [name for name, m in modules.items() if isinstance(m, RaggedExperts)]
         if ragged:
             raise ValueError(f"gather Gram statistics before pruning: {ragged[0]} has ragged experts")
-        dtype = _dtype(device)
+        dtype = accumulation_dtype(device)
         self.products = {n: torch.zeros(num_experts(m), expert_widths(m)[0], expert_widths(m)[0], device=device,
                                         dtype=dtype) for n, m in modules.items()}  # [E, I, I]
         self.sums = {n: torch.zeros(t.shape[:2], device=device, dtype=dtype) for n, t in self.products.items()}
@@ -185,7 +183,7 @@ def compensated(stats: GramStatistics, lam: float = 1e-3) -> dict[str, torch.Ten
     calibration tokens routed to the expert, lam_e = lam x mean(diag G). Higher = keep."""
     out = {}
     for name, products in stats.products.items():
-        dtype = _dtype(products.device)
+        dtype = accumulation_dtype(products.device)
         g = products.to(dtype)  # [E, I, I]
         width = g.shape[-1]
         scale = g.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=torch.finfo(dtype).tiny)  # [E]
@@ -211,7 +209,7 @@ def solve(products: torch.Tensor, sums: torch.Tensor, count: torch.Tensor, down:
     width = products.shape[0]
     if keep.numel() == width or float(count) == 0:
         return None
-    dtype = _dtype(products.device)
+    dtype = accumulation_dtype(products.device)
     device = products.device if products.device.type != "mps" else torch.device("cpu")
     g = products.to(device, dtype)
     keep = keep.to(device)

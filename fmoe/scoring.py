@@ -34,7 +34,7 @@ from .compat import accumulation_dtype, experts_hooks
 from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, num_experts, up_name
 from .loss import Batch, prepare_batch, sequence_nll
 from .prune import active_mask
-from .reconstruct import Gram, GramStatistics, compensated, gather
+from .reconstruct import Gram, GramStatistics, compensated
 from .scores import Scores, combine, criterion_name, parse_criterion
 from .statistics import Statistics, StructureStatistics
 
@@ -556,11 +556,7 @@ def score(
         return Scores(_masked_zero(modules, magnitude_scores(modules)), method, fp, meta=meta)
     if method == "random":
         return Scores(_masked_zero(modules, random_scores(modules, seed)), method, fp, meta={**meta, "seed": seed})
-    if method == "compensated":
-        stats = gather(model, tqdm(_needed(batches, method), disable=not _shows(progress),
-                                   desc="scoring (compensated)"))
-        return Scores(_masked_zero(modules, compensated(stats)), method, fp, stats.samples, stats.tokens, meta)
-    if method != "grad_abs":
+    if method != "grad_abs":  # the data criteria, compensated included: one Scorer pass
         return _score_pass(model, batches, method, seed, progress)
     with frozen(model):
         tensors, samples, tokens = _grad_abs(model, modules, _needed(batches, method), _shows(progress))
