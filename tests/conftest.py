@@ -39,6 +39,18 @@ def unpadded(batches):
             for b in batches for i in range(b["input_ids"].shape[0])]
 
 
+def overflow_then_rerun(scorer, batches):
+    """Scorer steps as a CalibrationModule runs them under fp16: batches[0] with overflowing gradients (the step is
+    dropped), the same batch again at a finite scale, then batches[1]."""
+    with scorer.attached():
+        scorer.gradient_scale = float("inf")  # every gradient overflows: the step is dropped, as under fp16
+        assert scorer.step(batches[0], skip_non_finite=True) is None
+        scorer.gradient_scale = 1.0
+        scorer.step(batches[0], skip_non_finite=True)  # the same batch again, as CalibrationModule runs it
+        scorer.step(batches[1], skip_non_finite=True)
+    return scorer
+
+
 @pytest.fixture
 def batches():
     return make_batches()

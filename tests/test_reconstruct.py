@@ -14,7 +14,7 @@ from fmoe.loss import corpus_nll
 from fmoe.reconstruct import gather, refit
 from fmoe.scoring import Scorer
 from fmoe.tiny import tiny_model
-from tests.conftest import make_batches, unpadded
+from tests.conftest import make_batches, overflow_then_rerun, unpadded
 from tests.test_lightning import run_two_processes, sequences, trainer
 
 FAMILIES = ["olmoe", "qwen2_moe", "gpt_oss", "deepseek_v3"]
@@ -216,12 +216,7 @@ def test_scorer_gathers_the_same_gram(method):
 def test_a_step_run_again_after_overflowing_gradients_counts_once():
     model, batches = tiny_model("olmoe"), make_batches()
     scorer = Scorer(model, "fisher", gram=True)
-    with scorer.attached():
-        scorer.gradient_scale = float("inf")  # every gradient overflows: the step is dropped, as under fp16
-        assert scorer.step(batches[0], skip_non_finite=True) is None
-        scorer.gradient_scale = 1.0
-        scorer.step(batches[0], skip_non_finite=True)  # the same batch again, as CalibrationModule runs it
-        scorer.step(batches[1], skip_non_finite=True)
+    overflow_then_rerun(scorer, batches)
     close_grams(scorer.gram(), gather(model, batches))
 
 

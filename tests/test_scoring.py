@@ -6,7 +6,7 @@ import torch
 import fmoe
 from fmoe.compat import experts_hooks
 from fmoe.tiny import FAMILIES, tiny_model
-from tests.conftest import make_batches, unpadded
+from tests.conftest import make_batches, overflow_then_rerun, unpadded
 
 
 def slow_fisher(model, sequences):
@@ -265,12 +265,7 @@ def test_a_combination_counts_a_batch_run_again_after_overflow_once():
 
     model, batches = tiny_model("olmoe"), make_batches()
     scorer = Scorer(model, "rank_mean(fisher, router)")
-    with scorer.attached():
-        scorer.gradient_scale = float("inf")  # every gradient overflows: the step is dropped, as under fp16
-        assert scorer.step(batches[0], skip_non_finite=True) is None
-        scorer.gradient_scale = 1.0
-        scorer.step(batches[0], skip_non_finite=True)  # the same batch again, as CalibrationModule runs it
-        scorer.step(batches[1], skip_non_finite=True)
+    overflow_then_rerun(scorer, batches)
     router = fmoe.score(model, batches, "router")
     for name, t in scorer._tensors("router").items():
         torch.testing.assert_close(t, router.tensors[name])
