@@ -186,24 +186,27 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-def options_of(name: str, options: dict) -> dict:
-    """The entries of `options` that method `name`'s planner takes (a recipe passes one flat set of options)."""
+def _options(name: str) -> set[str]:
+    """The options method `name`'s planner takes (its keyword parameters besides model, calibration, amount)."""
     import inspect
 
-    accepted = inspect.signature(method(name).plan).parameters
-    return {k: v for k, v in options.items() if k in accepted and k not in ("model", "calibration", "amount")}
+    return set(inspect.signature(method(name).plan).parameters) - {"model", "calibration", "amount"}
+
+
+def options_of(name: str, options: dict) -> dict:
+    """The entries of `options` that method `name`'s planner takes (a recipe passes one flat set of options)."""
+    accepted = _options(name)
+    return {k: v for k, v in options.items() if k in accepted}
 
 
 def check(name: str, amount: float | None, **options) -> None:
     """Refuse what method `name`'s planner would refuse that needs no model or calibration (the name, the amount,
     unknown options, values outside their choices), so a run fails before its calibration is spent."""
-    import inspect
-
     from .expert_drop import NORMALIZATIONS, SCOPES as EXPERT_SCOPES
     from .layer_drop import BLOCK_MODES
     from .plan import check_options
 
-    accepted = set(inspect.signature(method(name).plan).parameters) - {"model", "calibration", "amount"}
+    accepted = _options(name)
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(f"method {name!r} takes no option {unknown}; its options: {', '.join(sorted(accepted))}")
