@@ -8,7 +8,7 @@ Pruning: Fisher on the first 256 arithmetic training problems, layer scope, mult
 shot; each ratio's pruned model is made once and copied for every recovery. Recovery: `steps` steps on the
 arithmetic training texts after the calibration ones (fmoe.lightning.recovery.LoRARecovery through
 benchmarks/quality.py's `recovered`), with the unpruned model as the teacher of the KD variants:
-loss = kd_weight * T^2 * KL(teacher || student) + (1 - kd_weight) * NLL (fmoe.distill). "lora-*" train rank-`r`
+loss = kd_weight * T^2 * KL(teacher || student) + (1 - kd_weight) * NLL (fmoe.recovery.distill). "lora-*" train rank-`r`
 adapters at `lr`; "experts-*" train the routed experts' own weights (r=0, tune_experts) at `experts_lr` (1e-3:
 the best of 1e-4, 3e-4, 1e-3, 3e-3 for experts-ce at 75% on the val split, seed 0). Each
 seed re-seeds the adapters' initialisation and shuffles the order of the training batches. Rows give exact-match

@@ -20,7 +20,7 @@ from jsonargparse import auto_cli
 
 import fmoe
 from fmoe import toy
-from fmoe.tasks import accuracy, load_tasks
+from fmoe.evaluation.tasks import accuracy, load_tasks
 
 
 def kept_mass(scores: fmoe.Scores, plan: fmoe.PruningPlan) -> float:

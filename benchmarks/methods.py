@@ -93,8 +93,8 @@ def oracle(model, calibration, batches) -> dict:
     """How well each expert criterion predicts what removing one expert costs: the calibration loss increase when
     expert e alone is dropped (its router row deleted), for every expert of every layer, against each criterion's
     score; Spearman correlation within each layer (a higher score should mean a larger loss increase), averaged."""
-    from fmoe.expert_drop import ExpertPlan, drop_experts, expert_sizes
-    from fmoe.loss import mean_nll, prepare_batch
+    from fmoe.methods.expert_drop import ExpertPlan, drop_experts, expert_sizes
+    from fmoe.calibration.loss import mean_nll, prepare_batch
 
     def loss(m) -> float:
         with torch.no_grad():

@@ -10,7 +10,7 @@ each time (fmoe.prune_iteratively); "reconstructed" refits each kept down projec
 calibration tokens of the unpruned model (fmoe.reconstruct). Each row gives exact-match accuracy per domain (test
 split), the seconds its compression took (scoring, planning, reconstruction), and, with lora_steps > 0, the same
 after LoRA on arithmetic (at `lora_ratios`, 75% by default, to keep the grid short). `rank(a,b)`
-criteria average the two criteria's per-layer ranks (fmoe.scores.rank_mean).
+criteria average the two criteria's per-layer ranks (fmoe.calibration.scores.rank_mean).
 grad_abs and random run one shot only (grad_abs takes one backward per sequence; random does not change when
 re-scored). Writes results.json and results.md to `out`.
 """
@@ -27,9 +27,9 @@ from quality import dense_line, recovered, save_results, toy_setup
 
 import fmoe
 from fmoe import toy
-from fmoe.iterative import iterate
-from fmoe.reconstruct import LAM
-from fmoe.scores import rank_mean
+from fmoe.methods.dims.iterative import iterate
+from fmoe.methods.dims.refit import LAM
+from fmoe.calibration.scores import rank_mean
 
 CRITERIA = ["fisher", "router", "activation", "magnitude", "compensated", "rank(fisher,router)",
             "rank(compensated,router)", "grad_abs", "random"]

@@ -23,11 +23,11 @@ from jsonargparse import auto_cli
 
 import fmoe
 from fmoe import toy
-from fmoe.critical import keep_except, random_dims, top_dims
+from fmoe.evaluation.critical import keep_except, random_dims, top_dims
 from fmoe.lightning.recovery import LoRARecovery
-from fmoe.plan import SCOPES
-from fmoe.scoring import METHODS
-from fmoe.tasks import accuracy, load_tasks
+from fmoe.methods.dims.plan import SCOPES
+from fmoe.calibration.criteria import METHODS
+from fmoe.evaluation.tasks import accuracy, load_tasks
 
 RANDOM_SEEDS = (0, 1, 2)
 

@@ -22,8 +22,9 @@ from quality import save_results
 
 import fmoe
 from fmoe import toy
-from fmoe.loss import corpus_nll
-from fmoe.reconstruct import gather, solutions, write
+from fmoe.calibration.loss import corpus_nll
+from fmoe.calibration.gram import gather
+from fmoe.methods.dims.refit import solutions, write
 
 
 def main(model_dir: str = str(toy.TOY_DIR), sizes: list[int] = [2, 8, 16, 32, 64], ratio: float = 0.5,

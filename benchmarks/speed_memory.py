@@ -20,7 +20,7 @@ warm-up (synchronised on GPU). Peak memory of a measured part is the peak above 
 on CPU the resident set (VmHWM reset through /proc/self/clear_refs, minus VmRSS before), on GPU
 torch.cuda.max_memory_allocated after reset_peak_memory_stats.
 
-- Fisher step: fmoe.scoring.Scorer(method="fisher").step (fmoe's experts forward + hooks, weights frozen).
+- Fisher step: fmoe.calibration.scorer.Scorer(method="fisher").step (fmoe's experts forward + hooks, weights frozen).
 - Floor: the same loss and one backward with weights frozen and no fmoe hooks (stock experts forward); the
   embeddings' output requires grad so the backward runs through the whole network.
 - Train: the same loss, every weight trainable, forward + backward with weight gradients (freed after each step;
@@ -57,8 +57,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 import fmoe
-from fmoe.loss import prepare_batch, sequence_nll
-from fmoe.scoring import Scorer, frozen
+from fmoe.calibration.loss import prepare_batch, sequence_nll
+from fmoe.calibration.scorer import Scorer
+from fmoe.calibration.context import frozen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import PRESETS  # noqa: E402

@@ -16,7 +16,7 @@ import warnings
 COMMANDS = {  # name: (module, function taking the remaining arguments, what it does)
     "prune-recover": ("fmoe.recipes.prune_recover", "main", "calibrate -> prune -> recover -> evaluate -> export"),
     "train-toy": ("fmoe.recipes.train_toy_moe", "cli", "train the toy MoE on the generated corpus (CPU)"),
-    "prune-checkpoint": ("fmoe.offline", "cli", "apply a plan to a safetensors checkpoint without loading the model"),
+    "prune-checkpoint": ("fmoe.methods.offline", "cli", "apply a plan to a safetensors checkpoint without loading the model"),
 }
 
 

@@ -12,7 +12,7 @@ if "FMOE_CACHE" not in os.environ:  # the generated toy corpus goes to a per-run
     os.environ["FMOE_CACHE"] = tempfile.mkdtemp(prefix="fmoe-cache-")
 warnings.filterwarnings("ignore", message=".*RoPE scaling factor.*")
 
-from fmoe.tiny import tiny_model  # noqa: E402
+from fmoe.toy.tiny import tiny_model
 
 
 def make_batches(n_batches=2, batch_size=3, seq_len=12, vocab=128, seed=0, pad="mixed"):

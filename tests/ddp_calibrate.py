@@ -25,11 +25,12 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 import fmoe
-from fmoe.data import ResumableDataLoader
-from fmoe.lightning import CalibrationModule, FisherScoring, IntermediatePruning
+from fmoe.lightning.data import ResumableDataLoader
+from fmoe.lightning.calibration import CalibrationModule
+from fmoe.lightning.callbacks import FisherScoring, IntermediatePruning
 from fmoe.lightning.recovery import LoRARecovery
 from fmoe.lightning.sharding import is_sharded
-from fmoe.tiny import tiny_model
+from fmoe.toy.tiny import tiny_model
 from tests.test_lightning import UserModule, sequences
 
 
@@ -122,7 +123,7 @@ def distill(out: Path) -> None:
     student), and from a full-vocabulary logit cache (rank 0 writes it just before the fit) under DDP."""
     import torch.distributed as dist
 
-    from fmoe.distill import cache_teacher
+    from fmoe.recovery.distill import cache_teacher
     from fmoe.lightning.sharding import load_model
 
     module = CalibrationModule(tiny_model("qwen3_moe"))
@@ -174,9 +175,9 @@ def user_training(out: Path) -> None:
 
 def accuracy(out: Path, strategy: str) -> None:
     from fmoe import toy
-    from fmoe.data import TextDataModule
+    from fmoe.lightning.data import TextDataModule
     from fmoe.lightning.recovery import evaluate
-    from fmoe.tasks import load_tasks
+    from fmoe.evaluation.tasks import load_tasks
 
     model, tokenizer, config = toy.load()
     test = str(toy.corpus_files(config)["arithmetic"]["test"])
@@ -246,7 +247,7 @@ def close() -> None:
 
 def methods(out: Path) -> None:
     """ExpertPruning (REAP) under DDP and BlockDropping under FSDP2: every rank's plan and rank 0's export."""
-    from fmoe.lightning import BlockDropping, ExpertPruning
+    from fmoe.lightning.callbacks import BlockDropping, ExpertPruning
 
     for name, callback, strategy in (("reap", ExpertPruning(criterion="reap", count=1), lambda: "ddp"),
                                      ("block_drop", BlockDropping(count=1), fsdp2)):

@@ -2,7 +2,7 @@
 its state dict to OUT_DIR/rank{r}.safetensors:
 
     RANK=r WORLD_SIZE=2 MASTER_ADDR=.. MASTER_PORT=.. python tests/ddp_load.py OUT_DIR load CHECKPOINT
-        # fmoe.checkpoint.load_distributed in a gloo process group
+        # fmoe.model.checkpoint.load_distributed in a gloo process group
     python tests/ddp_load.py OUT_DIR lightning CHECKPOINT
         # a 2-process DDP calibration of fmoe.lightning.sharding.load_model(CHECKPOINT), as the recipe loads
     python tests/ddp_load.py OUT_DIR stages CHECKPOINT WARMUP_CHECKPOINT
@@ -11,7 +11,7 @@ its state dict to OUT_DIR/rank{r}.safetensors:
         # the peak memory growth of the FSDP2 stages; OUT_DIR/{fsdp2,ddp}/ get scores, plans and the export
 
 Each rank records whether it opened a weights file (an audit hook sees every Python open; calls of
-fmoe.checkpoint.from_pretrained are counted too), so a rank that read the checkpoint cannot go unnoticed.
+fmoe.model.checkpoint.from_pretrained are counted too), so a rank that read the checkpoint cannot go unnoticed.
 """
 
 import json
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 import fmoe
-import fmoe.checkpoint
+import fmoe.model.checkpoint
 
 OPENED: list[str] = []
 WATCH = [True]
@@ -42,7 +42,7 @@ def _counted(load):
 
 
 sys.addaudithook(_audit)
-fmoe.checkpoint.from_pretrained = _counted(fmoe.checkpoint.from_pretrained)  # load_distributed's own call
+fmoe.model.checkpoint.from_pretrained = _counted(fmoe.model.checkpoint.from_pretrained)  # load_distributed's own call
 
 
 def save_state(model, path: Path) -> None:
@@ -59,19 +59,19 @@ def status(key: str) -> int:
 def load(out: Path, checkpoint: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    fmoe.checkpoint.empty_model(checkpoint)  # imports and one empty build, outside the measurement
+    fmoe.model.checkpoint.empty_model(checkpoint)  # imports and one empty build, outside the measurement
     Path("/proc/self/clear_refs").write_text("5")
     before = status("VmRSS")
     seen = {}
-    broadcast = fmoe.checkpoint.broadcast_weights
+    broadcast = fmoe.model.checkpoint.broadcast_weights
 
     def watched(model):
-        seen["meta"] = fmoe.checkpoint.on_meta(model)
+        seen["meta"] = fmoe.model.checkpoint.on_meta(model)
         seen["growth"] = status("VmHWM") - before
         return broadcast(model)
 
-    fmoe.checkpoint.broadcast_weights = watched
-    model = fmoe.checkpoint.load_distributed(checkpoint)
+    fmoe.model.checkpoint.broadcast_weights = watched
+    model = fmoe.model.checkpoint.load_distributed(checkpoint)
     peak = status("VmHWM") - before
     WATCH[0] = False
     save_state(model, out / f"rank{rank}.safetensors")
@@ -84,13 +84,13 @@ def load(out: Path, checkpoint: str) -> None:
 def lightning(out: Path, checkpoint: str) -> None:
     from torch.utils.data import DataLoader
 
-    from fmoe.lightning import CalibrationModule
+    from fmoe.lightning.calibration import CalibrationModule
     from fmoe.lightning.sharding import load_model
     from tests.ddp_calibrate import two_cpus
     from tests.test_lightning import sequences
 
     model = load_model(checkpoint)  # the child Lightning launches (LOCAL_RANK=1, WORLD_SIZE=2) builds it empty
-    meta_at_init = fmoe.checkpoint.on_meta(model)
+    meta_at_init = fmoe.model.checkpoint.on_meta(model)
     module = CalibrationModule(model)
     trainer = two_cpus(strategy="ddp", max_epochs=1)
     trainer.fit(module, DataLoader(sequences(), batch_size=2))
@@ -113,7 +113,7 @@ class Probe:
             self.base = status("VmRSS")
 
     def record(self, stage: str, model) -> None:
-        self.meta[stage] = fmoe.checkpoint.on_meta(model)
+        self.meta[stage] = fmoe.model.checkpoint.on_meta(model)
 
     def pause(self) -> None:
         if self.base is not None:
@@ -130,7 +130,8 @@ def run_stages(out: Path, checkpoint: str, strategy, probe: Probe) -> int:
     import lightning.pytorch as L
     from torch.utils.data import DataLoader
 
-    from fmoe.lightning import CalibrationModule, IntermediatePruning
+    from fmoe.lightning.calibration import CalibrationModule
+    from fmoe.lightning.callbacks import IntermediatePruning
     from fmoe.lightning.recovery import LoRARecovery
     from fmoe.lightning.sharding import load_model, plain
     from tests.ddp_calibrate import two_cpus

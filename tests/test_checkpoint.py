@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fmoe
-from fmoe.compat import width_field
-from fmoe.tiny import FAMILIES, tiny_model
+from fmoe.model.compat import width_field
+from fmoe.toy.tiny import FAMILIES, tiny_model
 from tests.conftest import make_batches
 
 
@@ -48,7 +48,7 @@ def test_ragged_export_roundtrips_bit_exactly(family, tmp_path):
     ids = torch.randint(3, 128, (2, 10))
     assert torch.equal(run(loaded, ids), run(model, ids))
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["fmoe_expert_widths"] == {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()}
+    assert config["fmoe_expert_widths"] == {n: fmoe.model.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()}
 
 
 def test_failed_save_leaves_previous_checkpoint_and_no_temp_dir(tmp_path):

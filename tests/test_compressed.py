@@ -6,12 +6,14 @@ import torch
 from torch.utils.data import DataLoader
 
 import fmoe
-from fmoe.checkpoint import is_stock_loadable
-from fmoe.compressed import COMPRESSED_FIELD, VECTORS, CompressedExperts, compress_experts
-from fmoe.experts import is_routed_experts
+from fmoe.model.checkpoint import is_stock_loadable
+from fmoe.model.structure import COMPRESSED_FIELD, VECTORS, CompressedExperts
+from fmoe.methods.compressed import compress_experts
+from fmoe.model.experts import is_routed_experts
 from fmoe.lightning.recovery import LoRARecovery
-from fmoe.prune import active_parameters, apply_widths
-from fmoe.tiny import tiny_model
+from fmoe.methods.dims.prune import active_parameters
+from fmoe.model.structure import apply_widths
+from fmoe.toy.tiny import tiny_model
 from tests.conftest import make_batches
 
 FAMILIES = ["olmoe", "qwen2_moe", "mixtral", "gpt_oss", "deepseek_v3"]

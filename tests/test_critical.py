@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import fmoe
-from fmoe.critical import count, keep_except, random_dims, top_dims
-from fmoe.tiny import tiny_model
+from fmoe.evaluation.critical import count, keep_except, random_dims, top_dims
+from fmoe.toy.tiny import tiny_model
 
 
 @pytest.fixture

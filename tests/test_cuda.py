@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import fmoe
-from fmoe.experts import experts_forward
-from fmoe.lightning import CalibrationModule
+from fmoe.model.experts import experts_forward
+from fmoe.lightning.calibration import CalibrationModule
 from fmoe.lightning.calibration import grad_scaler
-from fmoe.loss import prepare_batch, sequence_nll, targets
-from fmoe.tiny import tiny_model
+from fmoe.calibration.loss import prepare_batch, sequence_nll, targets
+from fmoe.toy.tiny import tiny_model
 from tests.conftest import make_batches
 from tests.test_experts import cut, loop_forward
 from tests.test_lightning import close, sequences, trainer
@@ -116,7 +116,7 @@ def test_chunked_nll_at_a_152k_vocabulary_matches_cross_entropy(device, monkeypa
     """The chunked NLL (chunks recomputed in the backward) equals one float32 cross-entropy over all logits, in
     value per sequence and in gradient, with padding; on CPU the chunks are made smaller so there are several."""
     if device == "cpu":
-        monkeypatch.setattr("fmoe.loss.CHUNK_ELEMENTS", 2**21)
+        monkeypatch.setattr("fmoe.calibration.loss.CHUNK_ELEMENTS", 2**21)
     b, t = (2, 24) if device == "cpu" else (4, 1024)
     torch.manual_seed(0)
     model = WideVocabularyLM().to(device)

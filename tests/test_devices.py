@@ -1,5 +1,5 @@
 """Devices fmoe meets without a GPU here: one without float64 (Apple's MPS) and CUDA GPUs without grouped_mm (compute
-capability below 8.0), each simulated on CPU through the one check that decides it (fmoe.compat)."""
+capability below 8.0), each simulated on CPU through the one check that decides it (fmoe.model.compat)."""
 
 import pytest
 import torch
@@ -8,12 +8,13 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader
 
 import fmoe
-from fmoe import compat
-from fmoe.experts import RaggedExperts
-from fmoe.lightning import CalibrationModule
-from fmoe.prune import apply_widths
-from fmoe.reconstruct import compensated, refit
-from fmoe.tiny import tiny_model
+from fmoe.model import compat
+from fmoe.model.experts import RaggedExperts
+from fmoe.lightning.calibration import CalibrationModule
+from fmoe.model.structure import apply_widths
+from fmoe.calibration.gram import compensated
+from fmoe.methods.dims.refit import refit
+from fmoe.toy.tiny import tiny_model
 from tests.conftest import make_batches
 from tests.test_lightning import close, sequences, trainer
 

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import fmoe
-from fmoe import loss as loss_module
-from fmoe.distill import TeacherCache, cache_teacher, distillation_loss
+from fmoe.calibration import loss as loss_module
+from fmoe.recovery.distill import TeacherCache, cache_teacher, distillation_loss
 from fmoe.lightning.recovery import LoRARecovery
-from fmoe.loss import prepare_batch, targets
-from fmoe.tiny import tiny_model
+from fmoe.calibration.loss import prepare_batch, targets
+from fmoe.toy.tiny import tiny_model
 from tests.conftest import make_batches
 from tests.test_lightning import sequences, trainer
 
@@ -233,7 +233,7 @@ def test_a_top_k_cache_gives_the_kl_of_both_distributions_renormalised_over_the_
 
 
 def test_a_teacher_without_probability_on_a_token_gives_a_finite_kl():
-    from fmoe.distill import _chunk_terms
+    from fmoe.recovery.distill import _chunk_terms
 
     student = torch.randn(1, 3, 5, requires_grad=True)  # [B, C, V]
     values = torch.randn(1, 3, 5)

@@ -6,9 +6,10 @@ import torch
 
 import fmoe
 from fmoe import toy
-from fmoe.checkpoint import FORMAT_FIELD, _config_json
-from fmoe.evaluation import flat_metrics, lm_eval, toy_tasks_dir
-from fmoe.tasks import accuracy, load_tasks
+from fmoe.model.checkpoint import FORMAT_FIELD, _config_json
+from fmoe.evaluation.harness import flat_metrics, lm_eval
+from fmoe.toy import toy_tasks_dir
+from fmoe.evaluation.tasks import accuracy, load_tasks
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed")
 LIMIT = 20
@@ -31,7 +32,7 @@ def tasks_dir(tmp_path_factory):
 
 
 def reference(model, tokenizer) -> dict[str, float]:
-    """fmoe.tasks accuracy on the records lm-eval evaluates with limit=LIMIT (the first ones of the test split)."""
+    """fmoe.evaluation.tasks accuracy on the records lm-eval evaluates with limit=LIMIT (the first ones of the test split)."""
     files = toy.corpus_files()
     return {f"fmoe_{d}": accuracy(model, tokenizer, *load_tasks(files[d]["test"], LIMIT)) for d in DOMAINS}
 

@@ -9,8 +9,8 @@ import torch
 
 import fmoe
 from fmoe import toy
-from fmoe.critical import keep_except, random_dims, top_dims
-from fmoe.tasks import accuracy, load_tasks
+from fmoe.evaluation.critical import keep_except, random_dims, top_dims
+from fmoe.evaluation.tasks import accuracy, load_tasks
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,14 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fmoe
-from fmoe.checkpoint import is_stock_loadable
-from fmoe.compat import EXPERT_COUNT_FIELDS, moe_layers, router_groups
-from fmoe.expert_drop import (EXPERT_COUNTS_FIELD, ExpertPlan, drop_experts, plan_experts,
-                              select_scores)
-from fmoe.experts import expert_widths, num_experts
-from fmoe.prune import WIDTHS_FIELD
-from fmoe.tiny import FAMILIES, tiny_model
+from fmoe.model.checkpoint import is_stock_loadable
+from fmoe.model.compat import EXPERT_COUNT_FIELDS, router_groups
+from fmoe.model.layers import moe_layers
+from fmoe.model.structure import EXPERT_COUNTS_FIELD
+from fmoe.methods.expert_drop import ExpertPlan, drop_experts, plan_experts, select_scores
+from fmoe.model.experts import expert_widths, num_experts
+from fmoe.model.structure import WIDTHS_FIELD
+from fmoe.toy.tiny import FAMILIES, tiny_model
 from tests.conftest import make_batches
 
 GROUPED = dict(n_group=2, topk_group=2)  # DeepSeek-V3 / GLM-4-MoE routers that pick 2 of 2 groups of 4 experts
@@ -266,7 +267,8 @@ def test_plan_errors():
 def test_dropping_compressed_experts_keeps_each_experts_vectors(tmp_path):
     """Compressed experts, then an expert drop, equal the drop first and compressed experts holding the kept rows of
     the same (random) vectors; the result round-trips."""
-    from fmoe.compressed import VECTORS, compress_experts
+    from fmoe.model.structure import VECTORS
+    from fmoe.methods.compressed import compress_experts
 
     model, reference = eight("olmoe"), eight("olmoe")
     scores = random_scores(model)

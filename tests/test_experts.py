@@ -3,9 +3,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import fmoe
-from fmoe.experts import RaggedExperts, expert_parameters, expert_widths, experts_forward, num_experts
-from fmoe.prune import apply_widths
-from fmoe.tiny import FAMILIES, tiny_model
+from fmoe.model.experts import RaggedExperts, expert_parameters, expert_widths, experts_forward, num_experts
+from fmoe.model.structure import apply_widths
+from fmoe.toy.tiny import FAMILIES, tiny_model
 
 
 def loop_forward(module, hidden, top_k_index, top_k_weights):

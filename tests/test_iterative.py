@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader, default_collate
 
 import fmoe
 from fmoe import toy
-from fmoe.iterative import is_nested, plan_step, step_ratios
-from fmoe.lightning import CalibrationModule, IntermediatePruning
-from fmoe.tiny import tiny_model
+from fmoe.methods.dims.iterative import is_nested, plan_step, step_ratios
+from fmoe.lightning.calibration import CalibrationModule
+from fmoe.lightning.callbacks import IntermediatePruning
+from fmoe.toy.tiny import tiny_model
 from tests.conftest import make_batches
 from tests.test_lightning import close, sequences, trainer
 
@@ -206,7 +207,7 @@ def test_recipe_prunes_in_steps(tmp_path):
     plan = fmoe.PruningPlan.load(tmp_path / "plan.json")
     assert plan.meta["steps"] == 2 and plan.meta["step_ratios"] == [0.25, 0.5]
     model = fmoe.from_pretrained(export)
-    assert {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()} == plan.kept_widths()
+    assert {n: fmoe.model.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()} == plan.kept_widths()
     # --prune.reconstruct: the same plan sliced from the toy, then only the kept down columns refit
     prune_recover.main(["--export_dir", str(tmp_path / "ls"), "--trainer.default_root_dir", str(tmp_path),
                         "--trainer.enable_progress_bar", "false", "--stages.recover", "false",
@@ -218,7 +219,7 @@ def test_recipe_prunes_in_steps(tmp_path):
             same = torch.equal(tensor, module.state_dict()[key])
             refit_expected = key.endswith("down_proj") and tensor.shape[-1] < 128  # experts keeping all 128 stay
             assert same != refit_expected, key  # up projections as sliced, pruned down projections refit
-    from fmoe.reconstruct import LAM
+    from fmoe.methods.dims.refit import LAM
 
     saved = fmoe.PruningPlan.load(tmp_path / "plan.json")  # the plan.json says what was applied: the refit too
     assert "reconstruct" not in plan.meta and saved.meta.pop("reconstruct") == {"lam": LAM}
@@ -247,7 +248,7 @@ def test_iterative_with_reconstruction_refits_the_iterative_plan():
 def test_a_criterion_function_scores_each_step():
     model, reference = tiny_model("olmoe"), tiny_model("olmoe")
     batches = make_batches(n_batches=2, seed=1)
-    mixed = lambda m: fmoe.scores.rank_mean(fmoe.score(m, batches, "compensated"), fmoe.score(m, batches, "router"))  # noqa: E731
+    mixed = lambda m: fmoe.calibration.scores.rank_mean(fmoe.score(m, batches, "compensated"), fmoe.score(m, batches, "router"))  # noqa: E731
     plan = fmoe.prune_iteratively(model, batches, 0.5, steps=2, method=mixed, multiple_of=1, max_widths=None)
     first = fmoe.make_plan(mixed(reference), 0.25, "layer", multiple_of=1, max_widths=None, model=reference)
     for name, keeps in plan.keep.items():  # the last step's kept dims nest in the first step's, planned from `mixed`

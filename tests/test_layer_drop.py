@@ -5,14 +5,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fmoe
-from fmoe.checkpoint import empty_model
-from fmoe.compat import decoder_layers, moe_layers
-from fmoe.expert_drop import EXPERT_COUNTS_FIELD
-from fmoe.experts import expert_widths
-from fmoe.layer_drop import (DROPPED_MOE_FIELD, DropPlan, drop, drop_blocks, drop_moe_sublayers, plan_block_drop,
-                             plan_layer_drop)
-from fmoe.prune import WIDTHS_FIELD
-from fmoe.tiny import FAMILIES, tiny_model
+from fmoe.model.checkpoint import empty_model
+from fmoe.model.layers import decoder_layers, moe_layers
+from fmoe.model.structure import EXPERT_COUNTS_FIELD
+from fmoe.model.experts import expert_widths
+from fmoe.model.structure import DROPPED_MOE_FIELD
+from fmoe.methods.layer_drop import DropPlan, drop, drop_blocks, drop_moe_sublayers, plan_block_drop, plan_layer_drop
+from fmoe.model.structure import WIDTHS_FIELD
+from fmoe.toy.tiny import FAMILIES, tiny_model
 from tests.conftest import make_batches
 
 # 4 decoder layers each; the config quirks a block drop must rewrite, and the blocks dropped

@@ -10,10 +10,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import fmoe
-from fmoe.data import ResumableDataLoader
-from fmoe.lightning import CalibrationModule, FisherScoring, IntermediatePruning
+from fmoe.lightning.data import ResumableDataLoader
+from fmoe.lightning.calibration import CalibrationModule
+from fmoe.lightning.callbacks import FisherScoring, IntermediatePruning
 from fmoe.lightning.sharding import shard, unshard
-from fmoe.tiny import tiny_model
+from fmoe.toy.tiny import tiny_model
 from tests.conftest import make_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def test_fisher_scoring_callback_on_a_users_module(tmp_path, accumulate):
     fit = trainer(tmp_path, callbacks=[scoring, pruning], accumulate_grad_batches=accumulate)
     fit.fit(user, DataLoader(data, batch_size=4), DataLoader(data[:4], batch_size=4))  # with validation in the fit
     close(scoring.scores, expected, rtol=1e-3)
-    assert all(isinstance(m, torch.nn.Module) and fmoe.experts.expert_widths(m) == [16] * 4
+    assert all(isinstance(m, torch.nn.Module) and fmoe.model.experts.expert_widths(m) == [16] * 4
                for m in fmoe.find_experts(model).values())
     assert model.config.intermediate_size == 16
 
@@ -203,7 +204,7 @@ def test_bad_arguments_are_clear():
 
 
 def test_callbacks_refuse_bad_options_and_a_missing_calibration_before_the_first_batch(tmp_path):
-    from fmoe.lightning import Compression, ExpertPruning
+    from fmoe.lightning.callbacks import Compression, ExpertPruning
 
     for amount in (1.5, -0.1):
         with pytest.raises(ValueError, match="amount"):
@@ -289,9 +290,9 @@ def test_resume_gives_the_same_scores(tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_task_accuracy_on_two_processes_equals_one_process(tmp_path, strategy):
     from fmoe import toy
-    from fmoe.data import TextDataModule
+    from fmoe.lightning.data import TextDataModule
     from fmoe.lightning.recovery import evaluate
-    from fmoe.tasks import accuracy, load_tasks
+    from fmoe.evaluation.tasks import accuracy, load_tasks
 
     run_two_processes(tmp_path, "accuracy", strategy)  # fsdp2: sharded model, lockstep generation, padded shares
     two = json.loads((tmp_path / "result.json").read_text())
@@ -333,7 +334,7 @@ def test_lora_targets_attention_shared_and_routed_experts_not_routers():
     from peft import get_peft_model
 
     from fmoe.lightning.recovery import lora_config
-    from fmoe.prune import apply_widths
+    from fmoe.model.structure import apply_widths
 
     model = tiny_model("qwen2_moe")
     names = list(fmoe.find_experts(model))
@@ -352,7 +353,7 @@ def test_lora_adapts_every_width_bucket_and_merges_exactly(family, widths):
     from peft import get_peft_model
 
     from fmoe.lightning.recovery import lora_config
-    from fmoe.prune import apply_widths
+    from fmoe.model.structure import apply_widths
 
     model = tiny_model(family)
     name = list(fmoe.find_experts(model))[1]

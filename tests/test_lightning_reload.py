@@ -7,9 +7,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import fmoe
-from fmoe.experts import RaggedExperts, expert_widths
-from fmoe.lightning import CalibrationModule, Compression, FisherScoring, IntermediatePruning, RestorePlans
-from fmoe.tiny import tiny_model
+from fmoe.model.experts import RaggedExperts, expert_widths
+from fmoe.lightning.calibration import CalibrationModule
+from fmoe.lightning.callbacks import Compression, FisherScoring, IntermediatePruning
+from fmoe.lightning.plans import RestorePlans
+from fmoe.toy.tiny import tiny_model
 from tests.conftest import make_batches
 from tests.test_lightning import sequences, trainer
 

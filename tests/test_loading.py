@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import fmoe
-from fmoe.checkpoint import empty_model, from_pretrained, read_header
-from fmoe.tiny import FAMILIES, tiny_config, tiny_model
+from fmoe.model.checkpoint import empty_model, from_pretrained, read_header
+from fmoe.toy.tiny import FAMILIES, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -128,7 +128,7 @@ def test_a_tensor_of_another_shape_or_a_missing_one_is_a_clear_error(tmp_path):
 MEASURE = r"""
 import json, re, sys, torch
 from pathlib import Path
-from fmoe.checkpoint import empty_model, from_pretrained
+from fmoe.model.checkpoint import empty_model, from_pretrained
 def status(key):
     return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 path = Path(sys.argv[1])

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-import fmoe.loss
+import fmoe.calibration.loss
 from fmoe.lightning.recovery import Evaluation, LoRARecovery
-from fmoe.loss import prepare_batch, sequence_nll
-from fmoe.tiny import tiny_model
+from fmoe.calibration.loss import prepare_batch, sequence_nll
+from fmoe.toy.tiny import tiny_model
 from tests.conftest import make_batches, unpadded
 
 
@@ -35,8 +35,8 @@ def test_chunks_give_the_same_loss_and_gradients(monkeypatch):
     model = tiny_model("olmoe")
     batch = prepare_batch(make_batches(n_batches=1, batch_size=3, pad="mixed")[0])
     results = []
-    for elements in (fmoe.loss.CHUNK_ELEMENTS, 3 * 128 * 2):  # whole, then two positions at a time
-        monkeypatch.setattr(fmoe.loss, "CHUNK_ELEMENTS", elements)
+    for elements in (fmoe.calibration.loss.CHUNK_ELEMENTS, 3 * 128 * 2):  # whole, then two positions at a time
+        monkeypatch.setattr(fmoe.calibration.loss, "CHUNK_ELEMENTS", elements)
         model.zero_grad()
         nll, _ = sequence_nll(model, batch)
         nll.sum().backward()

@@ -9,8 +9,9 @@ from torch.utils.data import DataLoader
 
 import fmoe
 from fmoe import methods
-from fmoe.lightning import BlockDropping, CalibrationModule, ExpertPruning, LayerDropping
-from fmoe.tiny import FAMILIES, tiny_model
+from fmoe.lightning.callbacks import BlockDropping, ExpertPruning, LayerDropping
+from fmoe.lightning.calibration import CalibrationModule
+from fmoe.toy.tiny import FAMILIES, tiny_model
 from tests.conftest import make_batches
 from tests.test_lightning import sequences, trainer
 
@@ -117,7 +118,7 @@ def test_recipe_compresses_with_any_method(tmp_path):
 @pytest.mark.parametrize("name", list(methods.METHODS))
 def test_every_edit_cuts_an_empty_model_to_the_same_shapes(calibrated, name):
     """A non-zero rank under FSDP2 holds the model on meta: rank 0 plans, every rank applies the plan."""
-    from fmoe.checkpoint import empty_model
+    from fmoe.model.checkpoint import empty_model
 
     model, calibration = calibrated
     plan = methods.make(model, name, 0.5, calibration)

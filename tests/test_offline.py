@@ -1,4 +1,4 @@
-"""Out-of-core pruning and scoring (fmoe.offline): checkpoint in, checkpoint out, equal to prune + save_pretrained."""
+"""Out-of-core pruning and scoring (fmoe.methods.offline): checkpoint in, checkpoint out, equal to prune + save_pretrained."""
 
 import json
 import os
@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 import fmoe
 import fmoe.cli
-import fmoe.offline
-from fmoe.experts import slice_expert, width_buckets
-from fmoe.prune import apply_widths
-from fmoe.tiny import tiny_config, tiny_model
+import fmoe.methods.offline
+from fmoe.model.experts import slice_expert, width_buckets
+from fmoe.model.structure import apply_widths
+from fmoe.toy.tiny import tiny_config, tiny_model
 
 SHARD = "20KB"  # the tiny models (~400 KB) save as a dozen shards
 
@@ -112,7 +112,7 @@ def test_ragged_output_loads_with_fmoe(tmp_path):
     assert torch.equal(fmoe.from_pretrained(tmp_path / "out")(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("family", fmoe.tiny.FAMILIES)
+@pytest.mark.parametrize("family", fmoe.toy.tiny.FAMILIES)
 def test_data_free_scores_equal_those_of_the_loaded_model(tmp_path, family):
     src = source(tmp_path, family)
     model = fmoe.from_pretrained(src)
@@ -195,7 +195,7 @@ def test_a_failure_while_writing_keeps_the_previous_output(tmp_path, monkeypatch
             raise OSError("disk full")
         return safe_open(str(self.directory / self.file_of[key]), "pt").get_tensor(key)
 
-    monkeypatch.setattr(fmoe.offline.Source, "tensor", failing)
+    monkeypatch.setattr(fmoe.methods.offline.Source, "tensor", failing)
     with pytest.raises(OSError, match="disk full"):
         fmoe.prune_checkpoint(src, fmoe.make_plan(fmoe.score_checkpoint(src), 0.75, "expert"), tmp_path / "out")
     assert_same(before, tensors(tmp_path / "out"))

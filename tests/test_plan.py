@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fmoe
-from fmoe.scores import Scores
+from fmoe.calibration.scores import Scores
 
 
 def fake_scores(n_layers=2, experts=4, width=32, seed=0):
@@ -160,7 +160,7 @@ def test_width_levels_are_assigned_optimally_under_the_exact_budget():
     """The knapsack step against brute force: given levels, the best assignment at exactly the budget."""
     import itertools
 
-    from fmoe.plan import _assign
+    from fmoe.methods.dims.plan import _assign
 
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(5, 8, generator=gen) ** 4 * torch.rand(5, 1, generator=gen)
@@ -203,7 +203,7 @@ def test_plan_reports_what_it_achieved_and_warns_when_rounding_defeats_the_ratio
 
 
 def test_a_plan_missing_an_experts_module_is_refused_by_prune_and_prune_checkpoint(tmp_path):
-    from fmoe.tiny import tiny_model
+    from fmoe.toy.tiny import tiny_model
 
     model = tiny_model("qwen2_moe")
     plan = fmoe.make_plan(fmoe.score(model, [], "magnitude"), 0.5, "layer", model=model)

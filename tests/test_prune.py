@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fmoe
-from fmoe.tiny import FAMILIES, tiny_model
+from fmoe.toy.tiny import FAMILIES, tiny_model
 from tests.conftest import make_batches
 
 
@@ -113,7 +113,7 @@ def test_masked_works_on_ragged_models():
     assert any(isinstance(m, fmoe.RaggedExperts) for m in modules.values())
     probe = make_batches(n_batches=1, seed=2, pad="right")[0]
     plain = logits(model, probe)
-    everything = {n: [torch.arange(w) for w in fmoe.experts.expert_widths(m)] for n, m in modules.items()}
+    everything = {n: [torch.arange(w) for w in fmoe.model.experts.expert_widths(m)] for n, m in modules.items()}
     with fmoe.masked(model, everything):
         torch.testing.assert_close(logits(model, probe), plain)
     first_only = {n: [torch.arange(1) for _ in ws] for n, ws in everything.items()}
@@ -144,7 +144,7 @@ def test_masks_nest_and_restore_the_outer_mask_and_implementation():
 
 
 def test_hook_blocks_may_close_out_of_order():
-    from fmoe.scoring import Scorer
+    from fmoe.calibration.scorer import Scorer
 
     model = tiny_model("qwen3_moe")
     batches = make_batches(n_batches=1)
@@ -161,4 +161,4 @@ def test_hook_blocks_may_close_out_of_order():
     scorer.detach()
     for name, t in scorer.result().tensors.items():
         torch.testing.assert_close(t, expected.tensors[name])
-    assert not fmoe.compat.has_hooks(model)
+    assert not fmoe.model.hooks.has_hooks(model)

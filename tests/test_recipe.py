@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fmoe
-from fmoe.data import TextDataModule, _Sequences, load_texts, tokenize_to_sequences
+from fmoe.lightning.data import TextDataModule, _Sequences, load_texts, tokenize_to_sequences
 from fmoe import toy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_recipe_default_end_to_end(tmp_path, recipe):
     assert (tmp_path / "plan.json").is_file() and (tmp_path / "scores" / "scores.json").is_file()
     model = fmoe.from_pretrained(export)
     assert not any("lora" in n for n, _ in model.named_parameters())  # adapters merged
-    widths = {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()}
+    widths = {n: fmoe.model.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()}
     plan = fmoe.PruningPlan.load(tmp_path / "plan.json")
     assert widths == plan.kept_widths()
     assert (tmp_path / "report.png").read_bytes()[:8] == PNG  # next to plan.json
@@ -97,7 +97,7 @@ def test_recovery_epochs_cover_the_steps():
 
 
 def test_write_report_without_a_plan(tmp_path):
-    from fmoe.report import write_report
+    from fmoe.evaluation.report import write_report
 
     rows = {"dense": {"params": 10, "domain_ppl": 3.0, "arithmetic_acc": 0.9}, "pruned": {"params": 5}}
     assert write_report(rows, None, tmp_path / "r" / "report.png").read_bytes()[:8] == PNG
@@ -145,7 +145,7 @@ def test_recipe_under_fsdp2_on_two_processes(tmp_path):
     try:
         import lm_eval  # noqa: F401 (the eval extra)
 
-        from fmoe.evaluation import toy_tasks_dir
+        from fmoe.toy import toy_tasks_dir
 
         scores = ["--lm_eval.tasks", "[fmoe_arithmetic]", "--lm_eval.include_path", str(toy_tasks_dir()),
                    "--lm_eval.limit", "5"]
@@ -165,7 +165,7 @@ def test_recipe_under_fsdp2_on_two_processes(tmp_path):
     if scores:  # computed by rank 0 while rank 1 waits, in every row
         assert all(0.0 <= rows[stage]["fmoe_arithmetic_exact_match"] <= 1.0 for stage in rows)
     model = fmoe.from_pretrained(export)
-    widths = {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()}
+    widths = {n: fmoe.model.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()}
     assert widths == fmoe.PruningPlan.load(tmp_path / "plan.json").kept_widths()
 
 
@@ -357,7 +357,7 @@ def test_one_run_directory_per_run_whose_files_agree(tmp_path, recipe, monkeypat
         plan = fmoe.PruningPlan.load(root / "plan.json")
         assert plan.meta["ratio"] == amount and (root / "scores").is_dir() and (root / "report.png").is_file()
         model = fmoe.from_pretrained(root / "export")
-        assert {n: fmoe.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()} == plan.kept_widths()
+        assert {n: fmoe.model.experts.expert_widths(m) for n, m in fmoe.find_experts(model).items()} == plan.kept_widths()
         assert json.loads((root / "run.json").read_text())["status"] == "complete"
 
     class Interrupted(recipe.LoRARecovery):  # the run stops during recovery

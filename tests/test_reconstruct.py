@@ -7,13 +7,15 @@ from torch.utils.data import DataLoader, default_collate
 
 import fmoe
 import fmoe.toy
-from fmoe.compat import experts_hooks
-from fmoe.experts import expert_parameters, find_experts, up_name, up_rows
-from fmoe.lightning import CalibrationModule, IntermediatePruning
-from fmoe.loss import corpus_nll
-from fmoe.reconstruct import gather, refit
-from fmoe.scoring import Scorer
-from fmoe.tiny import tiny_model
+from fmoe.model.hooks import experts_hooks
+from fmoe.model.experts import expert_parameters, find_experts, up_name, up_rows
+from fmoe.lightning.calibration import CalibrationModule
+from fmoe.lightning.callbacks import IntermediatePruning
+from fmoe.calibration.loss import corpus_nll
+from fmoe.calibration.gram import gather
+from fmoe.methods.dims.refit import refit
+from fmoe.calibration.scorer import Scorer
+from fmoe.toy.tiny import tiny_model
 from tests.conftest import make_batches, overflow_then_rerun, unpadded
 from tests.test_lightning import run_two_processes, sequences, trainer
 
@@ -82,7 +84,7 @@ def test_dims_that_never_fire_reconstruct_exactly(family, kind):
 
 
 def plan_widths(model, name):
-    from fmoe.experts import expert_widths
+    from fmoe.model.experts import expert_widths
 
     return expert_widths(find_experts(model)[name])
 
@@ -223,7 +225,7 @@ def test_a_step_run_again_after_overflowing_gradients_counts_once():
 def test_reconstruct_needs_a_calibration_module():
     from types import SimpleNamespace
 
-    from fmoe.lightning import FisherScoring
+    from fmoe.lightning.callbacks import FisherScoring
 
     with pytest.raises(TypeError, match="reconstruct=True refits from Gram sums, which a CalibrationModule"):
         IntermediatePruning(reconstruct=True).setup(SimpleNamespace(strategy=None, callbacks=[FisherScoring()]),
@@ -264,7 +266,8 @@ def test_compensated_saliency_is_the_error_of_removing_one_dim_with_the_others_r
     """For every dim j of an expert: score_j == the calibration output error after removing j alone and refitting
     the other dims (and the intercept, where there is a bias) by least squares (lam=0: exact), from the same
     Gram statistics."""
-    from fmoe.reconstruct import compensated, gather, solve
+    from fmoe.calibration.gram import compensated, gather
+    from fmoe.methods.dims.refit import solve
 
     model = tiny_model(family)
     stats = gather(model, make_batches(n_batches=3, batch_size=6, seq_len=16))
@@ -292,16 +295,16 @@ def test_compensated_saliency_is_the_error_of_removing_one_dim_with_the_others_r
 def test_rank_mean_orders_by_the_mean_rank():
     model = tiny_model("olmoe")
     a, b = fmoe.score(model, method="random", seed=1), fmoe.score(model, method="random", seed=2)
-    both = fmoe.scores.rank_mean(a, b)
+    both = fmoe.calibration.scores.rank_mean(a, b)
     name = next(iter(a.tensors))
     ranks = lambda t: t.flatten().argsort().argsort().double().view_as(t) / (t.numel() - 1)  # noqa: E731
     torch.testing.assert_close(both.tensors[name].double(), (ranks(a.tensors[name]) + ranks(b.tensors[name])) / 2,
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="same model"):
-        fmoe.scores.rank_mean(a, fmoe.score(tiny_model("olmoe", seed=3), method="random"))
+        fmoe.calibration.scores.rank_mean(a, fmoe.score(tiny_model("olmoe", seed=3), method="random"))
     tied = fmoe.Scores({name: torch.tensor([[0.0, 0.0, 0.0, 5.0]])}, "t", "x")
     shared = torch.tensor([[1 / 3, 1 / 3, 1 / 3, 1.0]])  # ties share their mean rank
-    torch.testing.assert_close(fmoe.scores.rank_mean(tied, tied).tensors[name], shared)
+    torch.testing.assert_close(fmoe.calibration.scores.rank_mean(tied, tied).tensors[name], shared)
 
 
 def test_reconstruct_leaves_the_callers_plan_as_it_was():
@@ -334,7 +337,7 @@ def test_saved_plan_records_the_refit_and_only_then(tmp_path):
 def test_refit_is_never_worse_than_plain_pruning_at_any_calibration_size():
     """The toy, a 0.5 magnitude plan, refit (default lam) from 2 to 64 training sequences: held-out NLL (test
     split) at most the plainly pruned model's. A ridge towards zero overfits the small sizes."""
-    from fmoe.reconstruct import solutions, write
+    from fmoe.methods.dims.refit import solutions, write
 
     model, tokenizer, config = fmoe.toy.load()
     files = fmoe.toy.corpus_files(config)

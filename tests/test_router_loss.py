@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import fmoe
-from fmoe.compat import moe_layers
-from fmoe.expert_drop import EXPERT_COUNTS_FIELD, drop_experts, plan_experts
-from fmoe.experts import num_experts
+from fmoe.model.layers import moe_layers
+from fmoe.model.structure import EXPERT_COUNTS_FIELD
+from fmoe.methods.expert_drop import drop_experts, plan_experts
+from fmoe.model.experts import num_experts
 from fmoe.lightning.recovery import LoRARecovery
 from tests.conftest import make_batches
 from tests.test_expert_drop import eight

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import fmoe
-from fmoe.compat import experts_hooks
-from fmoe.tiny import FAMILIES, tiny_model
+from fmoe.model.hooks import experts_hooks
+from fmoe.toy.tiny import FAMILIES, tiny_model
 from tests.conftest import make_batches, overflow_then_rerun, unpadded
 
 
@@ -225,8 +225,8 @@ def equal_scores(a: fmoe.Scores, b: fmoe.Scores) -> None:
 def test_a_combined_criterion_equals_its_criteria_combined(tmp_path):
     from torch.utils.data import DataLoader, default_collate
 
-    from fmoe.lightning import CalibrationModule
-    from fmoe.scores import rank_mean
+    from fmoe.lightning.calibration import CalibrationModule
+    from fmoe.calibration.scores import rank_mean
     from tests.test_lightning import sequences, trainer
 
     model, data = tiny_model("olmoe"), sequences()
@@ -249,7 +249,7 @@ def test_a_combined_criterion_equals_its_criteria_combined(tmp_path):
 @pytest.mark.parametrize("spec", ["nosuch", "rank_mean(compensated", "rank_mean(router)", "mean(fisher, router)",
                                   "rank_mean(fisher, nosuch)", "rank_mean(rank_mean(fisher, router), magnitude)"])
 def test_a_bad_criterion_is_refused_with_the_valid_names(spec):
-    from fmoe.lightning import CalibrationModule
+    from fmoe.lightning.calibration import CalibrationModule
 
     model = tiny_model("olmoe")
     with pytest.raises(ValueError, match=r"valid: fisher, grad_abs, .*rank_mean\(name, name"):
@@ -261,7 +261,7 @@ def test_a_bad_criterion_is_refused_with_the_valid_names(spec):
 
 
 def test_a_combination_counts_a_batch_run_again_after_overflow_once():
-    from fmoe.scoring import Scorer
+    from fmoe.calibration.scorer import Scorer
 
     model, batches = tiny_model("olmoe"), make_batches()
     scorer = Scorer(model, "rank_mean(fisher, router)")

@@ -3,11 +3,12 @@ import torch
 import torch.nn.functional as F
 
 import fmoe
-from fmoe.compat import decoder_layers, experts_hooks, moe_layers
-from fmoe.experts import experts_forward
-from fmoe.loss import prepare_batch
-from fmoe.scoring import Scorer
-from fmoe.tiny import FAMILIES, tiny_model
+from fmoe.model.layers import decoder_layers, moe_layers
+from fmoe.model.hooks import experts_hooks
+from fmoe.model.experts import experts_forward
+from fmoe.calibration.loss import prepare_batch
+from fmoe.calibration.scorer import Scorer
+from fmoe.toy.tiny import FAMILIES, tiny_model
 from tests.conftest import make_batches, unpadded
 
 
@@ -225,7 +226,7 @@ def test_calibration_module_statistics_equal_measure(tmp_path):
     import lightning.pytorch as L
     from torch.utils.data import DataLoader
 
-    from fmoe.lightning import CalibrationModule
+    from fmoe.lightning.calibration import CalibrationModule
     from tests.test_lightning import sequences
 
     model = tiny_model("qwen2_moe")

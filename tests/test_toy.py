@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from fmoe import corpus, toy
-from fmoe.tasks import accuracy, load_tasks
+from fmoe import toy
+from fmoe.toy import corpus
+from fmoe.evaluation.tasks import accuracy, load_tasks
 
 
 def test_corpus_is_seeded_with_disjoint_splits_and_checkable_answers():

@@ -3,16 +3,16 @@
     trainer = L.Trainer(max_epochs=1, callbacks=[IntermediatePruning(amount=0.5, scope="layer")])
     trainer.fit(CalibrationModule(model, method="fisher"), calibration_dataloader)
 
-With `structure=True` the same pass measures the expert- and layer-level statistics of fmoe.statistics: after the
+With `structure=True` the same pass measures the expert- and layer-level statistics of fmoe.calibration.statistics: after the
 fit `self.statistics` holds their SUM over ranks, reduced in the same collective step as the scores. With
-`gram=True` it also gathers the per-expert Gram sums of fmoe.reconstruct: after the fit `self.gram` holds their SUM
-over ranks (same collective), with the down projections of the unpruned model, for `fmoe.reconstruct.refit`.
+`gram=True` it also gathers the per-expert Gram sums of fmoe.calibration.gram: after the fit `self.gram` holds their SUM
+over ranks (same collective), with the down projections of the unpruned model, for `fmoe.methods.dims.refit.refit`.
 
 No weight update and no weight gradient: the model's weights are frozen; for Fisher the only trainable parameters
 are zero scalars added to each layer's expert activations (DDP needs a parameter the forward uses). Each rank
 accumulates locally; at the end of the fit the sums are SUM-reduced once, so every rank holds the same scores (and
 computes the same plan). Every batch counts as a trainer step (an optimizer over a frozen scalar is stepped), so
-`max_steps`, step-based `ModelCheckpoint`s and, with a resumable loader (`fmoe.data.ResumableDataLoader`, which
+`max_steps`, step-based `ModelCheckpoint`s and, with a resumable loader (`fmoe.lightning.data.ResumableDataLoader`, which
 TextDataModule uses), mid-epoch resume behave as in any fit. Checkpoints hold the summed scores, not the frozen
 weights, except under ModelParallelStrategy (FSDP2), whose distributed checkpoints only load whole modules.
 The model may be the empty one `fmoe.lightning.sharding.load_model` gives a non-zero rank: under DDP
@@ -28,11 +28,12 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
-from ..checkpoint import on_meta
-from ..reconstruct import GramStatistics
-from ..scores import Scores, criterion_name
-from ..scoring import Scorer, scorer_criterion
-from ..statistics import Statistics
+from ..calibration.criteria import scorer_criterion
+from ..calibration.gram import GramStatistics
+from ..calibration.scorer import Scorer
+from ..calibration.scores import Scores, criterion_name
+from ..calibration.statistics import Statistics
+from ..model.experts import on_meta
 from .plans import PLANS_KEY, restore_plans, save_plans
 from .sharding import RestoreOnException, data_parallel_mesh, is_sharded, materialize, shard, unshard
 
@@ -99,7 +100,7 @@ def refuse_repeated_samples(trainer) -> None:
                     raise ValueError(
                         f"the calibration set has {n} samples, not a multiple of the {ranks} data-parallel ranks: "
                         "DistributedSampler would repeat samples and scores would count them twice. Use a multiple "
-                        f"of {ranks} samples (fmoe.data.TextDataModule cuts its sets to one), or a sampler with "
+                        f"of {ranks} samples (fmoe.lightning.data.TextDataModule cuts its sets to one), or a sampler with "
                         "drop_last=True")
 
 
@@ -163,7 +164,7 @@ class CalibrationModule(L.LightningModule):
                 self._make_scorer()
 
     def measure_gram(self) -> None:
-        """Gather the Gram sums of fmoe.reconstruct in this fit too (IntermediatePruning(reconstruct=True) calls
+        """Gather the Gram sums of fmoe.calibration.gram in this fit too (IntermediatePruning(reconstruct=True) calls
         it before the fit starts)."""
         if not self.gathers_gram:
             self.gathers_gram = True

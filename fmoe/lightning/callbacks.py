@@ -14,13 +14,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import methods
-from ..experts import find_experts, fingerprint
-from ..iterative import iterate, step_ratios
-from ..prune import weight_bytes
-from ..reconstruct import LAM, recorded, refit
-from ..methods import Calibration
-from ..scores import Scores
-from ..scoring import Scorer
+from ..calibration.scorer import Scorer
+from ..calibration.scores import Scores
+from ..methods.dims.iterative import iterate, step_ratios
+from ..methods.dims.prune import weight_bytes
+from ..methods.dims.refit import LAM, recorded, refit
+from ..methods.registry import Calibration
+from ..model.experts import find_experts, fingerprint
 from .calibration import (CalibrationModule, grad_scaler, loss_scale, rank0_object, refuse_repeated_samples,
                           sum_across_ranks, sync_flags)
 from .plans import record_plan, save_plans
@@ -223,7 +223,7 @@ class IntermediatePruning(Compression):
     and the kept dims are refit by least squares (ridge `lam`) after pruning, on every rank that holds weights
     (from the fit's activations: with `steps` > 1 too, once, after the last step).
 
-    With `steps` > 1 the dims go in that many steps (fmoe.iterative, linear schedule): step 1 plans from the fit's
+    With `steps` > 1 the dims go in that many steps (fmoe.methods.dims.iterative, linear schedule): step 1 plans from the fit's
     scores, each later step scores the model again with the dims of the steps before masked, over one pass of the
     fit's own train dataloader (under DDP each rank its shard, sums reduced over ranks), and rank 0 plans. This
     needs a CalibrationModule fit (its method scores again) and DDP or one process: under ModelParallelStrategy

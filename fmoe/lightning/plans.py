@@ -20,8 +20,8 @@ import json
 
 from torch import nn
 
-from ..experts import fingerprint, on_meta
-from ..methods import apply_plan, plan_from_dict
+from ..methods.registry import apply_plan, plan_from_dict
+from ..model.experts import fingerprint, on_meta
 from .sharding import is_sharded
 
 PLANS_KEY = "fmoe_plans"  # checkpoint entry: {submodule name: [plan JSON, in the order applied]}

@@ -4,7 +4,7 @@ torchmetrics, merged back before export.
 
 Routed experts are adapted per expert through peft's `target_parameters` (one rank-r adapter per expert): the fused
 tensors of uniform modules, and of each width bucket of RaggedExperts. Routers are left alone. With a `teacher`
-the loss is fmoe.distill's mix of the KL to the teacher's next-token distributions and the data loss; a live
+the loss is fmoe.recovery.distill's mix of the KL to the teacher's next-token distributions and the data loss; a live
 teacher is a frozen submodule (a replica per rank under DDP, sharded per decoder layer like the student under FSDP2,
 so it is part of Lightning checkpoints), a cached one is read by sequence.
 """
@@ -19,15 +19,15 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
-from ..compat import peft_adapts_experts
-from ..compressed import VECTORS
-from ..distill import TeacherCache, check_options, distillation_loss
-from ..experts import find_experts, fused_parts, up_name
-from ..loss import prepare_batch, sequence_nll, training_loss
-from ..tasks import exact_match
+from ..calibration.loss import prepare_batch, sequence_nll, training_loss
+from ..evaluation.tasks import exact_match
+from ..model.compat import peft_adapts_experts
+from ..model.experts import find_experts, fused_parts, up_name
+from ..model.structure import VECTORS
+from ..recovery.distill import TeacherCache, check_options, distillation_loss
 from .sharding import RestoreOnException, is_sharded, materialize, shard, unshard
 
-Tasks = dict[str, tuple[list[str], list[str]]]  # {name: (prompts, answers)}, e.g. from fmoe.tasks.load_tasks
+Tasks = dict[str, tuple[list[str], list[str]]]  # {name: (prompts, answers)}, e.g. from fmoe.evaluation.tasks.load_tasks
 
 
 _NOT_ADAPTED = ("lm_head", "gate", "router", "shared_expert_gate")  # output head and routers keep their weights
@@ -114,11 +114,11 @@ class Evaluation(L.LightningModule):
 class LoRARecovery(Evaluation):
     """Fine-tune LoRA adapters on the (pruned) model; `validation_step` logs perplexity per eval loader. An empty
     (meta) model, a non-zero rank's, gets rank 0's weights and adapters when a fit starts (sharded under FSDP2,
-    where it stays empty). The vectors of compressed experts (fmoe.compressed) train too unless `compressed` is
+    where it stays empty). The vectors of compressed experts (fmoe.methods.compressed) train too unless `compressed` is
     False; r=0 trains them alone (no adapters). `tune_experts` trains the routed experts' weights themselves
     instead of adapters on them (routers stay frozen).
 
-    `teacher` turns on distillation (fmoe.distill): the dense model (live; an empty one is filled from rank 0 like
+    `teacher` turns on distillation (fmoe.recovery.distill): the dense model (live; an empty one is filled from rank 0 like
     the student), a TeacherCache, or the path of one (read in `setup`, after every rank has reached the fit, so
     rank 0 may write it just before). loss = kd_weight * T^2 * KL + (1 - kd_weight) * NLL at `temperature` T."""
 
@@ -135,7 +135,7 @@ class LoRARecovery(Evaluation):
             raise ValueError("tune_experts trains routed experts, and the model has none")
         if r == 0 and not vectors and not routed:
             raise ValueError("r=0 trains no adapters: it needs tune_experts=True or the vectors of compressed "
-                             "experts (fmoe.compressed.compress_experts makes them)")
+                             "experts (fmoe.methods.compressed.compress_experts makes them)")
         check_options(temperature, kd_weight)
         experts = experts and not tune_experts  # no adapters on weights that train themselves
         model = get_peft_model(model, lora_config(model, r, alpha, experts)) if r else model.requires_grad_(False)
@@ -213,7 +213,7 @@ def epochs_for(steps: int, sequences: int, batch_size: int, trainer: L.Trainer) 
     """max_epochs for a fit bounded by `steps` optimizer steps over `sequences` training sequences: the epochs the
     steps take, never fewer (max_steps still ends the fit), so that the progress bar counts them ("Epoch 3/7",
     where max_epochs=-1 shows "Epoch 3/-2"). The world size bounds the data-parallel ranks from above, so batches
-    per rank are never overcounted; fmoe.data.TextDataModule evens the sequences out over the ranks."""
+    per rank are never overcounted; fmoe.lightning.data.TextDataModule evens the sequences out over the ranks."""
     world = max(1, trainer.world_size)
     batches = max(1, -(-((sequences - sequences % world) // world) // batch_size))
     limit = trainer.limit_train_batches

@@ -33,7 +33,8 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
-from ..checkpoint import broadcast_weights, empty_model, from_pretrained, on_meta
+from ..model.checkpoint import broadcast_weights, empty_model, from_pretrained
+from ..model.experts import on_meta
 
 _ORIGINAL = "_fmoe_unsharded"  # {attr: original} in the owner's __dict__: not submodules, never moved to the GPU
 
@@ -65,7 +66,7 @@ def load_model(directory: str | Path, dtype: torch.dtype | str = "auto", **kwarg
 
 
 def materialize(model: nn.Module, strategy=None) -> nn.Module:
-    """Fill models left empty by `load_model` from rank 0 (`fmoe.checkpoint.broadcast_weights`); every rank calls
+    """Fill models left empty by `load_model` from rank 0 (`fmoe.model.checkpoint.broadcast_weights`); every rank calls
     it in `configure_model`, where the process group is up. A collective only when some rank's model is empty.
     Under ModelParallelStrategy (FSDP2) nothing is filled: `shard` gives each rank only its shards of rank 0's
     weights, so an empty model stays empty."""

@@ -17,7 +17,7 @@ expert and layer statistics), prune (`--prune.method`, any of fmoe.methods.METHO
 by a Compression callback), recover (LoRA via peft, merged back, or the routed experts' own weights; compressed
 experts also train their vectors; on the data loss or, with `--recover.distill`, on a mix with the KL to the dense
 model's next-token distributions: the dense checkpoint read again as a live teacher, or its logits cached by rank 0
-before pruning, see fmoe.distill), evaluate (perplexity of each eval set before and after, and exact-match accuracy
+before pruning, see fmoe.recovery.distill), evaluate (perplexity of each eval set before and after, and exact-match accuracy
 of each `tasks` file), export (fmoe.save_pretrained + results.json; report.png next to plan.json). With
 `--lm_eval.tasks` every row also gets lm-evaluation-harness scores, computed on rank 0 only (lm-eval runs in the
 process on one device; the other ranks wait at a barrier). Each stage logs to a CSVLogger under
@@ -26,7 +26,7 @@ parameters, weight bytes, metrics) is printed at the end. Every `--trainer.*` op
 (fresh callbacks, logger, strategy and plugins each time); `accumulate_grad_batches` and `gradient_clip_*` apply to
 the LoRA stage only, since a calibration steps no weights, and the LoRA stage runs `--recover.max_steps` steps
 whatever `--trainer.max_epochs` says (its max_epochs is the epochs those steps take). The default compresses fmoe's
-toy MoE (fmoe/assets/toy_moe) into an arithmetic specialist: calibrated and recovered on arithmetic word problems,
+toy MoE (fmoe/toy/assets/toy_moe) into an arithmetic specialist: calibrated and recovered on arithmetic word problems,
 measured on arithmetic, facts and general reading.
 """
 
@@ -50,20 +50,18 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 import fmoe
-from fmoe import evaluation
-from fmoe.data import TextDataModule
-from fmoe import toy
-from fmoe.tasks import load_tasks
-from fmoe import methods
-from fmoe.lightning import CalibrationModule, Compression, IntermediatePruning
-from fmoe.lightning.calibration import check_strategy
-from fmoe.lightning.recovery import LoRARecovery, epochs_for, evaluate
-from fmoe.distill import cache_teacher, check_options
-from fmoe.lightning.sharding import load_model, process_rank
+from fmoe import evaluation, methods, toy
+from fmoe.calibration.criteria import scorer_criterion
+from fmoe.evaluation.report import write_report
+from fmoe.evaluation.tasks import load_tasks
 from fmoe.io import write_json
-from fmoe.reconstruct import LAM
-from fmoe.report import write_report
-from fmoe.scoring import scorer_criterion
+from fmoe.lightning.calibration import CalibrationModule, check_strategy
+from fmoe.lightning.callbacks import Compression, IntermediatePruning
+from fmoe.lightning.data import TextDataModule
+from fmoe.lightning.recovery import LoRARecovery, epochs_for, evaluate
+from fmoe.lightning.sharding import load_model, process_rank
+from fmoe.methods.dims.refit import LAM
+from fmoe.recovery.distill import cache_teacher, check_options
 
 
 @dataclass
@@ -100,7 +98,7 @@ class Recover:
     val_check_interval: int = 30
     experts: bool = True  # adapt routed experts too (not only attention and shared experts)
     tune_experts: bool = False  # train the routed experts' own weights instead (r: adapters elsewhere; 0: none)
-    distill: bool = False  # learn the dense model's next-token distributions too (fmoe.distill)
+    distill: bool = False  # learn the dense model's next-token distributions too (fmoe.recovery.distill)
     temperature: float = 1.0
     kd_weight: float = 1.0  # loss = kd_weight * T^2 * KL(dense || pruned) + (1 - kd_weight) * NLL(data)
     teacher: str = "live"  # live: the dense model runs beside the student (sharded like it under FSDP2) | cached
@@ -112,7 +110,7 @@ class LMEval:
     tasks: list[str] | None = None  # lm-eval task names (e.g. [gsm8k, arc_easy]); null: the toy's fmoe_arithmetic
     # for the toy model when lm-eval is installed, none otherwise; []: no lm-eval run
     limit: int | float | None = None  # records per task (a float < 1: a share)
-    include_path: str | None = None  # a directory of extra task YAMLs (fmoe.evaluation.toy_tasks_dir() for the toy)
+    include_path: str | None = None  # a directory of extra task YAMLs (fmoe.toy.toy_tasks_dir() for the toy)
 
 
 def calibration(model: str = "toy", method: str = "fisher", dtype: str = "float32") -> CalibrationModule:
@@ -183,7 +181,7 @@ def trainer_kwargs(cfg, stage: str, callbacks: list | None = None, **overrides) 
 
 def cache_dense_logits(model, data, path: Path, top_k: int | None) -> None:
     """Rank 0 runs the still dense model once over the training set (on its GPU when it has one) and writes its
-    logits to `path` (fmoe.distill.cache_teacher); the other ranks read the file when the recovery fit starts."""
+    logits to `path` (fmoe.recovery.distill.cache_teacher); the other ranks read the file when the recovery fit starts."""
     if process_rank() != 0:
         return
     home = next(model.parameters()).device
@@ -212,7 +210,7 @@ def toy_lm_eval(options: LMEval, limit: int, run_dir: Path) -> LMEval:
             return LMEval(tasks=[])
         options = LMEval(tasks=["fmoe_arithmetic"], limit=options.limit or limit, include_path=options.include_path)
     if options.tasks and options.include_path is None and process_rank() == 0:
-        options.include_path = str(evaluation.toy_tasks_dir(run_dir / "lm_eval_tasks"))
+        options.include_path = str(toy.toy_tasks_dir(run_dir / "lm_eval_tasks"))
     return options
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fmoe.plan import PruningPlan
+from ..methods.dims.plan import PruningPlan
 
 
 def _metric_groups(rows: dict[str, dict]) -> dict[str, list[str]]:

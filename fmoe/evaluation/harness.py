@@ -6,14 +6,13 @@
 
 `toy_tasks_dir` writes one lm-eval task per toy domain (`fmoe_arithmetic`, `fmoe_facts`, `fmoe_general`), set up like
 GSM8K: greedy generation, the final answer is what follows the last "####" (else the whole completion), compared
-with all whitespace removed: the same extraction as fmoe.tasks, so `exact_match` equals `fmoe.tasks.accuracy`.
+with all whitespace removed: the same extraction as fmoe.evaluation.tasks, so `exact_match` equals `fmoe.evaluation.tasks.accuracy`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +21,11 @@ from torch import nn
 
 EVAL_EXTRA = "pip install fmoe[eval]"
 TASK_PREFIX = "fmoe_"
-MAX_GEN_TOKS = 48  # fmoe.tasks.generate's default max_new_tokens
+MAX_GEN_TOKS = 48  # fmoe.evaluation.tasks.generate's default max_new_tokens
 
 # One toy task: the prompt as context; the reference is the record's own worked completion (GSM8K style), and the
 # metric strips everything up to the last "####" and all whitespace from prediction and reference alike, which is
-# fmoe.tasks.extract_answer / normalize. Only EOS stops generation, as in fmoe.tasks.generate.
+# fmoe.evaluation.tasks.extract_answer / normalize. Only EOS stops generation, as in fmoe.evaluation.tasks.generate.
 _TASK_TEMPLATE = """\
 task: {task}
 dataset_path: json
@@ -68,30 +67,13 @@ def _require_lm_eval():
 
 def task_yaml(task: str, files: dict[str, str | Path], eos: str = "<|endoftext|>",
               max_gen_toks: int = MAX_GEN_TOKS) -> str:
-    """The lm-eval task YAML of a jsonl task set ({split: path}, splits train/val/test as fmoe.corpus writes them)."""
+    """The lm-eval task YAML of a jsonl task set ({split: path}, splits train/val/test as fmoe.toy.corpus writes them)."""
     missing = {"train", "val", "test"} - set(files)
     if missing:
         raise ValueError(f"task {task!r} lacks the splits {sorted(missing)}; has {sorted(files)}")
     data_files = {"train": str(files["train"]), "validation": str(files["val"]), "test": str(files["test"])}
     return _TASK_TEMPLATE.format(task=task, data_files=json.dumps(data_files), until=json.dumps([eos]),
                                  max_gen_toks=max_gen_toks)
-
-
-def toy_tasks_dir(directory: str | Path | None = None, files: dict[str, dict[str, Path]] | None = None,
-                  eos: str = "<|endoftext|>") -> Path:
-    """A directory of lm-eval task YAMLs, `fmoe_<domain>` per toy domain, reading the generated toy corpus files
-    (fmoe.toy.corpus_files() unless `files` is given); pass it as `include_path`. A fresh temp dir by default."""
-    if files is None:
-        from .toy import corpus_files
-
-        files = corpus_files()
-    directory = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="fmoe-lm-eval-tasks-"))
-    directory.mkdir(parents=True, exist_ok=True)
-    from .io import atomic_write_text
-
-    for domain, splits in files.items():
-        atomic_write_text(directory / f"{TASK_PREFIX}{domain}.yaml", task_yaml(TASK_PREFIX + domain, splits, eos))
-    return directory
 
 
 def hflm(model: nn.Module, tokenizer, batch_size: int = 8):

@@ -1,4 +1,4 @@
-"""The toy domain-specialist MoE: a small OLMoE trained from scratch on fmoe.corpus, shipped in fmoe/assets.
+"""The toy domain-specialist MoE: a small OLMoE trained from scratch on fmoe.toy.corpus, shipped in fmoe/toy/assets.
 
 It exists so the criteria can be compared on a model that has really learned distinct capabilities (arithmetic,
 factual recall, in-context reading) with no download. `train` is the whole recipe (plain PyTorch, seeded, CPU);
@@ -8,9 +8,9 @@ factual recall, in-context reading) with no download. `train` is the whole recip
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,8 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..evaluation.harness import TASK_PREFIX, task_yaml
+from ..evaluation.tasks import accuracy, load_tasks
+from ..io import atomic_write_text
+from ..model.checkpoint import from_pretrained, save_pretrained
 from . import corpus
-from .tasks import accuracy, load_tasks
+from .tiny import tiny_model
 
 TOY_DIR = Path(__file__).parent / "assets" / "toy_moe"
 TRAIN_CONFIG = "train_config.json"
@@ -37,7 +41,7 @@ class ToyConfig:
     num_experts_per_tok: int = 2
     vocab_size: int = 1024
     router_aux_loss_coef: float = 0.01
-    # data: fmoe.corpus.build arguments and the share of each domain in a batch
+    # data: fmoe.toy.corpus.build arguments and the share of each domain in a batch
     n_train: int = 20000
     n_eval: int = 200
     n_people: int = 120
@@ -92,7 +96,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def build_model(config: ToyConfig, tokenizer) -> nn.Module:
-    from .tiny import tiny_model
 
     return tiny_model(
         "olmoe", seed=config.seed, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
@@ -136,8 +139,6 @@ def train(config: ToyConfig, out_dir: str | Path | None = None, log=print):
     """Train tokenizer and model on the toy corpus; save both (and this config, with final accuracies) to out_dir."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from .checkpoint import save_pretrained
-    from .io import atomic_write_text
 
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -187,7 +188,6 @@ def load(directory: str | Path = TOY_DIR, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, ToyConfig) of a trained toy model (the shipped one by default), in eval mode."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import from_pretrained
 
     directory = Path(directory)
     if not (directory / TRAIN_CONFIG).is_file():
@@ -196,3 +196,17 @@ def load(directory: str | Path = TOY_DIR, dtype: torch.dtype = torch.float32):
     info = json.loads((directory / TRAIN_CONFIG).read_text())
     model = from_pretrained(directory, dtype=dtype).eval()
     return model, AutoTokenizer.from_pretrained(directory), ToyConfig(**info["config"])
+
+
+def toy_tasks_dir(directory: str | Path | None = None, files: dict[str, dict[str, Path]] | None = None,
+                  eos: str = "<|endoftext|>") -> Path:
+    """A directory of lm-eval task YAMLs, `fmoe_<domain>` per toy domain, reading the generated toy corpus files
+    (fmoe.toy.corpus_files() unless `files` is given); pass it as `include_path`. A fresh temp dir by default."""
+    if files is None:
+        files = corpus_files()
+    directory = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="fmoe-lm-eval-tasks-"))
+    directory.mkdir(parents=True, exist_ok=True)
+
+    for domain, splits in files.items():
+        atomic_write_text(directory / f"{TASK_PREFIX}{domain}.yaml", task_yaml(TASK_PREFIX + domain, splits, eos))
+    return directory

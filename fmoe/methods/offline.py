@@ -39,13 +39,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from .checkpoint import (FORMAT_FIELD, INDEX_FILE, SAFETENSORS_DTYPES, WEIGHTS_FILE, is_stock_loadable, rebuild,
-                         weight_files)
-from .experts import RaggedExperts, expert_widths, find_experts, fingerprint_of, slice_expert, width_buckets
-from .io import atomic_directory
-from .plan import PruningPlan
-from .prune import apply_widths, check_plan_fits
-from .scores import Scores
+from ..calibration.criteria import magnitude_scores, random_scores
+from ..calibration.scores import Scores
+from ..io import atomic_directory
+from ..model.checkpoint import (FORMAT_FIELD, INDEX_FILE, SAFETENSORS_DTYPES, WEIGHTS_FILE, is_stock_loadable, rebuild,
+                                weight_files)
+from ..model.experts import RaggedExperts, expert_widths, find_experts, fingerprint_of, slice_expert, width_buckets
+from ..model.structure import apply_widths
+from .dims.plan import PruningPlan, check_plan_fits
 
 # files of a model directory worth carrying over (tokenizer and chat template); weights and configs are rewritten
 _CARRIED = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "chat_template*", "*.model",
@@ -58,7 +59,6 @@ _CARRIED = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "ch
 class Source:
     """A safetensors checkpoint read tensor by tensor: {key: file}, dtypes and shapes from the headers, and one
     file mapped at a time (switching files drops the previous mapping, so at most one shard's pages are resident)."""
-
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         if not (self.directory / "config.json").is_file():
@@ -113,7 +113,6 @@ def meta_model(config):
 class Place:
     """Where a model tensor (or part of it) lives in a checkpoint: `key` whole, or, for a per-expert layout, the
     `part`-th of `parts` equal pieces (along dim 0) of expert `expert`'s slice [2I, H] of the model tensor."""
-
     key: str
     expert: int | None = None
     part: int = 0
@@ -127,7 +126,6 @@ _PER_EXPERT_OPS = {1: ["MergeModulelist(dim=0)"], 2: ["MergeModulelist(dim=0)", 
 class Naming:
     """Checkpoint key <-> model state-dict key, from transformers' conversion mapping of the model's family (the
     one `from_pretrained` and `save_pretrained` use)."""
-
     def __init__(self, model):
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming
@@ -176,7 +174,6 @@ def tie_groups(model) -> list[list[str]]:
 class ModelView:
     """The source checkpoint seen as the model's state dict: any model tensor whole, or one expert's slice in the
     model's layout, read from whichever layout the checkpoint uses."""
-
     def __init__(self, source: Source, model):
         self.source, self.naming = source, Naming(model)
         self.whole: dict[str, str] = {}
@@ -264,8 +261,6 @@ def _open(src: str | Path):
 
 def score_checkpoint(src: str | Path, method: str = "magnitude", seed: int = 0) -> Scores:
     """`fmoe.score(model, method=...)` for the data-free methods, from the checkpoint's tensors (no model, no data)."""
-    from .scoring import magnitude_scores, random_scores
-
     if method not in ("magnitude", "random"):
         raise ValueError(f"score_checkpoint computes the data-free methods 'magnitude' and 'random', not {method!r}; "
                          "the others need the model and calibration data (fmoe.score)")
@@ -287,7 +282,6 @@ def score_checkpoint(src: str | Path, method: str = "magnitude", seed: int = 0) 
 @dataclass
 class Out:
     """One output tensor: its bytes are the concatenation of what `pieces()` yields (row-major, in order)."""
-
     name: str
     dtype: str
     shape: list[int]
@@ -303,7 +297,6 @@ class Out:
 class Pruned:
     """The pruned model's tensors, produced on demand from the source: model key -> pieces, plus one expert's cut
     kept at a time (its gate, up and down parts are written one after another)."""
-
     def __init__(self, view: ModelView, source_model, keep: dict[str, list[torch.Tensor]]):
         self.view, self.keep = view, keep
         self.modules = find_experts(source_model)

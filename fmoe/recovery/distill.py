@@ -2,7 +2,7 @@
 
     loss = weight * T^2 * KL(p_teacher^T || p_student^T) + (1 - weight) * NLL(data)
 
-p^T = softmax(logits / T), both taken over the positions the data loss supervises (fmoe.loss.targets: padding
+p^T = softmax(logits / T), both taken over the positions the data loss supervises (fmoe.calibration.loss.targets: padding
 never counts), the KL averaged over those tokens as the NLL is (Hinton et al. 2015; T^2 keeps the gradient scale
 of the soft term independent of T). The teacher is either a live model (run under no_grad beside the student:
 under DDP a replica per rank, under FSDP2 sharded like the student, see fmoe.lightning.recovery) or a
@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import atomic_file
-from .loss import Batch, _chunk_nll, chunked, forward, forward_logits, prepare_batch, targets, with_router_loss
+from ..calibration.loss import (Batch, chunk_nll, chunked, forward, forward_logits, prepare_batch, targets,
+                                with_router_loss)
+from ..io import atomic_file
 
 Teacher = tuple[torch.Tensor, torch.Tensor | None]  # (logits [B, T, k], their vocabulary ids [B, T, k] or None: all)
 _FORMAT = "fmoe-teacher-cache"
@@ -44,14 +45,14 @@ def _chunk_terms(student: torch.Tensor, target: torch.Tensor, values: torch.Tens
     # 0 where the teacher gives a token no probability (a -inf logit): no 0 * inf
     kl = torch.where(p_teacher > 0, p_teacher * (log_teacher - log_student), 0.0).sum(-1)  # [B, C]
     kl = kl.masked_fill(target == -100, 0.0).sum(1)
-    return kl, _chunk_nll(student, target)
+    return kl, chunk_nll(student, target)
 
 
 def distillation_loss(model: nn.Module, batch: Batch, teacher: nn.Module | TeacherCache, temperature: float = 1.0,
                       weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(weight * T^2 * mean KL + (1 - weight) * mean NLL over the batch's supervised tokens, {"kd": T^2 * mean KL,
     "nll": mean NLL, "tokens": their count}), plus the load-balancing term ("aux") when the student's config sets
-    `output_router_logits` (fmoe.loss.with_router_loss). Like fmoe.loss.mean_nll the KL and NLL are 0, still in the
+    `output_router_logits` (fmoe.calibration.loss.with_router_loss). Like fmoe.calibration.loss.mean_nll the KL and NLL are 0, still in the
     graph, when nothing is supervised, and the [B, T, V] float32 terms are formed a chunk of positions at a time."""
     check_options(temperature, weight)
     values, ids = teacher_logits(teacher, batch)  # [B, T, k]
@@ -147,7 +148,7 @@ class TeacherCache:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"teacher cache {self.path} does not exist (fmoe.distill.cache_teacher writes it; "
+            raise FileNotFoundError(f"teacher cache {self.path} does not exist (fmoe.recovery.distill.cache_teacher writes it; "
                                     "every rank must see this path, e.g. on a shared filesystem)")
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -29,19 +29,17 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .compat import TUPLE_BLOCKS, decoder_layers, has_hooks, moe_layers, own_config
-from .expert_drop import EXPERT_COUNTS_FIELD
-from .experts import find_experts, fingerprint, on_meta, replace_module
-from .io import read_json, write_json
-from .plan import _ranked
-from .prune import WIDTHS_FIELD
+from ..calibration.scores import ranked
+from ..io import read_json, write_json
+from ..model.compat import own_config
+from ..model.experts import find_experts, fingerprint, on_meta, replace_module
+from ..model.hooks import has_hooks
+from ..model.layers import decoder_layers, moe_layers
+from ..model.structure import DROPPED_MOE_FIELD, LAYER_FIELDS, remove_sublayers
+from .registry import Method, check_choices, register
 
-DROPPED_MOE_FIELD = "fmoe_dropped_moe"  # config field: [decoder layer index] whose MoE sublayer was removed
 BLOCK_MODES = ("discrete", "consecutive")
 LAYER_INDEX_ATTRS = ("layer_idx",)  # attributes holding a module's decoder layer index (the KV cache's slot)
-# config fields naming decoder layers, renumbered by a block drop: dicts keyed by module name (`<prefix>.<i>.…`) or
-# layer index, or lists of layer indices
-LAYER_FIELDS = (WIDTHS_FIELD, EXPERT_COUNTS_FIELD, DROPPED_MOE_FIELD)
 MAX_BLOCK_CHOICES = 10_000  # discrete block sets tried, best ranked first, before a plan gives up
 
 
@@ -72,22 +70,6 @@ class DropPlan:
     def from_dict(cls, data: dict) -> DropPlan:
         return cls(moe_layers=list(data["moe_layers"]), blocks=list(data["blocks"]), num_layers=data["num_layers"],
                    fingerprint=data["fingerprint"], meta=data["meta"])
-
-
-class DroppedMoE(nn.Module):
-    """Stands in for a removed MoE block: its output is zeros shaped like its input, so the decoder layer's
-    `residual + block(norm(residual))` (times granitemoe's residual_multiplier) is the residual itself."""
-
-    def __init__(self, returns_tuple: bool = False):
-        super().__init__()
-        self.returns_tuple = returns_tuple
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        zeros = torch.zeros_like(hidden_states)
-        return (zeros, None) if self.returns_tuple else zeros
-
-    def extra_repr(self) -> str:
-        return f"returns_tuple={self.returns_tuple}"
 
 
 # --- plans -------------------------------------------------------------------------------------------------------
@@ -142,7 +124,7 @@ def plan_layer_drop(model: nn.Module, moe_similarity: torch.Tensor, count: int |
     if missing:
         raise ValueError(f"moe_similarity is NaN at MoE layers {missing}: every MoE layer needs a value to rank")
     _count_or_ratio(count, ratio, len(candidates), "MoE layers")
-    order = [candidates[i] for i in _ranked(similarity[candidates]).tolist()]
+    order = [candidates[i] for i in ranked(similarity[candidates]).tolist()]
     if count is None:
         count = len(_nearest([(_shares(model, order[:n], [])[0], order[:n]) for n in range(len(order))], ratio))
     chosen = sorted(order[:count])
@@ -191,7 +173,7 @@ def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int
             starts = values.isnan().nonzero().flatten().tolist()
             raise ValueError(f"block_similarity is NaN for the {mode} candidates starting at layers {starts}: every "
                              "candidate needs a value to rank")
-        order = _ranked(values).tolist()
+        order = ranked(values).tolist()
         if mode == "discrete":  # sets of k in rank order: the top k, then the last one swapped for the next, ...
             choices = (sorted(c) for c in itertools.islice(itertools.combinations(order, k), MAX_BLOCK_CHOICES))
         else:
@@ -214,19 +196,6 @@ def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int
 
 # --- MoE sublayers ---------------------------------------------------------------------------------------------
 
-def _remove_sublayers(model: nn.Module, layers: list[int]) -> list[str]:
-    """Replace the norm and MoE block of each listed layer; returns the block names."""
-    by_index = {m.index: m for m in moe_layers(model).values()}
-    wrong = [i for i in layers if i not in by_index]
-    if wrong:
-        raise ValueError(f"decoder layers {wrong} have no MoE sublayer (MoE layers: {sorted(by_index)})")
-    returns_tuple = model.config.model_type in TUPLE_BLOCKS
-    for i in layers:
-        model.get_submodule(by_index[i].norm)  # the norm in front of the block exists under its usual name
-        replace_module(model, by_index[i].norm, nn.Identity())
-        replace_module(model, by_index[i].block, DroppedMoE(returns_tuple))
-    return [by_index[i].block for i in layers]
-
 
 def drop_moe_sublayers(model: nn.Module, layers: list[int]) -> nn.Module:
     """Remove the MoE sublayer (post-attention norm, router, routed and shared experts) of each listed decoder
@@ -237,7 +206,7 @@ def drop_moe_sublayers(model: nn.Module, layers: list[int]) -> nn.Module:
     remaining = {m.index for m in moe_layers(model).values()} - set(layers)
     if not remaining:
         raise ValueError(f"dropping MoE layers {layers} leaves none: fmoe models keep at least one MoE layer")
-    blocks = _remove_sublayers(model, layers)
+    blocks = remove_sublayers(model, layers)
     config = own_config(model)
     for name in LAYER_FIELDS:  # entries of the removed experts modules go
         value = getattr(config, name, None)
@@ -245,18 +214,6 @@ def drop_moe_sublayers(model: nn.Module, layers: list[int]) -> nn.Module:
             setattr(config, name, {k: v for k, v in value.items()
                                    if not any(k == b or str(k).startswith(b + ".") for b in blocks)})
     setattr(config, DROPPED_MOE_FIELD, sorted(set(getattr(config, DROPPED_MOE_FIELD, None) or []) | set(layers)))
-    return model
-
-
-def rebuild_dropped_moe(model: nn.Module, config) -> nn.Module:
-    """Remove again the MoE sublayers `config.fmoe_dropped_moe` lists, in a model freshly built from `config`
-    (checkpoint loading, before expert widths are applied)."""
-    layers = getattr(config, DROPPED_MOE_FIELD, None) or []
-    if layers:
-        try:
-            _remove_sublayers(model, layers)
-        except ValueError as err:
-            raise ValueError(f"config field {DROPPED_MOE_FIELD}={layers} does not fit the model: {err}") from err
     return model
 
 
@@ -403,3 +360,19 @@ def drop(model: nn.Module, plan: DropPlan) -> nn.Module:
     if plan.blocks:
         drop_blocks(model, plan.blocks)
     return model
+
+
+def _layers(model, calibration, amount=None, count=None):
+    statistics = calibration.need("statistics", "layer_drop", model)
+    return plan_layer_drop(model, statistics.moe_similarity, count=count, ratio=None if count is not None else amount)
+
+
+def _blocks(model, calibration, amount=None, count=None, mode="discrete"):
+    statistics = calibration.need("statistics", "block_drop", model)
+    return plan_block_drop(model, statistics.block_similarity, count=count,
+                           ratio=None if count is not None else amount, mode=mode)
+
+
+register("layer_drop", Method(_layers, drop, DropPlan, "statistics", "drop the MoE sublayers that change the residual least"))
+register("block_drop", Method(_blocks, drop, DropPlan, "statistics", "drop the decoder blocks that change the residual least",
+                              check=lambda amount, **options: check_choices("block_drop", options, mode=BLOCK_MODES)))

@@ -8,7 +8,7 @@ similarities, where higher = more redundant):
 - reap:        mean over an expert's routed real (token, slot) pairs of routing weight x ||o||_2, o the expert's
                output before the routing weight (REAP);
 - fisher:      sum_n (dL_n/dg_e)^2 for a mask g_e = 1 on expert e's output, L_n the mean NLL of sequence n (as the
-               dim Fisher of fmoe.scoring; only when the pass runs a backward);
+               dim Fisher of fmoe.calibration.scorer; only when the pass runs a backward);
 - moe_similarity[l]: token mean of cos(x', x' + m block(norm(x'))), x' the input of layer l's post-attention norm,
                m the layer's residual scale (GraniteMoE's residual_multiplier, else 1); NaN for layers without MoE;
 - block_similarity[i, j]: token mean of cos(h_i, h_j), h_i the input of decoder layer i, h_L the output of the
@@ -21,7 +21,7 @@ sum, so runs add up and ranks SUM-reduce.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .compat import accumulation_dtype, decoder_layers, experts_hooks, moe_layers, residual_scale, router_probabilities
-from .experts import num_experts
-from .io import atomic_directory
+from ..io import atomic_directory
+from ..model.compat import accumulation_dtype, residual_scale, router_probabilities
+from ..model.experts import num_experts
+from ..model.hooks import experts_hooks
+from ..model.layers import decoder_layers, moe_layers
 
 _TENSORS, _META, _FORMAT = "statistics.safetensors", "statistics.json", "fmoe.Statistics/1"
 CRITERIA = ("router", "frequency", "reap", "fisher")
@@ -296,13 +298,3 @@ class StructureStatistics:
 def _experts_of(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     return {n: modules[n] for n in names}
-
-
-def measure(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], fisher: bool = True,
-            progress: bool | None = None) -> Statistics:
-    """Expert- and layer-level statistics of `model` over calibration `batches` (dicts with input_ids and optionally
-    attention_mask, labels), from one pass with the dim scorer (method "fisher", or "activation" without `fisher`:
-    forward only, no expert Fisher). Weights are left untouched."""
-    from .methods import calibrate  # methods plans from these statistics
-
-    return calibrate(model, batches, "fisher" if fisher else "activation", progress).statistics

@@ -25,13 +25,12 @@ from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from .compat import ensure_aligned_implementation, width_field
-from .compressed import COMPRESSED_FIELD, rebuild_compressed
-from .expert_drop import EXPERT_COUNTS_FIELD, rebuild_expert_counts
+from ..io import atomic_directory
+from .compat import width_field
 from .experts import RaggedExperts, expert_widths, find_experts, on_meta
-from .io import atomic_directory
-from .layer_drop import DROPPED_MOE_FIELD, rebuild_dropped_moe
-from .prune import WIDTHS_FIELD, apply_widths
+from .hooks import ensure_aligned_implementation
+from .structure import (COMPRESSED_FIELD, DROPPED_MOE_FIELD, EXPERT_COUNTS_FIELD, WIDTHS_FIELD, apply_widths,
+                        rebuild_compressed, rebuild_dropped_moe, rebuild_expert_counts)
 
 FORMAT_FIELD = "fmoe_format"  # "stock" | "fused"
 WEIGHTS_FILE = "model.safetensors"

@@ -16,21 +16,11 @@ from __future__ import annotations
 import copy
 import functools
 import sys
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-from .experts import (HOOKS_ATTR, IntermediateHook, RaggedExperts, attached_hooks, expert_widths, experts_forward,
-                      find_experts)
-
-IMPLEMENTATION = "fmoe"
-_PREVIOUS = "_fmoe_previous_implementation"  # on the model: [implementation to restore, open experts_hooks blocks]
 
 # model_type: (config field of the routed expert width, shared experts sized from that field)
 FAMILIES: dict[str, tuple[str, bool]] = {
@@ -63,47 +53,6 @@ TUPLE_BLOCKS = ("gpt_oss",)  # MoE blocks returning (hidden states, router score
 RESIDUAL_SCALES = {"granitemoe": "residual_multiplier"}  # residual + m * block(norm(residual))
 # config fields holding the routed expert count (aliases of each other where a family has several)
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
-
-
-@dataclass
-class MoELayer:
-    """One decoder layer's MoE sublayer, by name in model.named_modules()."""
-
-    index: int  # decoder layer index
-    layer: str  # "model.layers.3"
-    block: str  # "model.layers.3.mlp": MoE block (router, routed and shared experts)
-    experts: str  # "model.layers.3.mlp.experts"
-    router: str  # "model.layers.3.mlp.gate"
-    norm: str  # "model.layers.3.post_attention_layernorm": the norm in front of the block
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(name, ModuleList) of the model's decoder layers: the `layers` list whose items hold a self-attention."""
-    for name, module in model.named_modules():
-        if name.rpartition(".")[2] == "layers" and isinstance(module, nn.ModuleList) and len(module) and all(
-                hasattr(layer, "self_attn") for layer in module):
-            return name, module
-    raise ValueError(f"no decoder layers (a `layers` ModuleList with self_attn) in {type(model).__name__}")
-
-
-def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
-    """{experts module name: its MoELayer}, in layer order; dense layers (DeepSeek's first_k_dense_replace) are
-    not included."""
-    prefix, layers = decoder_layers(model)
-    experts = find_experts(model)
-    found = {}
-    for index, layer in enumerate(layers):
-        for block_name in MOE_BLOCK_NAMES:
-            block = getattr(layer, block_name, None)
-            name = f"{prefix}.{index}.{block_name}"
-            if block is None or f"{name}.experts" not in experts:
-                continue
-            router = next((r for r in ROUTER_NAMES if hasattr(getattr(block, r, None), "weight")), None)
-            if router is None:
-                raise ValueError(f"{name} ({type(block).__name__}) has no router named {' or '.join(ROUTER_NAMES)}")
-            found[f"{name}.experts"] = MoELayer(index, f"{prefix}.{index}", name, f"{name}.experts",
-                                                f"{name}.{router}", f"{prefix}.{index}.{POST_ATTENTION_NORM}")
-    return found
 
 
 def router_groups(router: nn.Module) -> tuple[int, int] | None:
@@ -217,11 +166,10 @@ def support_uneven_expert_counts(model: nn.Module) -> None:
             setattr(module, LOAD_BALANCING_LOSS, _pooled_loss(stock))
 
 
-def _fmoe_experts(self, hidden_states, top_k_index, top_k_weights):
-    return experts_forward(self, hidden_states, top_k_index, top_k_weights, attached_hooks(self))
-
-
-ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _fmoe_experts)
+def register_experts_implementation(name: str, forward) -> None:
+    """Make `forward(experts_module, hidden_states, top_k_index, top_k_weights)` selectable as
+    `model.set_experts_implementation(name)` (transformers' registry of experts implementations)."""
+    ALL_EXPERTS_FUNCTIONS.register(name, forward)
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
@@ -290,72 +238,6 @@ def width_field(model_type: str) -> str | None:
     """Config field that stock loaders read as the routed width, if a uniform prune may rewrite it."""
     field, shared_tied = FAMILIES.get(model_type, (None, True))
     return None if shared_tied else field
-
-
-@contextmanager
-def experts_hooks(model: nn.Module, hooks: dict[str, IntermediateHook]) -> Iterator[None]:
-    """Run `model` with fmoe's experts forward, calling hooks[name] on each expert's intermediate activation.
-
-    Blocks nest and compose: each hook sees what the previous one returned. Hooks that edit the model (those with
-    `edits_model = True`, e.g. the masks of `fmoe.masked`) run before those that measure it, whenever either was
-    attached, so a scorer always sees the masked activation. Leaving a block removes its own hooks only, in any
-    order; the model's previous experts implementation comes back when the last block closes.
-    """
-    modules = find_experts(model)
-    unknown = set(hooks) - set(modules)
-    if unknown:
-        raise KeyError(f"no routed experts module named {sorted(unknown)}")
-    switch = hasattr(model, "get_experts_implementation")
-    if switch:
-        previous = model.__dict__.get(_PREVIOUS) or [model.get_experts_implementation(), 0]
-        model.set_experts_implementation(IMPLEMENTATION)  # may refuse (transformers): nothing changed yet
-        previous[1] += 1
-        model.__dict__[_PREVIOUS] = previous
-    for name, hook in hooks.items():
-        stack = modules[name].__dict__.setdefault(HOOKS_ATTR, [])
-        edits = sum(getattr(h, "edits_model", False) for h in stack)  # edits stay ahead of measurements
-        stack.insert(edits if getattr(hook, "edits_model", False) else len(stack), hook)
-    try:
-        yield
-    finally:
-        for name, hook in hooks.items():
-            stack = attached_hooks(modules[name])
-            for i in range(len(stack) - 1, -1, -1):
-                if stack[i] is hook:
-                    del stack[i]
-                    break
-            if not stack:
-                modules[name].__dict__.pop(HOOKS_ATTR, None)
-        if switch:
-            previous = model.__dict__[_PREVIOUS]
-            previous[1] -= 1
-            if previous[1] == 0:
-                model.__dict__.pop(_PREVIOUS)
-                if model.get_experts_implementation().get("") == IMPLEMENTATION:  # unless another was chosen meanwhile
-                    model.set_experts_implementation(previous[0])
-
-
-def has_hooks(model: nn.Module) -> bool:
-    """Are fmoe hooks attached to any routed experts module (inside `fmoe.masked` or a scoring pass)?"""
-    return any(attached_hooks(m) for m in find_experts(model).values())
-
-
-def ensure_aligned_implementation(model: nn.Module) -> None:
-    """grouped_mm needs 16-byte-aligned strides; fall back to batched_mm when a pruned width breaks that."""
-    if getattr(model.config, "_experts_implementation", None) != "grouped_mm":
-        return
-    for module in find_experts(model).values():
-        if isinstance(module, RaggedExperts):
-            continue
-        itemsize = module.down_proj.element_size()
-        if (expert_widths(module)[0] * itemsize) % 16:
-            warnings.warn(
-                f"expert width {expert_widths(module)[0]} is not 16-byte aligned for grouped_mm; "
-                "using experts_implementation='batched_mm' (round widths with multiple_of to keep grouped_mm)",
-                stacklevel=3,
-            )
-            model.set_experts_implementation("batched_mm")
-            return
 
 
 def own_config(model: nn.Module):

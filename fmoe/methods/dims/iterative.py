@@ -21,13 +21,12 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from .experts import fingerprint
+from ...calibration.scorer import score
+from ...calibration.scores import Scores
+from ...model.experts import fingerprint
 from .plan import PruningPlan, make_plan
 from .prune import masked, prune
-from .reconstruct import LAM, recorded
-from .reconstruct import reconstruct as least_squares
-from .scores import Scores
-from .scoring import score
+from .refit import LAM, reconstruct as least_squares, recorded
 
 SCHEDULES = ("linear", "geometric")
 
@@ -145,7 +144,7 @@ def prune_iteratively(
     runs after each step's mask is in place (e.g. to reconstruct the layer outputs). Each step's kept dims are a
     subset of the previous step's. plan.meta records steps, schedule, step_ratios, achieved (the share removed)
     and clipped (dims a step's rounding asked back and nesting kept removed, usually 0). steps=1 is the one-shot
-    path: fmoe.make_plan on fmoe.score, then fmoe.prune. With `reconstruct`, the final cut is fmoe.reconstruct
+    path: fmoe.make_plan on fmoe.score, then fmoe.methods.dims.prune. With `reconstruct`, the final cut is fmoe.reconstruct
     (the kept down columns refit by least squares, ridge `lam` towards the pruned weights, on the unpruned model's
     activations over `batches`), and plan.meta records it ("reconstruct": {"lam": lam}).
     """

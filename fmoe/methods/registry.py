@@ -26,27 +26,20 @@ new method needs one entry and no other code.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .compressed import compress_experts
-from .expert_drop import ExpertPlan, drop_experts, plan_experts, select_scores
-from .experts import fingerprint
-from .io import write_json, read_json
-from .layer_drop import DropPlan, drop, plan_block_drop, plan_layer_drop
-from .plan import PruningPlan, make_plan
-from .prune import prune
-from .scores import Scores
-from .scoring import Scorer
-from .statistics import Statistics
+from ..calibration.scorer import Scorer
+from ..calibration.scores import Scores
+from ..calibration.statistics import Statistics
+from ..model.experts import fingerprint
 
 
 @dataclass
@@ -71,15 +64,16 @@ class Calibration:
         """What this calibration still tells about `model` once an expert drop `plan` was applied to it: the dim
         scores of the kept experts, so their dims can be slimmed next with no second pass (statistics describe
         the experts and layers before the drop and are not carried)."""
-        if not isinstance(plan, ExpertPlan):
+        carry = getattr(plan, "carry_scores", None)  # plans whose edit keeps the scored dims (an expert drop)
+        if carry is None:
             raise ValueError(f"only an expert drop carries a calibration over to the edited model, not a "
                              f"{type(plan).__name__}: calibrate the edited model again")
-        return Calibration(select_scores(self.need("scores", "dims", None), plan, model))
+        return Calibration(carry(self.need("scores", "dims", None), model))
 
 
 def calibrate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], method: str = "fisher",
               progress: bool | None = None) -> Calibration:
-    """Dim scores (`method`: a criterion a fmoe.scoring.Scorer runs, combinations included) and expert and layer
+    """Dim scores (`method`: a criterion a fmoe.calibration.scorer.Scorer runs, combinations included) and expert and layer
     statistics of `model`, from one pass over calibration `batches` (dicts with input_ids and optionally
     attention_mask, labels)."""
     progress = sys.stderr.isatty() if progress is None else progress
@@ -90,30 +84,6 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], m
     return Calibration(scorer.result(), scorer.statistics())
 
 
-@dataclass
-class CompressionPlan:
-    """Compressed experts: each token computes its `main` highest-weight experts; the others act through trained
-    vectors (fmoe.compressed)."""
-
-    main: int
-    meta: dict = field(default_factory=dict)
-    FORMAT: ClassVar[str] = "fmoe.CompressionPlan/1"
-
-    def to_dict(self) -> dict:
-        return {"format": self.FORMAT, "main": self.main, "meta": self.meta}
-
-    def save(self, path: str | Path) -> None:
-        write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> CompressionPlan:
-        return cls.from_dict(read_json(path, cls.FORMAT, "fmoe compression plan"))
-
-    @classmethod
-    def from_dict(cls, data: dict) -> CompressionPlan:
-        return cls(main=data["main"], meta=data["meta"])
-
-
 @dataclass(frozen=True)
 class Method:
     plan: Callable[..., Any]  # (model, calibration, amount, **options) -> plan
@@ -121,63 +91,18 @@ class Method:
     plan_type: type  # what `plan` returns (its `load` reads a saved plan)
     reads: str  # "scores", "statistics" or "" (nothing from calibration)
     about: str
+    check: Callable[..., None] | None = None  # (amount, **options): refuses values the planner would refuse
 
 
-def _dims(model, calibration, amount, scope="layer", multiple_of=16, min_width=None, normalize="mean",
-          max_widths=4):
-    scores = calibration.need("scores", "dims", model)
-    return make_plan(scores, amount, scope, multiple_of=multiple_of, min_width=min_width, normalize=normalize,
-                     max_widths=max_widths, model=model)  # achieved: of routed dims, of routed parameters up to biases
+METHODS: dict[str, Method] = {}  # name -> Method; each method's module registers its entries (fmoe.methods)
 
 
-def _experts(criterion: str) -> Callable:
-    def plan(model, calibration, amount=None, scope="layer", count=None, normalize="mean"):
-        statistics = calibration.need("statistics", criterion, model)
-        if criterion not in statistics.experts:
-            raise ValueError(f"expert criterion {criterion!r} was not measured (measured: "
-                             f"{', '.join(statistics.experts)}; expert Fisher needs a pass with a backward)")
-        return plan_experts(model, statistics.experts[criterion], ratio=None if count is not None else amount,
-                            count=count, scope=scope, normalize=normalize, criterion=criterion)
-
-    return plan
-
-
-def _layers(model, calibration, amount=None, count=None):
-    statistics = calibration.need("statistics", "layer_drop", model)
-    return plan_layer_drop(model, statistics.moe_similarity, count=count, ratio=None if count is not None else amount)
-
-
-def _blocks(model, calibration, amount=None, count=None, mode="discrete"):
-    statistics = calibration.need("statistics", "block_drop", model)
-    return plan_block_drop(model, statistics.block_similarity, count=count,
-                           ratio=None if count is not None else amount, mode=mode)
-
-
-def _compressed(model, calibration, amount=0.5, main=None):
-    from .compat import moe_layers
-
-    top_k = max(model.get_submodule(layer.router).top_k for layer in moe_layers(model).values())
-    main = main if main is not None else max(1, top_k - math.ceil(top_k * amount - 1e-9))  # at least `amount` off
-    if not 1 <= main <= top_k:
-        raise ValueError(f"compressed experts compute 1 to top_k={top_k} main experts per token, got main={main}")
-    return CompressionPlan(main, {"top_k": top_k, "achieved": 1 - main / top_k})
-
-
-METHODS: dict[str, Method] = {
-    "dims": Method(_dims, prune, PruningPlan, "scores", "remove intermediate dims of routed experts"),
-    "expert_drop": Method(_experts("router"), drop_experts, ExpertPlan, "statistics",
-                          "drop experts with the lowest mean routing probability"),
-    "expert_frequency": Method(_experts("frequency"), drop_experts, ExpertPlan, "statistics",
-                               "drop the experts routed the fewest tokens"),
-    "reap": Method(_experts("reap"), drop_experts, ExpertPlan, "statistics",
-                   "drop experts with the lowest mean routing weight x output norm (REAP)"),
-    "expert_fisher": Method(_experts("fisher"), drop_experts, ExpertPlan, "statistics",
-                            "drop experts with the lowest expert-level Fisher"),
-    "layer_drop": Method(_layers, drop, DropPlan, "statistics", "drop the MoE sublayers that change the residual least"),
-    "block_drop": Method(_blocks, drop, DropPlan, "statistics", "drop the decoder blocks that change the residual least"),
-    "compressed_experts": Method(_compressed, lambda model, plan: compress_experts(model, plan.main), CompressionPlan,
-                                 "", "compute the top experts per token; the others act through trained vectors"),
-}
+def register(name: str, entry: Method) -> Method:
+    """Add compression method `name` to METHODS (what the API, the callbacks and the recipe look up)."""
+    if name in METHODS:
+        raise ValueError(f"compression method {name!r} is registered already")
+    METHODS[name] = entry
+    return entry
 
 
 def method(name: str) -> Method:
@@ -202,10 +127,6 @@ def options_of(name: str, options: dict) -> dict:
 def check(name: str, amount: float | None, **options) -> None:
     """Refuse what method `name`'s planner would refuse that needs no model or calibration (the name, the amount,
     unknown options, values outside their choices), so a run fails before its calibration is spent."""
-    from .expert_drop import NORMALIZATIONS, SCOPES as EXPERT_SCOPES
-    from .layer_drop import BLOCK_MODES
-    from .plan import check_options
-
     accepted = _options(name)
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -217,10 +138,12 @@ def check(name: str, amount: float | None, **options) -> None:
         raise ValueError(f"amount is the share removed, in [0, 1); got {amount!r}")
     if count is not None and (not isinstance(count, int) or count < 0):
         raise ValueError(f"count must be a non-negative int, got {count!r}")
-    if name == "dims":
-        check_options(amount, **options)
-        return
-    choices = {"scope": EXPERT_SCOPES, "normalize": NORMALIZATIONS, "mode": BLOCK_MODES}
+    if method(name).check is not None:
+        method(name).check(amount, **options)
+
+
+def check_choices(name: str, options: dict, **choices: tuple[str, ...]) -> None:
+    """Refuse an option of method `name` outside its choices (choices: option -> valid values)."""
     for key, valid in choices.items():
         if key in options and options[key] not in valid:
             raise ValueError(f"unknown {key} {options[key]!r} for method {name!r}; valid: {', '.join(valid)}")
@@ -238,23 +161,27 @@ def compress(model: nn.Module, name: str, amount: float | None, calibration: Cal
     return plan
 
 
-PLAN_FORMATS = {entry.plan_type.FORMAT: entry.plan_type for entry in METHODS.values()}
+def plan_formats() -> dict[str, type]:
+    """{format string: plan class} of every registered method."""
+    return {entry.plan_type.FORMAT: entry.plan_type for entry in METHODS.values()}
 
 
 def load_plan(path: str | Path):
     """Any saved fmoe plan, by its format."""
     found = json.loads(Path(path).read_text()).get("format")
-    if found not in PLAN_FORMATS:
-        raise ValueError(f"{path} is not an fmoe plan (format={found!r}; valid: {', '.join(PLAN_FORMATS)})")
-    return PLAN_FORMATS[found].load(path)
+    formats = plan_formats()
+    if found not in formats:
+        raise ValueError(f"{path} is not an fmoe plan (format={found!r}; valid: {', '.join(formats)})")
+    return formats[found].load(path)
 
 
 def plan_from_dict(data: dict):
     """Any fmoe plan from its `to_dict()`, by its format (e.g. a plan a Lightning checkpoint carries)."""
     found = data.get("format") if isinstance(data, dict) else None
-    if found not in PLAN_FORMATS:
-        raise ValueError(f"not an fmoe plan (format={found!r}; valid: {', '.join(PLAN_FORMATS)})")
-    return PLAN_FORMATS[found].from_dict(data)
+    formats = plan_formats()
+    if found not in formats:
+        raise ValueError(f"not an fmoe plan (format={found!r}; valid: {', '.join(formats)})")
+    return formats[found].from_dict(data)
 
 
 def apply_plan(model: nn.Module, plan) -> nn.Module:
@@ -263,3 +190,11 @@ def apply_plan(model: nn.Module, plan) -> nn.Module:
         if isinstance(plan, entry.plan_type):
             return entry.edit(model, plan)
     raise TypeError(f"not an fmoe plan: {type(plan).__name__}")
+
+
+def measure(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], fisher: bool = True,
+            progress: bool | None = None) -> Statistics:
+    """Expert- and layer-level statistics of `model` over calibration `batches` (dicts with input_ids and optionally
+    attention_mask, labels), from one pass with the dim scorer (method "fisher", or "activation" without `fisher`:
+    forward only, no expert Fisher). Weights are left untouched."""
+    return calibrate(model, batches, "fisher" if fisher else "activation", progress).statistics

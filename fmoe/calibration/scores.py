@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_directory
+from ..io import atomic_directory
 
 _TENSORS, _META = "scores.safetensors", "scores.json"
 
@@ -106,3 +106,8 @@ def criterion_name(combiner: str | None, criteria: Sequence[str]) -> str:
 def combine(combiner: str | None, parts: Sequence[Scores]) -> Scores:
     """The Scores of each criterion (in spec order) combined as the spec says."""
     return parts[0] if combiner is None else COMBINERS[combiner](*parts)
+
+
+def ranked(values: torch.Tensor) -> torch.Tensor:
+    """Indices by descending score, ties broken by ascending index (deterministic)."""
+    return torch.sort(values, descending=True, stable=True).indices

@@ -56,7 +56,7 @@ def targets(batch: Batch) -> torch.Tensor:
     return batch.labels[:, 1:].masked_fill(~real, -100)
 
 
-def _chunk_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def chunk_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     # logits [B, C, V] in the model dtype, target [B, C] -> NLL summed over the chunk per sequence [B] (float32)
     return F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none").sum(1)
 
@@ -107,7 +107,7 @@ def logits_nll(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.
     """(summed next-token NLL per sequence [B] float32, supervised token count per sequence [B]) of `logits`
     [B, T, V] computed for `batch`."""
     target = targets(batch)  # [B, T-1]
-    (nll,) = chunked(lambda z, t: (_chunk_nll(z, t),), logits, target)
+    (nll,) = chunked(lambda z, t: (chunk_nll(z, t),), logits, target)
     return nll, (target != -100).sum(1)
 
 

@@ -14,11 +14,13 @@ from functools import partial
 import torch
 from torch import nn
 
+from .compat import grouped_linear
+
 # hook(routing: Routing, h[S, I]) -> h'[S, I], once per grouped call (a layer, or a width bucket of ragged experts).
 # A hook may also define `on_output(routing, o[S, H]) -> o'`: it sees each row's expert output before the routing
 # weight multiplies it (expert-level statistics: REAP's norm, a mask on the expert's output).
 IntermediateHook = Callable[["Routing", torch.Tensor], torch.Tensor]
-HOOKS_ATTR = "_fmoe_hooks"  # a module's attached hooks, outermost first (see fmoe.compat.experts_hooks)
+HOOKS_ATTR = "_fmoe_hooks"  # a module's attached hooks, outermost first (see fmoe.model.hooks.experts_hooks)
 
 
 def attached_hooks(module: nn.Module) -> list[IntermediateHook]:
@@ -172,8 +174,6 @@ def grouped_experts(module: nn.Module, x: torch.Tensor, routing: Routing, hooks=
     described by its flags), one grouped matmul per projection; `hooks` see (and may replace) h = act(gate) * up,
     and those with `on_output` the expert output o [S, H]. With `x_up`, the up rows read x_up and the gate rows x
     (the up projection runs twice: compressed experts scale the two inputs differently)."""
-    from .compat import grouped_linear
-
     name = up_name(module)
     if x.shape[0] == 0:  # no rows, yet trainable: every parameter still joins the backward (zero gradients)
         touched = sum(p.sum() for p in expert_parameters(module, slice(None)).values())
@@ -351,7 +351,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def on_meta(model: nn.Module) -> bool:
-    """Does any parameter or buffer of `model` still lack storage (built by `fmoe.checkpoint.empty_model`, not yet
+    """Does any parameter or buffer of `model` still lack storage (built by `fmoe.model.checkpoint.empty_model`, not yet
     filled)?"""
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
@@ -374,7 +374,7 @@ def fingerprint(model: nn.Module) -> str:
 
 def fingerprint_of(model_type: str, samples: list[tuple[str, list[int], list[torch.Tensor]]]) -> str:
     """The fingerprint from (module name, expert widths, [first 64 values of its first and last parameter]) per
-    experts module, in model order: shared by `fingerprint` and checkpoints read without a model (fmoe.offline)."""
+    experts module, in model order: shared by `fingerprint` and checkpoints read without a model (fmoe.methods.offline)."""
     import hashlib
 
     digest = hashlib.sha256(model_type.encode())

@@ -6,7 +6,7 @@ Three domains, each a different capability:
   general     short stories followed by a question whose answer is in the story (in-context reading)
 
 Every record is {"prompt", "answer", "text"}: `text` = prompt + completion, where the completion ends with
-"#### <answer>" (see fmoe.tasks). Splits are disjoint by prompt. Facts are memorised by definition, so every fact
+"#### <answer>" (see fmoe.evaluation.tasks). Splits are disjoint by prompt. Facts are memorised by definition, so every fact
 appears in training (a short bio of each person and questions in two of three phrasings); validation and test ask
 each fact in the phrasing held out for it.
 """

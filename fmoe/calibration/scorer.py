@@ -11,9 +11,9 @@ Methods (higher = keep):
 - magnitude:  ||gate_j|| * ||up_j|| * ||down_j|| from the weights alone (no data).
 - compensated: the output error removing dim j alone costs once the expert's other dims are refit by least
               squares, ||down_j||^2 / [(G + lam I)^-1]_jj with G = sum h h^T over the expert's routed tokens (an
-              optimal-brain-surgeon saliency; fmoe.reconstruct.compensated), from one forward pass.
+              optimal-brain-surgeon saliency; fmoe.calibration.gram.compensated), from one forward pass.
 - random:     seeded uniform noise (a baseline).
-Criteria combine: "rank_mean(compensated, router)" averages each criterion's per-layer ranks (fmoe.scores); `score`
+Criteria combine: "rank_mean(compensated, router)" averages each criterion's per-layer ranks (fmoe.calibration.scores); `score`
 and every Scorer (so the Lightning calibration) take such a spec wherever they take a method name.
 Sums accumulate in float64 (float32 on MPS, which has none; returned as float32) whatever the model dtype; padding
 tokens never contribute. Inside `fmoe.masked` every method scores the masked model: masked dims score 0.
@@ -29,271 +29,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import on_meta
-from .compat import accumulation_dtype, experts_hooks
-from .experts import RaggedExperts, expert_widths, find_experts, fingerprint, num_experts, up_name
-from .loss import Batch, prepare_batch, sequence_nll
-from .prune import active_mask
-from .reconstruct import Gram, GramStatistics, compensated
+from ..model.experts import find_experts, fingerprint, on_meta
+from ..model.hooks import experts_hooks
+from .context import Context, frozen
+from .criteria import (DATA_METHODS, METHODS, check_scorable, grad_abs_scores, magnitude_scores, masked_zero,
+                       random_scores, scorer_criterion, sequence_losses)
+from .gram import Gram, GramStatistics, compensated
+from .loss import Batch, prepare_batch
 from .scores import Scores, combine, criterion_name, parse_criterion
 from .statistics import Statistics, StructureStatistics
 
 
-def sequence_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_n [B], supervised token count [B]): L_n is what the HF model returns as `.loss` for sequence n alone
-    (0, still in the graph, for a sequence with nothing supervised)."""
-    nll, counts = sequence_nll(model, batch)
-    return nll / counts.clamp(min=1), counts
-
-
-def _check_scorable(modules: dict[str, nn.Module]) -> None:
-    ragged = [name for name, m in modules.items() if isinstance(m, RaggedExperts)]
-    if ragged:
-        raise ValueError(f"cannot score ragged (non-uniformly pruned) experts {ragged[:3]}: score before pruning")
-
-
-def _zeros(modules: dict[str, nn.Module], device, dtype=None) -> dict[str, torch.Tensor]:
-    """Zero sums [E, I] per module: totals in the device's accumulation dtype by default (compat)."""
-    if dtype is None:
-        dtype = accumulation_dtype(device)
-    return {n: torch.zeros(num_experts(m), expert_widths(m)[0], device=device, dtype=dtype) for n, m in modules.items()}
-
-
-@contextmanager
-def frozen(model: nn.Module):
-    """Eval mode (no dropout or router jitter while measuring) and no weight gradients; both restored on exit."""
-    was_training = model.training
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in requires_grad.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
-class _Context:
-    """Per-batch facts the hooks need: which sequence each flattened token belongs to, and which are real."""
-
-    def set(self, batch: Batch) -> None:
-        b, t = batch.input_ids.shape
-        self.batch_size = b
-        self.sample_of_token = torch.arange(b, device=batch.input_ids.device).repeat_interleave(t)  # [B*T]
-        self.valid = batch.attention_mask.reshape(-1).bool()  # [B*T]
-
-    def real_rows(self, routing) -> torch.Tensor:
-        """[S] rows of a grouped call that are real tokens routed to a real expert."""
-        valid = self.valid[routing.tokens]
-        return valid if routing.real is None else valid & routing.real
-
-
-class Fisher:
-    """Per-sequence mask gradients squared and summed. A step's sums are held apart until `end_step` has seen that
-    every one is finite (a flag on the device, read once per step), then added to the float64 totals."""
-
-    needs_grad = True
-
-    def __init__(self, modules, device):
-        self.sums = _zeros(modules, device)
-        self.pending = _zeros(modules, device, torch.float32)
-        self.finite = torch.ones(len(modules), dtype=torch.bool, device=device)  # per module, this step
-        self.names = list(modules)
-        # dL_n/dm is the hooks' gradient times this: undoes a loss that is not the plain sum of sequence losses
-        # (a user's mean over the batch, gradient accumulation) and a GradScaler's loss scaling
-        self.gradient_scale = 1.0
-        # h + 0 leaves the forward unchanged; a Parameter so that the graph reaches h with every weight frozen and
-        # DDP sees a trainable parameter the forward uses (a scalar: its own gradient is one cheap sum)
-        self.anchors = {n: nn.Parameter(torch.zeros((), device=device)) for n in self.sums}
-
-    def hook(self, name: str, ctx: _Context):
-        anchor, index, pending = self.anchors[name], self.names.index(name), self.pending[name]
-
-        def on_intermediate(routing, h):  # h [S, I], rows sorted by expert
-            h_out = h + anchor.to(h.dtype)
-            saved = h.detach()
-            keep = ctx.real_rows(routing)[:, None]  # [S, 1] real tokens, real experts
-            pair = routing.experts * ctx.batch_size + ctx.sample_of_token[routing.tokens]  # [S] (expert, sequence)
-
-            def on_grad(g):  # g = dL/dh [S, I]
-                prod = torch.where(keep, saved.float() * g.float(), 0.0)  # [S, I]
-                per_pair = torch.zeros(pending.shape[0] * ctx.batch_size, prod.shape[1], device=prod.device)
-                per_pair.index_add_(0, pair, prod)  # dL_n/dm[e, j]  [E*B, I]
-                increment = (per_pair * self.gradient_scale).square().view(pending.shape[0], ctx.batch_size, -1)
-                increment = increment.sum(1)  # [E, I]
-                pending.add_(increment)
-                self.finite[index] &= torch.isfinite(increment).all()  # a device flag, read once per step
-
-            h_out.register_hook(on_grad)
-            return h_out
-
-        return on_intermediate
-
-    def bad_module(self) -> str | None:
-        """The first module whose gradients this step were not finite (a host sync: for error messages)."""
-        bad = (~self.finite).nonzero()
-        return self.names[int(bad[0])] if bad.numel() else None
-
-    def end_step(self, commit: bool) -> None:
-        """Add this step's sums to the totals (or drop them), and start the next step."""
-        for name, t in self.pending.items():
-            if commit:
-                self.sums[name] += t
-            t.zero_()
-        self.finite.fill_(True)
-        for anchor in self.anchors.values():
-            anchor.grad = None
-
-    def state(self):
-        return self.sums
-
-    def to(self, device):
-        self.sums = {n: t.to(device) for n, t in self.sums.items()}
-        self.pending = {n: t.to(device) for n, t in self.pending.items()}
-        self.finite = self.finite.to(device)
-
-    def result(self):
-        return self.sums
-
-
-class Activation:
-    needs_grad = False
-
-    def __init__(self, modules, device, weighted=False):
-        self.sums = _zeros(modules, device)
-        self.counts = {n: torch.zeros(t.shape[0], 1, device=device, dtype=t.dtype) for n, t in self.sums.items()}
-        self.weighted = weighted
-        self.repeat = False  # the next forward reruns a dropped step's batch, already counted (see end_step)
-
-    def hook(self, name, ctx):
-        def on_intermediate(routing, h):  # h [S, I], rows sorted by expert
-            if self.repeat:
-                return h
-            keep = ctx.real_rows(routing)[:, None]  # [S, 1]
-            a = h.detach().abs().to(self.sums[name].dtype)
-            if self.weighted:
-                a = a * routing.weights.detach().to(a.dtype)[:, None]
-            self.sums[name].index_add_(0, routing.experts, torch.where(keep, a, 0.0))
-            self.counts[name].index_add_(0, routing.experts, keep.to(self.counts[name].dtype))
-            return h
-
-        return on_intermediate
-
-    def end_step(self, commit: bool) -> None:
-        """After a step with a backward (beside Fisher): a dropped step's batch runs again and adds nothing then."""
-        self.repeat = not commit
-
-    def state(self):
-        return {**{f"sum/{n}": t for n, t in self.sums.items()}, **{f"count/{n}": t for n, t in self.counts.items()}}
-
-    def to(self, device):
-        self.sums = {n: t.to(device) for n, t in self.sums.items()}
-        self.counts = {n: t.to(device) for n, t in self.counts.items()}
-
-    def result(self):
-        if self.weighted:
-            return self.sums
-        return {n: s / self.counts[n].clamp(min=1) for n, s in self.sums.items()}
-
-
-def _gate_up_index(width: int, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    j = torch.arange(width)
-    if not module.has_gate:
-        return j, None
-    return (j, j + width) if module.is_concatenated else (2 * j, 2 * j + 1)
-
-
-def _per_dim(module: nn.Module, up: torch.Tensor, down: torch.Tensor, reduce) -> torch.Tensor:
-    """Reduce a weight-shaped pair (up [E,2I,H]-like, down [E,H,I]-like) to [E, I, parts] along H."""
-    width = expert_widths(module)[0]
-    up_h = reduce(up, 1 if module.is_transposed else 2)  # [E, 2I] or [E, I]
-    down_h = reduce(down, 2 if module.is_transposed else 1)  # [E, I]
-    gate_idx, up_idx = _gate_up_index(width, module)
-    parts = [up_h[:, gate_idx]] + ([up_h[:, up_idx]] if up_idx is not None else []) + [down_h]
-    return torch.stack(parts, dim=-1)
-
-
-def _masked_zero(modules, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Data-free scores of the model as `fmoe.masked` blocks open on it run it: masked dims score 0."""
-    out = {}
-    for name, t in tensors.items():
-        mask = active_mask(modules[name])
-        out[name] = t if mask is None else t * mask.to(t.device, t.dtype)
-    return out
-
-
-def magnitude_scores(modules) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, m in modules.items():
-        norms = _per_dim(m, getattr(m, up_name(m)).detach().float(), m.down_proj.detach().float(),
-                         lambda w, dim: w.norm(dim=dim))
-        out[name] = norms.prod(-1)
-    return out
-
-
-def random_scores(modules, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(num_experts(m), expert_widths(m)[0], generator=gen) for n, m in sorted(modules.items())}
-
-
-def _grad_abs(model, modules, batches, progress) -> tuple[dict, int, int]:
-    sums = {n: None for n in modules}
-    params = [getattr(m, p) for m in modules.values() for p in (up_name(m), "down_proj")]
-    for p in params:
-        p.requires_grad_(True)
-    samples = tokens = 0
-    device = next(model.parameters()).device
-    for raw in tqdm(batches, disable=not progress, desc="grad_abs"):
-        batch = prepare_batch(raw, device)
-        for n in range(batch.input_ids.shape[0]):
-            keep = batch.attention_mask[n].bool()  # drop padding: the sequence alone, as the release scores it
-            single = prepare_batch({"input_ids": batch.input_ids[n][keep], "labels": batch.labels[n][keep]}, device)
-            loss, count = sequence_losses(model, single)
-            if count.item() == 0:
-                continue
-            _check_finite(loss, "grad_abs")
-            grads = torch.autograd.grad(loss.sum(), params)
-            if not all(torch.isfinite(g).all() for g in grads):
-                raise FloatingPointError("non-finite weight gradient while scoring with 'grad_abs': scores would be "
-                                         "poisoned")
-            for i, (name, m) in enumerate(modules.items()):
-                hidden = grads[2 * i + 1].shape[2 if m.is_transposed else 1]  # down: [E, H, I] or [E, I, H]
-                per_dim = _per_dim(m, grads[2 * i].abs().float(), grads[2 * i + 1].abs().float(),
-                                   lambda w, dim: w.sum(dim=dim))
-                score = per_dim.sum(-1) / (per_dim.shape[-1] * hidden)  # mean |grad| over the dim's slices
-                sums[name] = score if sums[name] is None else sums[name] + score
-            samples += 1
-            tokens += int(count.item())
-    if samples == 0:
-        raise ValueError("no calibration sample with a supervised token: nothing to score")
-    return {n: s / samples for n, s in sums.items()}, samples, tokens
-
-
-def _check_finite(loss: torch.Tensor, method: str) -> None:
-    if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"non-finite calibration loss while scoring with {method!r}: scores would be poisoned")
-
-
-DATA_METHODS = {"fisher": Fisher, "activation": Activation, "router": lambda m, d: Activation(m, d, weighted=True)}
-METHODS = ("fisher", "grad_abs", "activation", "router", "magnitude", "random", "compensated")
-PASS_METHODS = tuple(m for m in METHODS if m != "grad_abs")  # what a Scorer measures, together, in one pass
-
-
-def scorer_criterion(spec: str) -> tuple[str | None, tuple[str, ...]]:
-    """(combiner or None, criteria) of a spec a Scorer runs: any method or combination but grad_abs."""
-    combiner, criteria = parse_criterion(spec, METHODS)
-    if "grad_abs" in criteria:
-        raise ValueError(f"{spec!r}: grad_abs takes weight gradients one sequence at a time, which fmoe.score runs "
-                         f"and a Scorer (the Lightning calibration) does not; valid here: {', '.join(PASS_METHODS)} "
-                         "and their combinations")
-    return combiner, criteria
-
-
 class Scorer:
     """Step-wise accumulation of a criterion: any method but grad_abs, or a combination of them (see
-    `fmoe.scores.parse_criterion`), every criterion of a combination measured in the same pass. `score()` and the
+    `fmoe.calibration.scores.parse_criterion`), every criterion of a combination measured in the same pass. `score()` and the
     Lightning layer both drive it, so there is one implementation of each criterion.
 
         scorer = Scorer(model, "fisher")
@@ -303,9 +52,9 @@ class Scorer:
         scores = scorer.result()
 
     Lightning hooks that cannot hold a `with` block call `attach()` and `detach()` instead. With `structure`, the
-    same pass also measures the expert- and layer-level statistics of fmoe.statistics (`statistics()`); their sums
+    same pass also measures the expert- and layer-level statistics of fmoe.calibration.statistics (`statistics()`); their sums
     join `state()` under "structure/" keys, so rank reduction and checkpoints cover them. With `gram`, the same
-    pass gathers the per-expert Gram sums of fmoe.reconstruct (`gram()`), under "gram/" keys (compensated scores
+    pass gathers the per-expert Gram sums of fmoe.calibration.gram (`gram()`), under "gram/" keys (compensated scores
     come from such sums too). Criteria that read weights (compensated, magnitude) read the model the scorer was made
     with: `use` switches only the module the batches run through.
     """
@@ -315,7 +64,7 @@ class Scorer:
         self.combiner, self.criteria = scorer_criterion(method)
         self.model, self.method, self.seed = model, criterion_name(self.combiner, self.criteria), seed
         self.modules = self.weights = find_experts(model)
-        _check_scorable(self.modules)
+        check_scorable(self.modules)
         empty = on_meta(model)  # an empty (meta) model has no weights to fingerprint
         self.fingerprint = None if empty else fingerprint(model)
         self.device = torch.device("cpu") if empty else next(model.parameters()).device
@@ -325,7 +74,7 @@ class Scorer:
                                              gradient_scale=lambda: self.gradient_scale) if structure else None
         self.gathers_gram = gram
         self.grams = Gram(self.modules, self.device) if gram or "compensated" in self.criteria else None
-        self.ctx = _Context()
+        self.ctx = Context()
         self.samples = self.tokens = 0
         self._stack: ExitStack | None = None
 
@@ -502,7 +251,7 @@ class Scorer:
             tensors = magnitude_scores(self.weights)
         else:
             tensors = random_scores(self.weights, self.seed)
-        return _masked_zero(self.weights, tensors)
+        return masked_zero(self.weights, tensors)
 
     def statistics(self) -> Statistics:
         """The expert- and layer-level statistics of the pass (a Scorer made with `structure=True`)."""
@@ -536,7 +285,7 @@ def score(
     `batches` yields dicts with `input_ids` [B, T] and optionally `attention_mask` and `labels` (-100 ignored;
     default: the non-padding tokens). Model weights are left untouched and their requires_grad restored.
     `method` may combine methods ("rank_mean(compensated, router)"): their scores come from one pass (a Scorer) and
-    are combined (fmoe.scores.COMBINERS); a combination with grad_abs scores each criterion on a pass of its own.
+    are combined (fmoe.calibration.scores.COMBINERS); a combination with grad_abs scores each criterion on a pass of its own.
     `method` records the spec.
     """
     combiner, criteria = parse_criterion(method, METHODS)
@@ -549,17 +298,17 @@ def score(
                              "re-iterable), not an iterator")
         return combine(combiner, [score(model, batches, c, seed=seed, progress=progress) for c in criteria])
     modules = find_experts(model)
-    _check_scorable(modules)
+    check_scorable(modules)
     meta = {"model_type": getattr(model.config, "model_type", None)}
     fp = fingerprint(model)
     if method == "magnitude":
-        return Scores(_masked_zero(modules, magnitude_scores(modules)), method, fp, meta=meta)
+        return Scores(masked_zero(modules, magnitude_scores(modules)), method, fp, meta=meta)
     if method == "random":
-        return Scores(_masked_zero(modules, random_scores(modules, seed)), method, fp, meta={**meta, "seed": seed})
+        return Scores(masked_zero(modules, random_scores(modules, seed)), method, fp, meta={**meta, "seed": seed})
     if method != "grad_abs":  # the data criteria, compensated included: one Scorer pass
         return _score_pass(model, batches, method, seed, progress)
     with frozen(model):
-        tensors, samples, tokens = _grad_abs(model, modules, _needed(batches, method), _shows(progress))
+        tensors, samples, tokens = grad_abs_scores(model, modules, _needed(batches, method), _shows(progress))
     return Scores({n: t.float().cpu() for n, t in tensors.items()}, method, fp, samples, tokens, meta)
 
 

@@ -8,25 +8,23 @@ over to the dropped model, so a dims plan (`fmoe.make_plan`) can follow without 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .compat import (EXPERT_COUNT_FIELDS, TOP2_GROUP_ROUTERS, TWO_PICK_ROUTERS, cut_router, ensure_aligned_implementation,
-                     family_class, has_hooks, moe_layers, own_config, router_groups, select_rows,
-                     support_uneven_expert_counts)
-from .compressed import VECTORS
-from .experts import (RaggedExperts, expert_parameters, expert_widths, find_experts, fingerprint, num_experts,
-                      on_meta, replace_module, up_name)
-from .io import read_json, write_json
-from .plan import _ranked
-from .prune import WIDTHS_FIELD, record_widths
-from .scores import Scores
+from ..calibration.scores import Scores, ranked
+from ..io import read_json, write_json
+from ..model.compat import EXPERT_COUNT_FIELDS, TOP2_GROUP_ROUTERS, TWO_PICK_ROUTERS, own_config, router_groups
+from ..model.experts import RaggedExperts, expert_parameters, find_experts, fingerprint, num_experts, on_meta
+from ..model.hooks import ensure_aligned_implementation, has_hooks
+from ..model.layers import moe_layers
+from ..model.structure import EXPERT_COUNTS_FIELD, WIDTHS_FIELD, record_widths, select_experts
+from .registry import Method, check_choices, register
 
-EXPERT_COUNTS_FIELD = "fmoe_expert_counts"  # config field {experts module name: kept count} when counts differ
 SCOPES = ("layer", "global")
 NORMALIZATIONS = ("mean", "none")
 
@@ -41,6 +39,10 @@ class ExpertPlan:
     fingerprint: str
     meta: dict = field(default_factory=dict)  # criterion, scope, normalize, ratio, count, achieved
     FORMAT: ClassVar[str] = "fmoe.ExpertPlan/1"
+
+    def carry_scores(self, scores: Scores, model: nn.Module) -> Scores:
+        """The dim scores of the experts this plan keeps, for `model` once the plan dropped the others."""
+        return select_scores(scores, self, model)
 
     def kept_counts(self) -> dict[str, int]:
         return {name: len(ids) for name, ids in self.keep.items()}
@@ -114,13 +116,13 @@ def _layer_keep(name: str, scores: torch.Tensor, drop: int, groups: tuple[int, i
     if drop >= total:
         raise ValueError(f"{name}: dropping {drop} of {total} experts leaves the layer no expert")
     if groups is None:
-        return sorted(_ranked(scores)[: total - drop].tolist())
+        return sorted(ranked(scores)[: total - drop].tolist())
     n_group = groups[0]
     if drop % n_group:
         raise ValueError(f"{name}: its router is group-limited ({n_group} groups) and drops the same number of "
                          f"experts from every group, so the count per layer must divide by {n_group}, got {drop}")
     size, per = total // n_group, drop // n_group
-    kept = [g * size + _ranked(scores[g * size:(g + 1) * size])[: size - per] for g in range(n_group)]
+    kept = [g * size + ranked(scores[g * size:(g + 1) * size])[: size - per] for g in range(n_group)]
     return sorted(torch.cat(kept).tolist())
 
 
@@ -263,80 +265,6 @@ def drop_experts(model: nn.Module, plan: ExpertPlan) -> nn.Module:
     return model
 
 
-def select_experts(model: nn.Module, keep: dict[str, list[int]]) -> None:
-    """Cut every listed MoE layer to experts keep[name] (ascending ids): expert tensors, router rows and biases,
-    expert counts and top_k of router, block and experts module. Works on the meta device (checkpoint rebuilds)."""
-    layers = moe_layers(model)
-    for name, ids in keep.items():
-        layer, index = layers[name], torch.tensor(ids, dtype=torch.long)
-        experts = model.get_submodule(name)
-        if isinstance(experts, RaggedExperts):
-            experts = _select_ragged(model, name, experts, ids)
-        else:  # fused experts (and compressed experts' per-expert vectors)
-            _select_params(experts, index, [up_name(experts), "down_proj", *VECTORS])
-        router, block = model.get_submodule(layer.router), model.get_submodule(layer.block)
-        cut_router(router, index)
-        for module in (router, block, experts):
-            if isinstance(getattr(module, "num_experts", None), int):
-                module.num_experts = len(ids)
-            if isinstance(getattr(module, "top_k", None), int):
-                module.top_k = min(module.top_k, len(ids))
-    if len({num_experts(m) for m in find_experts(model).values()}) > 1:  # the stock load-balancing loss needs one
-        support_uneven_expert_counts(model)
-
-
-def _select_params(module: nn.Module, index: torch.Tensor, keys: list[str]) -> None:
-    """Parameters `keys` (and their `_bias`, where present) of `module` cut to `index` along the expert axis."""
-    for key in keys + [f"{k}_bias" for k in keys]:
-        select_rows(module, key, index)
-
-
-def _select_ragged(model: nn.Module, name: str, ragged: RaggedExperts, ids: list[int]) -> nn.Module:
-    """Ragged experts cut to `ids`: their width buckets cut in place, or, when the kept experts share one width,
-    the stock module they were cut from (what `fmoe.prune.apply_widths` builds for uniform widths)."""
-    position = {e: i for i, e in enumerate(ids)}
-    buckets, bucket_ids = [], []
-    for bucket, members in zip(ragged.buckets, ragged.bucket_ids, strict=True):
-        local = [i for i, e in enumerate(members) if e in position]
-        if local:
-            _select_params(bucket, torch.tensor(local), [up_name(bucket), "down_proj"])
-            buckets.append(bucket)
-            bucket_ids.append([position[members[i]] for i in local])
-    widths = [ragged.widths[e] for e in ids]
-    if len(buckets) > 1:
-        ragged.buckets, ragged.bucket_ids, ragged.widths = nn.ModuleList(buckets), bucket_ids, widths
-        ragged.num_experts, ragged._order = len(ids), {}
-        return ragged
-    block = model.get_submodule(name.rpartition(".")[0])
-    stock_class = family_class(block, ragged.stock_class)
-    with torch.device("meta"):
-        stock = stock_class(ragged.config)
-    for key, p in buckets[0]._parameters.items():
-        stock._parameters[key] = p
-    stock.num_experts = len(ids)
-    for attr in ("intermediate_dim", "intermediate_size"):
-        if isinstance(getattr(stock, attr, None), int):
-            setattr(stock, attr, widths[0])
-    replace_module(model, name, stock)
-    return stock
-
-
-def rebuild_expert_counts(model: nn.Module, config=None) -> nn.Module:
-    """Cut a freshly built model (meta device) to the per-layer expert counts its config records
-    (`fmoe_expert_counts`, written when layers keep different numbers); a no-op without that field."""
-    config = model.config if config is None else config
-    counts = getattr(config, EXPERT_COUNTS_FIELD, None) or {}
-    if not counts:
-        return model
-    modules = find_experts(model)
-    wrong = [n for n, k in counts.items() if n not in modules or not 0 < int(k) <= num_experts(modules[n])]
-    if wrong:
-        raise ValueError(f"{EXPERT_COUNTS_FIELD} names experts modules the model does not have, or counts that do "
-                         f"not fit: {wrong[:3]}; the model's modules are {sorted(modules)[:3]}...")
-    select_experts(model, {name: list(range(int(k))) for name, k in counts.items()})
-    return model
-
-
 def select_scores(scores: Scores, plan: ExpertPlan, model: nn.Module) -> Scores:
     """The dim scores ([E, I] per module) of the experts `plan` keeps, fingerprinted for `model` (dropped by that
     plan), so a dims plan can follow an expert drop without a second calibration."""
@@ -350,3 +278,28 @@ def select_scores(scores: Scores, plan: ExpertPlan, model: nn.Module) -> Scores:
     tensors = {name: t[torch.tensor(plan.keep[name])].contiguous() for name, t in scores.tensors.items()}
     meta = {**scores.meta, "experts_kept": plan.keep}
     return Scores(tensors, scores.method, fingerprint(model), scores.samples, scores.tokens, meta)
+
+
+def _experts(criterion: str) -> Callable:
+    def plan(model, calibration, amount=None, scope="layer", count=None, normalize="mean"):
+        statistics = calibration.need("statistics", criterion, model)
+        if criterion not in statistics.experts:
+            raise ValueError(f"expert criterion {criterion!r} was not measured (measured: "
+                             f"{', '.join(statistics.experts)}; expert Fisher needs a pass with a backward)")
+        return plan_experts(model, statistics.experts[criterion], ratio=None if count is not None else amount,
+                            count=count, scope=scope, normalize=normalize, criterion=criterion)
+
+    return plan
+
+
+def _check(name: str):
+    return lambda amount, **options: check_choices(name, options, scope=SCOPES, normalize=NORMALIZATIONS)
+
+
+for _name, _criterion, _about in [
+    ("expert_drop", "router", "drop experts with the lowest mean routing probability"),
+    ("expert_frequency", "frequency", "drop the experts routed the fewest tokens"),
+    ("reap", "reap", "drop experts with the lowest mean routing weight x output norm (REAP)"),
+    ("expert_fisher", "fisher", "drop experts with the lowest expert-level Fisher"),
+]:
+    register(_name, Method(_experts(_criterion), drop_experts, ExpertPlan, "statistics", _about, check=_check(_name)))

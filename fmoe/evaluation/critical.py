@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .scores import Scores
+from ..calibration.scores import Scores
 
 Dims = dict[str, list[torch.Tensor]]  # {experts module name: [dims of expert e (ascending)]}
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
-from .io import read_json, write_json
-from .scores import Scores
+from ...calibration.scores import Scores, ranked
+from ...io import read_json, write_json
+from ...model.experts import expert_widths, find_experts, fingerprint, on_meta
+from ...model.structure import CompressedExperts
 
 SCOPES = ("expert", "layer", "global")
 ROUNDING_WARNING = 0.05  # a plan further than this from its ratio (rounding to multiple_of) says so
@@ -253,11 +256,6 @@ def _assign(mass: torch.Tensor, levels: list[int], unit: int, budget: int) -> tu
     return gap, kept, assigned
 
 
-def _ranked(values: torch.Tensor) -> torch.Tensor:
-    """Indices by descending score, ties broken by ascending index (deterministic)."""
-    return torch.sort(values, descending=True, stable=True).indices
-
-
 def check_options(ratio: float, scope: str = "layer", multiple_of: int = 16, min_width: int | None = None,
                   normalize: str = "mean", max_widths: int | None = 4) -> int:
     """Refuse options make_plan would refuse (no scores needed, so a run can check them first); the min_width used."""
@@ -324,7 +322,7 @@ def make_plan(
             flat = torch.cat([tensors[n].reshape(-1) for n in names])
             n_keep = round(flat.numel() * (1 - ratio))
             chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-            chosen[_ranked(flat)[:n_keep]] = True
+            chosen[ranked(flat)[:n_keep]] = True
             targets, fulls, offset = [], [], 0
             for n in names:
                 size = tensors[n].numel()
@@ -337,7 +335,7 @@ def make_plan(
         if max_widths is not None:
             widths = {n: limit_widths(tensors[n], ws, max_widths, multiple_of, min_width) for n, ws in widths.items()}
 
-    keep = {name: [torch.sort(_ranked(t[e])[:w]).values for e, w in enumerate(widths[name])]
+    keep = {name: [torch.sort(ranked(t[e])[:w]).values for e, w in enumerate(widths[name])]
             for name, t in tensors.items()}
     meta = dict(ratio=ratio, scope=scope, method=scores.method, multiple_of=multiple_of, min_width=min_width,
                 normalize=normalize, max_widths=max_widths)
@@ -350,7 +348,44 @@ def make_plan(
                       f"{sorted({t.shape[1] for t in tensors.values()})} wide; lower multiple_of/min_width to get "
                       "closer", stacklevel=2)
     if model is not None:
-        from .prune import check_plan
-
         check_plan(model, plan)
     return plan
+
+
+def check_plan(model: nn.Module, plan: PruningPlan) -> dict[str, nn.Module]:
+    """The model's experts modules, after checking the plan was made for exactly this model. An empty (meta)
+    model has no weights to fingerprint (a non-zero rank's under FSDP2, whose plan rank 0 checked): widths only."""
+    modules = find_experts(model)
+    compressed = [name for name, m in modules.items() if isinstance(m, CompressedExperts)]
+    if compressed:
+        raise ValueError(f"cannot prune the dims of compressed experts ({compressed[0]}): their trained vectors have "
+                         "the experts' width; prune dims first, then compress")
+    fp = plan.fingerprint if on_meta(model) else fingerprint(model)
+    check_plan_fits(plan, {name: expert_widths(m) for name, m in modules.items()}, fp)
+    return modules
+
+
+def check_plan_fits(plan: PruningPlan, widths: dict[str, list[int]], fp: str) -> None:
+    """The plan was made for experts of these widths and this fingerprint, and keeps valid dims (no model needed)."""
+    if plan.widths != widths:
+        raise ValueError(
+            "plan does not fit this model: it was made for experts "
+            f"{_summary(plan.widths)}, the model has {_summary(widths)}"
+        )
+    if plan.fingerprint != fp:
+        raise ValueError(f"plan was made from scores of another model (fingerprint {plan.fingerprint} != {fp})")
+    missing, unknown = sorted(set(widths) - set(plan.keep)), sorted(set(plan.keep) - set(widths))
+    if missing or unknown:
+        raise ValueError(f"plan keeps no dims for experts modules {missing[:3]} (a plan lists the kept dims of every "
+                         "experts module; list all of a module's dims to leave it whole)" if missing else
+                         f"plan names experts modules the model does not have: {unknown[:3]}")
+    for name, keeps in plan.keep.items():
+        if len(keeps) != len(widths[name]):
+            raise ValueError(f"plan keeps dims for {len(keeps)} experts of {name}, which has {len(widths[name])}")
+        for e, keep in enumerate(keeps):
+            if keep.numel() == 0 or keep.min() < 0 or keep.max() >= widths[name][e] or not bool((keep.diff() > 0).all()):
+                raise ValueError(f"plan keeps invalid dims for {name} expert {e}: need ascending, unique, in range")
+
+
+def _summary(widths: dict[str, list[int]]) -> str:
+    return f"{len(widths)} modules, e.g. {next(iter(widths.items()), None)}"
