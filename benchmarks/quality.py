@@ -26,7 +26,7 @@ from fmoe import toy
 from fmoe.evaluation.critical import keep_except, random_dims, top_dims
 from fmoe.lightning.recovery import LoRARecovery
 from fmoe.methods.dims.plan import SCOPES
-from fmoe.calibration.criteria import METHODS
+from fmoe.calibration.criteria import CRITERIA
 from fmoe.evaluation.tasks import accuracy, load_tasks
 
 RANDOM_SEEDS = (0, 1, 2)
@@ -62,7 +62,7 @@ def toy_setup(model_dir: str, calibrate: str, n_calibration: int, batch_size: in
 
 
 def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_calibration: int = 256,
-         batch_size: int = 16, criteria: list[str] = list(METHODS), scopes: list[str] = list(SCOPES),
+         batch_size: int = 16, criteria: list[str] = list(CRITERIA), scopes: list[str] = list(SCOPES),
          ratios: list[float] = [0.25, 0.5, 0.75], ks: list[int] = [1, 4, 12, 32, 128], lora_steps: int = 100,
          lora_r: int = 8, lora_lr: float = 1e-3, split: str = "test", limit: int | None = None,
          out: str = "docs/quality", seed: int = 0, threads: int = 2) -> dict:
@@ -74,14 +74,14 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
     print(f"dense {results['dense']}", flush=True)
     scores = {m: fmoe.score(model, calib, m, seed=seed, progress=False) for m in criteria}
 
-    for method in criteria:
+    for criterion in criteria:
         for scope in scopes:
             for ratio in ratios:
                 # multiple_of=1: every criterion and scope removes exactly the same number of dims; unbounded widths
                 # per layer (benchmarks/max_widths.py measures what bounding them costs)
-                plan = fmoe.make_plan(scores[method], ratio, scope, multiple_of=1, max_widths=None, model=model)
+                plan = fmoe.make_plan(scores[criterion], ratio, scope, multiple_of=1, max_widths=None, model=model)
                 with fmoe.masked(model, plan):
-                    row = {"criterion": method, "scope": scope, "ratio": ratio, "lora": False, **acc(model)}
+                    row = {"criterion": criterion, "scope": scope, "ratio": ratio, "lora": False, **acc(model)}
                 results["sweep"].append(row)
                 print(row, flush=True)
                 if lora_steps > 0:
@@ -91,11 +91,11 @@ def main(model_dir: str = str(toy.TOY_DIR), calibrate: str = "arithmetic", n_cal
 
     any_scores = scores[criteria[0]]
     for k in ks:
-        for method in criteria:
-            if method == "random":
+        for criterion in criteria:
+            if criterion == "random":
                 continue
-            with fmoe.masked(model, keep_except(scores[method], top_dims(scores[method], k))):
-                row = {"criterion": method, "k": k, **acc(model)}
+            with fmoe.masked(model, keep_except(scores[criterion], top_dims(scores[criterion], k))):
+                row = {"criterion": criterion, "k": k, **acc(model)}
             results["critical"].append(row)
             print(row, flush=True)
         runs = []

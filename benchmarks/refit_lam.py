@@ -36,7 +36,7 @@ def main(model_dir: str = str(toy.TOY_DIR), sizes: list[int] = [2, 8, 16, 32, 64
     files = toy.corpus_files(config)
     calib = toy.batches(tokenizer, toy.interleaved(files, "train", None)[: max(sizes)], 1)  # one sequence per batch
     held = {s: toy.batches(tokenizer, toy.interleaved(files, s, limit), batch_size) for s in ("val", "test")}
-    plan = fmoe.make_plan(fmoe.score(model, method=method), ratio, "layer", model=model)
+    plan = fmoe.make_plan(fmoe.score(model, criterion=method), ratio, "layer", model=model)
     plain = fmoe.prune(copy.deepcopy(model), plan)
     results = {"method": method, "ratio": ratio, "limit": limit, "kept_widths": plan.kept_widths(),
                "dense": {s: corpus_nll(model, b) for s, b in held.items()},

@@ -20,7 +20,7 @@ warm-up (synchronised on GPU). Peak memory of a measured part is the peak above 
 on CPU the resident set (VmHWM reset through /proc/self/clear_refs, minus VmRSS before), on GPU
 torch.cuda.max_memory_allocated after reset_peak_memory_stats.
 
-- Fisher step: fmoe.calibration.scorer.Scorer(method="fisher").step (fmoe's experts forward + hooks, weights frozen).
+- Fisher step: fmoe.calibration.scorer.Scorer(criterion="fisher").step (fmoe's experts forward + hooks, weights frozen).
 - Floor: the same loss and one backward with weights frozen and no fmoe hooks (stock experts forward); the
   embeddings' output requires grad so the backward runs through the whole network.
 - Train: the same loss, every weight trainable, forward + backward with weight gradients (freed after each step;

@@ -8,7 +8,7 @@ distillation, distributed runs) -> `evaluation`; `toy` is the shipped toy MoE, `
 
 from . import _aliases, methods
 from .calibration.scorer import score
-from .calibration.criteria import METHODS
+from .calibration.criteria import CRITERIA, METHODS
 from .calibration.scores import Scores
 from .calibration.statistics import Statistics
 from .methods.compressed import compress_experts
@@ -24,11 +24,11 @@ from .model.checkpoint import from_pretrained, save_pretrained
 from .model.experts import RaggedExperts, find_experts, fingerprint
 
 __all__ = [
-    "METHODS", "Calibration", "DropPlan", "ExpertPlan", "PruningPlan", "RaggedExperts", "Scores", "Statistics",
-    "active_parameters", "apply_plan", "calibrate", "compress", "compress_experts", "drop_experts", "find_experts",
-    "fingerprint", "from_pretrained", "load_plan", "make_plan", "masked", "measure", "methods", "plan_block_drop",
-    "plan_experts", "plan_layer_drop", "prune", "prune_checkpoint", "prune_iteratively", "reconstruct",
-    "save_pretrained", "score", "score_checkpoint", "weight_bytes",
+    "CRITERIA", "METHODS", "Calibration", "DropPlan", "ExpertPlan", "PruningPlan", "RaggedExperts", "Scores",
+    "Statistics", "active_parameters", "apply_plan", "calibrate", "compress", "compress_experts", "drop_experts",
+    "find_experts", "fingerprint", "from_pretrained", "load_plan", "make_plan", "masked", "measure", "methods",
+    "plan_block_drop", "plan_experts", "plan_layer_drop", "prune", "prune_checkpoint", "prune_iteratively",
+    "reconstruct", "save_pretrained", "score", "score_checkpoint", "weight_bytes",
 ]
 __version__ = "0.1.0"
 _aliases.install()

@@ -1,10 +1,13 @@
-"""The module paths of fmoe's earlier flat layout (`fmoe.scoring`, `fmoe.plan`, ...), kept importable with a
-DeprecationWarning: each resolves to the module that holds its code now. `fmoe.prune` and `fmoe.reconstruct` are
-the functions (importing a module under those names would replace them): their modules are fmoe.methods.dims.prune
-and fmoe.methods.dims.refit."""
+"""Earlier names, kept working with a DeprecationWarning: the module paths of fmoe's earlier flat layout
+(`fmoe.scoring`, `fmoe.plan`, ...), each resolving to the module that holds its code now; names that moved or were
+renamed (`moved_name`); keyword arguments and attributes that were renamed (`renamed`, `renamed_attribute`: the
+scoring criterion was `method`, the share removed `ratio`). `fmoe.prune` and `fmoe.reconstruct` are the functions
+(importing a module under those names would replace them): their modules are fmoe.methods.dims.prune and
+fmoe.methods.dims.refit."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.util
@@ -34,7 +37,10 @@ MOVED = {  # old module -> new module
     "fmoe.data": "fmoe.lightning.data",
 }
 
-NAMES_MOVED = {("fmoe.evaluation", "toy_tasks_dir"): "fmoe.toy"}  # (package, name) -> where the name is now
+NAMES_MOVED = {  # (module, old name) -> the name now, module included
+    ("fmoe.evaluation", "toy_tasks_dir"): "fmoe.toy.toy_tasks_dir",
+    ("fmoe.methods.dims.iterative", "step_ratios"): "fmoe.methods.dims.iterative.step_amounts",
+}
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -66,8 +72,45 @@ def old_module(name: str):
 
 
 def moved_name(package: str, name: str):
-    """`package.name` of the old layout that lives elsewhere now, with a DeprecationWarning."""
+    """`package.name`, an earlier name of what NAMES_MOVED says it is now, with a DeprecationWarning."""
     if (package, name) not in NAMES_MOVED:
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
-    warnings.warn(f"{package}.{name} moved to {NAMES_MOVED[package, name]}.{name}", DeprecationWarning, stacklevel=3)
-    return getattr(importlib.import_module(NAMES_MOVED[package, name]), name)
+    now = NAMES_MOVED[package, name]
+    warnings.warn(f"{package}.{name} is now {now}", DeprecationWarning, stacklevel=3)
+    module, _, new = now.rpartition(".")
+    return getattr(importlib.import_module(module), new)
+
+
+def renamed(**old_to_new: str):
+    """Decorate a function (or a class: its __init__) whose keyword arguments were renamed, `old="new"`: the old
+    keyword still works, with a DeprecationWarning."""
+
+    def decorate(target):
+        if isinstance(target, type):
+            target.__init__ = decorate(target.__init__)
+            return target
+        name = target.__qualname__.removesuffix(".__init__")
+
+        @functools.wraps(target)
+        def accepting_old_names(*args, **kwargs):
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{name}() got both {old}= and {new}=, which is its earlier name")
+                    warnings.warn(f"{name}({old}=...) is deprecated: use {new}=", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return target(*args, **kwargs)
+
+        return accepting_old_names
+
+    return decorate
+
+
+def renamed_attribute(old: str, new: str) -> property:
+    """A read-only attribute `old`, the earlier name of attribute `new`, with a DeprecationWarning."""
+
+    def read(self):
+        warnings.warn(f"{type(self).__name__}.{old} is deprecated: use .{new}", DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+    return property(read, doc=f"Deprecated: `{new}`.")

@@ -6,7 +6,7 @@
     python tests/ddp_calibrate.py OUT_DIR user    # FisherScoring + pruning in a user's training, DDP and FSDP2
     python tests/ddp_calibrate.py OUT_DIR recover # DDP calibration + pruning, then LoRA recovery under DDP
     python tests/ddp_calibrate.py OUT_DIR resume [fsdp2]  # stop mid-epoch 2 (step 3 of 4), resume to 2 epochs
-    python tests/ddp_calibrate.py OUT_DIR activation  # DDP with a method that runs no backward
+    python tests/ddp_calibrate.py OUT_DIR activation  # DDP with a criterion that runs no backward
     python tests/ddp_calibrate.py OUT_DIR accuracy STRATEGY  # evaluation of the toy model: perplexity + exact match
     python tests/ddp_calibrate.py OUT_DIR ranks   # TP=2 scores, an unsupervised rank, uneven data, a NaN on one rank
     python tests/ddp_calibrate.py OUT_DIR methods # ExpertPruning under DDP, BlockDropping under FSDP2
@@ -264,7 +264,7 @@ def reconstruct(out: Path) -> None:
     """DDP calibration gathering Gram sums, then pruning and the refit on every rank: each rank's weights."""
     import torch
 
-    module = CalibrationModule(tiny_model("qwen3_moe"), method="activation")
+    module = CalibrationModule(tiny_model("qwen3_moe"), criterion="activation")
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out, reconstruct=True)
     trainer = two_cpus(strategy="ddp", max_epochs=1, callbacks=[pruning], default_root_dir=out)
     trainer.fit(module, DataLoader(sequences(), batch_size=2))
@@ -279,7 +279,7 @@ if __name__ == "__main__":
         stages[kind](out, *sys.argv[3:])
         close()
         sys.exit()
-    module = CalibrationModule(tiny_model("qwen3_moe"), method="fisher" if kind != "activation" else "activation",
+    module = CalibrationModule(tiny_model("qwen3_moe"), criterion="fisher" if kind != "activation" else "activation",
                                structure=kind != "recover")
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out)
     trainer = two_cpus(strategy=fsdp2() if kind == "fsdp2" else "ddp", max_epochs=1, callbacks=[pruning],

@@ -95,7 +95,7 @@ def test_fused_format_roundtrips_unpruned_models_and_dtype(tmp_path):
 
 def test_unaligned_uniform_export_runs_after_loading(tmp_path):
     model = tiny_model("mixtral")
-    plan = fmoe.make_plan(fmoe.score(model, method="magnitude"), 0.6, "expert", multiple_of=1)
+    plan = fmoe.make_plan(fmoe.score(model, criterion="magnitude"), 0.6, "expert", multiple_of=1)
     with pytest.warns(UserWarning, match="batched_mm"):
         fmoe.prune(model, plan)
     fmoe.save_pretrained(model, tmp_path / "m")

@@ -208,7 +208,7 @@ def test_masking_and_scoring_hooks_see_the_scaled_activation():
         for m in fmoe.find_experts(model).values():
             m.compress_act[:, 1::2] = 0  # every token's mixed c2 is zero on the dropped dims
     torch.testing.assert_close(masked, logits(model, batch))
-    scores = fmoe.score(model, [batch], method="activation")  # measures h after the vectors scaled it
+    scores = fmoe.score(model, [batch], criterion="activation")  # measures h after the vectors scaled it
     assert set(scores.tensors) == set(fmoe.find_experts(model))
     assert all(bool((t[..., 1::2] == 0).all()) and bool((t[..., ::2] > 0).any()) for t in scores.tensors.values())
 
@@ -232,7 +232,7 @@ def test_refusals_are_clear():
 
 def test_pruning_dims_of_compressed_experts_is_refused():
     model = tiny_model("olmoe")
-    plan = fmoe.make_plan(fmoe.score(model, method="magnitude"), 0.5, "layer", multiple_of=8, model=model)
+    plan = fmoe.make_plan(fmoe.score(model, criterion="magnitude"), 0.5, "layer", multiple_of=8, model=model)
     compress_experts(model)
     with pytest.raises(ValueError, match="prune dims first, then compress"):
         fmoe.prune(model, plan)

@@ -39,7 +39,7 @@ def test_a_device_without_float64_calibrates_in_float32(tmp_path, monkeypatch):
     reference = fmoe.score(model, [torch.utils.data.default_collate(data[i:i + 4]) for i in (0, 4)])
     monkeypatch.setattr(compat, "NO_FLOAT64_DEVICES", ("cpu",), raising=False)
     assert compat.accumulation_dtype("cpu") == torch.float32
-    module = CalibrationModule(model, method="fisher", structure=True, gram=True)
+    module = CalibrationModule(model, criterion="fisher", structure=True, gram=True)
     with NoFloat64():
         calibration = fmoe.calibrate(model, make_batches(), "fisher")
         trainer(tmp_path).fit(module, DataLoader(data, batch_size=4))

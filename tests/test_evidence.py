@@ -49,8 +49,8 @@ def test_a_few_top_fisher_dims_carry_arithmetic_but_not_facts(setup):
 def test_at_half_the_dims_fisher_with_layer_scope_keeps_arithmetic(setup):
     model, scores, acc = setup
 
-    def at_half(method, scope):
-        return acc("arithmetic", fmoe.make_plan(scores[method], 0.5, scope, multiple_of=1, model=model))
+    def at_half(criterion, scope):
+        return acc("arithmetic", fmoe.make_plan(scores[criterion], 0.5, scope, multiple_of=1, model=model))
 
     fisher_layer = at_half("fisher", "layer")
     assert fisher_layer >= acc("arithmetic") - 0.05

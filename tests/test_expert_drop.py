@@ -119,9 +119,9 @@ def test_dropped_equals_router_logits_at_minus_inf(family, overrides, scope):
     assert plan.meta["achieved"] == pytest.approx(plan.removed_fraction())
 
 
-def test_ratio_plan_and_its_file(tmp_path):
+def test_amount_plan_and_its_file(tmp_path):
     model = eight("qwen2_moe")
-    plan = plan_experts(model, random_scores(model), ratio=0.25, criterion="frequency")
+    plan = plan_experts(model, random_scores(model), amount=0.25, criterion="frequency")
     assert set(plan.kept_counts().values()) == {6} and plan.removed_fraction() == pytest.approx(0.25)
     plan.save(tmp_path / "experts.json")
     loaded = ExpertPlan.load(tmp_path / "experts.json")
@@ -129,7 +129,7 @@ def test_ratio_plan_and_its_file(tmp_path):
     (tmp_path / "other.json").write_text('{"format": "fmoe.PruningPlan/1"}')
     with pytest.raises(ValueError, match="not an fmoe expert plan"):
         ExpertPlan.load(tmp_path / "other.json")
-    global_plan = plan_experts(model, random_scores(model, offset=0.3), ratio=0.25, scope="global", normalize="none")
+    global_plan = plan_experts(model, random_scores(model, offset=0.3), amount=0.25, scope="global", normalize="none")
     assert sum(8 - k for k in global_plan.kept_counts().values()) == 4  # equal experts: 1/4 of them
     assert len(set(global_plan.kept_counts().values())) > 1
 
@@ -177,12 +177,12 @@ def test_uneven_drop_round_trips(family, overrides, tmp_path):
 def test_drop_then_dims_equals_masked(family):
     model = eight(family, **(GROUPED if family == "deepseek_v3" else {}))
     probe = make_batches(n_batches=1, batch_size=2, pad="right", seed=1)[0]
-    dims = fmoe.score(model, make_batches(n_batches=1, batch_size=2), method="fisher")
-    magnitude = fmoe.score(model, method="magnitude")
+    dims = fmoe.score(model, make_batches(n_batches=1, batch_size=2), criterion="fisher")
+    magnitude = fmoe.score(model, criterion="magnitude")
     plan = plan_experts(model, random_scores(model), count=2)
     drop_experts(model, plan)
     carried = select_scores(magnitude, plan, model)  # scores of the kept experts == the dropped model's own
-    rescored = fmoe.score(model, method="magnitude")
+    rescored = fmoe.score(model, criterion="magnitude")
     assert carried.fingerprint == rescored.fingerprint
     assert all(torch.equal(carried.tensors[n], rescored.tensors[n]) for n in rescored.tensors)
     dims_plan = fmoe.make_plan(select_scores(dims, plan, model), 0.5, "layer", multiple_of=4, model=model)
@@ -192,7 +192,7 @@ def test_drop_then_dims_equals_masked(family):
     torch.testing.assert_close(logits(model, probe), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="another model"):
         select_scores(fmoe.score(eight(family, seed=3, **(GROUPED if family == "deepseek_v3" else {})),
-                                 method="magnitude"), plan, model)
+                                 criterion="magnitude"), plan, model)
 
 
 @pytest.mark.filterwarnings("ignore:expert width")  # multiple_of=1: widths grouped_mm cannot run
@@ -201,7 +201,7 @@ def test_drop_then_dims_equals_masked(family):
 def test_dims_then_drop_equals_ragged_routed_away(family, scope, tmp_path):
     model = eight(family)
     probe = make_batches(n_batches=1, batch_size=2, pad="right", seed=1)[0]
-    fmoe.prune(model, fmoe.make_plan(fmoe.score(model, method="magnitude"), 0.5, "layer", multiple_of=1))
+    fmoe.prune(model, fmoe.make_plan(fmoe.score(model, criterion="magnitude"), 0.5, "layer", multiple_of=1))
     modules = fmoe.find_experts(model)
     assert all(isinstance(m, fmoe.RaggedExperts) for m in modules.values())
     if scope == "layer":  # the kept experts stay ragged
@@ -234,9 +234,9 @@ def test_plan_errors():
     with pytest.raises(ValueError, match="does not fit"):  # twice with the same plan
         drop_experts(model, plan)
     with pytest.raises(ValueError, match="no expert"):
-        plan_experts(model, random_scores(model), ratio=1.0)
+        plan_experts(model, random_scores(model), amount=1.0)
     with pytest.raises(ValueError, match="exactly one"):
-        plan_experts(model, random_scores(model), ratio=0.5, count=2)
+        plan_experts(model, random_scores(model), amount=0.5, count=2)
     with pytest.raises(ValueError, match="at most 10"):  # 6 experts in each of 2 layers, one must stay
         plan_experts(model, random_scores(model), count=11, scope="global")
     grouped = eight("deepseek_v3", **GROUPED)
@@ -257,7 +257,7 @@ def test_plan_errors():
     single = eight("glm4_moe")  # n_group=1, as GLM-4.5/4.6 ship: the router still ranks its one group by .topk(2)
     with pytest.raises(ValueError, match="at least 2; the plan keeps 1"):
         plan_experts(single, random_scores(single), count=7)
-    deepest = plan_experts(single, random_scores(single, offset=0.3), ratio=0.99, scope="global")
+    deepest = plan_experts(single, random_scores(single, offset=0.3), amount=0.99, scope="global")
     assert set(deepest.kept_counts().values()) == {2}  # the ranking stops at each layer's minimum
     narrow = eight("deepseek_v3", n_group=2, topk_group=1, num_experts_per_tok=3)
     with pytest.raises(ValueError, match="top_k=3"):  # 3 experts from 1 group of 2 kept

@@ -119,7 +119,7 @@ def test_model_without_routed_experts_is_refused():
     with pytest.raises(ValueError, match="'llama'"):
         fmoe.find_experts(dense)
     with pytest.raises(ValueError, match="no routed experts"):
-        fmoe.score(dense, method="magnitude")
+        fmoe.score(dense, criterion="magnitude")
 
 
 def test_experts_forward_skips_expert_parallel_sentinels():

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, default_collate
 
 import fmoe
 from fmoe import toy
-from fmoe.methods.dims.iterative import is_nested, plan_step, step_ratios
+from fmoe.methods.dims.iterative import is_nested, plan_step, step_amounts
 from fmoe.lightning.calibration import CalibrationModule
 from fmoe.lightning.callbacks import IntermediatePruning
 from fmoe.toy.tiny import tiny_model
@@ -62,11 +62,11 @@ def test_steps_nest_reach_the_share_and_pruned_equals_masked(family):
 
     plan = fmoe.prune_iteratively(model, batches, 0.6, steps=4, after_step=after_step, multiple_of=1,
                                   max_widths=None, progress=False)
-    ratios = step_ratios(0.6, 4)
-    assert [s for s, _ in seen] == [1, 2, 3, 4] and plan.meta["step_ratios"] == ratios and plan.meta["clipped"] == 0
+    amounts = step_amounts(0.6, 4)
+    assert [s for s, _ in seen] == [1, 2, 3, 4] and plan.meta["step_ratios"] == amounts and plan.meta["clipped"] == 0
     for (_, before), (_, after) in zip(seen, seen[1:]):
         assert is_nested(after, before) and after.removed_fraction() > before.removed_fraction()
-    for (_, step_plan), r in zip(seen, ratios):  # layer scope, multiple_of=1: each layer keeps exactly round()
+    for (_, step_plan), r in zip(seen, amounts):  # layer scope, multiple_of=1: each layer keeps exactly round()
         for name, widths in step_plan.kept_widths().items():
             assert sum(widths) == round(sum(step_plan.widths[name]) * (1 - r))
     assert same_plan(plan, seen[-1][1])
@@ -105,8 +105,8 @@ def test_rounding_never_brings_a_removed_dim_back():
 
 
 def test_schedules_and_bad_arguments():
-    assert step_ratios(0.75, 1) == [0.75] and step_ratios(0.6, 3) == pytest.approx([0.2, 0.4, 0.6])
-    geometric = step_ratios(0.75, 4, "geometric")
+    assert step_amounts(0.75, 1) == [0.75] and step_amounts(0.6, 3) == pytest.approx([0.2, 0.4, 0.6])
+    geometric = step_amounts(0.75, 4, "geometric")
     assert geometric[-1] == 0.75
     remaining = [1.0] + [1 - r for r in geometric]
     assert [b / a for a, b in zip(remaining, remaining[1:])] == pytest.approx([0.25 ** 0.25] * 4)  # same share each
@@ -249,7 +249,7 @@ def test_a_criterion_function_scores_each_step():
     model, reference = tiny_model("olmoe"), tiny_model("olmoe")
     batches = make_batches(n_batches=2, seed=1)
     mixed = lambda m: fmoe.calibration.scores.rank_mean(fmoe.score(m, batches, "compensated"), fmoe.score(m, batches, "router"))  # noqa: E731
-    plan = fmoe.prune_iteratively(model, batches, 0.5, steps=2, method=mixed, multiple_of=1, max_widths=None)
+    plan = fmoe.prune_iteratively(model, batches, 0.5, steps=2, criterion=mixed, multiple_of=1, max_widths=None)
     first = fmoe.make_plan(mixed(reference), 0.25, "layer", multiple_of=1, max_widths=None, model=reference)
     for name, keeps in plan.keep.items():  # the last step's kept dims nest in the first step's, planned from `mixed`
         assert all(set(k.tolist()) <= set(f.tolist()) for k, f in zip(keeps, first.keep[name]))
@@ -264,11 +264,11 @@ def test_lightning_steps_rescore_with_a_combined_criterion(tmp_path):
     data = sequences()
     batches = [default_collate(data[i:i + 4]) for i in (0, 4)]
     reference = tiny_model("qwen2_moe")
-    expected = fmoe.prune_iteratively(reference, batches, 0.5, steps=2, method=spec, multiple_of=4, progress=False)
+    expected = fmoe.prune_iteratively(reference, batches, 0.5, steps=2, criterion=spec, multiple_of=4, progress=False)
     model = tiny_model("qwen2_moe")
     pruning = IntermediatePruning(amount=0.5, multiple_of=4, steps=2, save_dir=tmp_path / "out")
-    trainer(tmp_path, callbacks=[pruning]).fit(CalibrationModule(model, method=spec), DataLoader(data, batch_size=4))
+    trainer(tmp_path, callbacks=[pruning]).fit(CalibrationModule(model, criterion=spec), DataLoader(data, batch_size=4))
     assert same_plan(pruning.plan, expected)
-    assert fmoe.Scores.load(tmp_path / "out" / "scores").method == "rank_mean(compensated,router)"
+    assert fmoe.Scores.load(tmp_path / "out" / "scores").criterion == "rank_mean(compensated,router)"
     fisher = fmoe.prune_iteratively(tiny_model("qwen2_moe"), batches, 0.5, steps=2, multiple_of=4, progress=False)
     assert not same_plan(fisher, expected)  # the criterion decides the plan

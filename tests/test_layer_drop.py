@@ -118,7 +118,7 @@ def test_layer_drop_equals_zeroed_moe(family):
     assert sorted(m.index for m in moe_layers(model).values()) == [0, 2]
     assert getattr(model.config, DROPPED_MOE_FIELD) == [1]
     assert_described_by_config(model)
-    assert set(fmoe.score(model, method="magnitude").tensors) == set(fmoe.find_experts(model))
+    assert set(fmoe.score(model, criterion="magnitude").tensors) == set(fmoe.find_experts(model))
 
 
 def roundtrip(model, tmp_path, stock):
@@ -160,7 +160,7 @@ def test_layer_dropped_checkpoint_prunes_offline(tmp_path):
 
 def test_block_drop_after_ragged_prune(tmp_path):
     model = tiny_model("qwen3_moe", num_hidden_layers=4)
-    fmoe.prune(model, fmoe.make_plan(fmoe.score(model, method="magnitude"), 0.5, "layer", multiple_of=1))
+    fmoe.prune(model, fmoe.make_plan(fmoe.score(model, criterion="magnitude"), 0.5, "layer", multiple_of=1))
     widths = {n: expert_widths(m) for n, m in fmoe.find_experts(model).items()}
     assert any(isinstance(m, fmoe.RaggedExperts) for m in fmoe.find_experts(model).values())
     drop_blocks(model, [0, 2])
@@ -208,8 +208,8 @@ def test_block_plans():
     assert (plan.blocks, plan.moe_layers, plan.num_layers) == ([1, 3], [], 4)
     assert plan.meta["achieved"] == 0.5 and 0 < plan.meta["params_removed"] < 0.5
     assert plan_block_drop(model, s, count=2, mode="consecutive").blocks == [1, 2]
-    assert plan_block_drop(model, s, ratio=0.3).blocks == [1]  # 1/4 of the routed parameters is nearest
-    assert plan_block_drop(model, s, ratio=0.5, mode="consecutive").blocks == [1, 2]
+    assert plan_block_drop(model, s, amount=0.3).blocks == [1]  # 1/4 of the routed parameters is nearest
+    assert plan_block_drop(model, s, amount=0.5, mode="consecutive").blocks == [1, 2]
 
 
 def test_layer_plans():
@@ -218,7 +218,7 @@ def test_layer_plans():
     plan = plan_layer_drop(model, sim, count=2)
     assert (plan.moe_layers, plan.blocks) == ([2, 3], [])
     assert plan.meta["achieved"] == pytest.approx(2 / 3)
-    assert plan_layer_drop(model, sim, ratio=0.4).moe_layers == [2]  # 1/3 nearer 0.4 than 2/3
+    assert plan_layer_drop(model, sim, amount=0.4).moe_layers == [2]  # 1/3 nearer 0.4 than 2/3
     drop(model, plan)
     assert [m.index for m in moe_layers(model).values()] == [1]
 
@@ -232,14 +232,14 @@ def test_plan_errors():
         (lambda: plan_layer_drop(model, sim, count=3), "leaves none"),
         (lambda: plan_layer_drop(model, sim, count=-1), "count"),
         (lambda: plan_layer_drop(model, sim), "exactly one"),
-        (lambda: plan_layer_drop(model, sim, count=1, ratio=0.2), "exactly one"),
+        (lambda: plan_layer_drop(model, sim, count=1, amount=0.2), "exactly one"),
         (lambda: plan_layer_drop(model, torch.tensor([0.1, float("nan"), 0.9, 0.5]), count=1), "NaN at MoE layers"),
         (lambda: plan_layer_drop(model, sim[:3], count=1), "shape"),
         (lambda: plan_block_drop(model, s, count=4), "leaves none"),
         (lambda: plan_block_drop(model, s[:4, :4], count=1), "shape"),
         (lambda: plan_block_drop(model, s, count=1, mode="window"), "valid: discrete, consecutive"),
         (lambda: plan_block_drop(model, s_nan, count=1), "NaN"),
-        (lambda: plan_block_drop(model, s, ratio=1.0), "ratio"),
+        (lambda: plan_block_drop(model, s, amount=1.0), "amount"),
         (lambda: drop_moe_sublayers(model, [0]), "no MoE sublayer"),
         (lambda: drop_moe_sublayers(model, [1, 2, 3]), "leaves none"),
         (lambda: drop_blocks(model, [0, 1, 2, 3]), "all 4 decoder layers"),
@@ -266,7 +266,7 @@ def test_block_plans_skip_unwritable_layouts():
     model = tiny_model("ernie4_5_moe", num_hidden_layers=6, moe_layer_interval=2)  # MoE at 1, 3, 5
     s = similarity({1: [0.5, 0.6, 0.9, 0.7, 0.8, 0.1], 3: [0.9, 0.1, 0.5, 0.2]})
     assert plan_block_drop(model, s, count=1).blocks == [5]  # dropping only 0, 1, 2, 3 or 4 cannot be written
-    assert plan_block_drop(model, s, ratio=0.3).blocks == [5]
+    assert plan_block_drop(model, s, amount=0.3).blocks == [5]
     plan = plan_block_drop(model, s, count=3, mode="consecutive")
     assert plan.blocks == [2, 3, 4]  # window 0..2 leaves MoE at 0, 2 of 3: cannot be written
     drop(model, plan)

@@ -54,7 +54,7 @@ def test_calibration_fit_equals_core_scores_then_prunes(tmp_path):
     data = sequences()
     expected = fmoe.score(model, [torch.utils.data.default_collate(data[i:i + 4]) for i in (0, 4)])
     probe = make_batches(n_batches=1, seed=5, pad="right")[0]
-    module = CalibrationModule(model, method="fisher")
+    module = CalibrationModule(model, criterion="fisher")
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=tmp_path / "out")
     trainer(tmp_path, callbacks=[pruning]).fit(module, DataLoader(data, batch_size=4))
     close(module.scores, expected)
@@ -237,7 +237,7 @@ def test_two_processes_equal_one_process(tmp_path, kind):
     data = sequences()
     epochs = 2 if kind == "resume" else 1  # resume: 1 epoch, checkpoint, resume to 2 == the same batches twice
     batches = [torch.utils.data.default_collate(data[i:i + 2]) for i in range(0, 8, 2)] * epochs
-    expected = fmoe.score(model, batches, method="activation" if kind == "activation" else "fisher")
+    expected = fmoe.score(model, batches, criterion="activation" if kind == "activation" else "fisher")
     close(fmoe.Scores.load(tmp_path / "scores"), expected)
     assert fmoe.Scores.load(tmp_path / "scores").samples == 8 * epochs  # each sample once per epoch, SUM-reduced
     stats = fmoe.Statistics.load(tmp_path / "statistics")  # measured in the same pass, reduced in the same step

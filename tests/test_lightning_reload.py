@@ -66,7 +66,7 @@ def test_a_users_module_pruned_in_its_fit_reloads_from_a_checkpoint(tmp_path):
                                              ("block_drop", {"count": 1})])
 def test_a_calibration_checkpoint_after_a_drop_reloads(tmp_path, method, options):
     model = tiny_model("qwen2_moe")
-    module = CalibrationModule(model, method="router")
+    module = CalibrationModule(model, criterion="router")
     compression = Compression(method, 0.25 if "count" not in options else None, save_dir=tmp_path / "out", **options)
     fit = trainer(tmp_path, callbacks=[compression])
     fit.fit(module, DataLoader(sequences(), batch_size=4))
@@ -88,7 +88,7 @@ def test_plans_apply_once_and_a_model_edited_otherwise_is_refused(tmp_path):
     module.on_load_checkpoint(checkpoint)  # the plans it already has: nothing to apply
     assert widths(module.model) == before
     other = PrunableLM()
-    plan = fmoe.make_plan(fmoe.score(other.model, method="magnitude"), 0.25, "layer", multiple_of=4)
+    plan = fmoe.make_plan(fmoe.score(other.model, criterion="magnitude"), 0.25, "layer", multiple_of=4)
     fmoe.prune(other.model, plan)
     record_plan(other.model, plan)
     with pytest.raises(ValueError, match="does not record"):

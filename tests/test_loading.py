@@ -24,7 +24,7 @@ WIDE = dict(hidden_size=256, num_hidden_layers=4, num_experts=8, moe_intermediat
 def ragged(family="qwen3_moe", **overrides):
     """A model of `family` pruned by half with a different width per expert (RaggedExperts)."""
     model = tiny_model(family, **overrides)
-    plan = fmoe.make_plan(fmoe.score(model, method="magnitude"), 0.5, "layer", multiple_of=4)
+    plan = fmoe.make_plan(fmoe.score(model, criterion="magnitude"), 0.5, "layer", multiple_of=4)
     fmoe.prune(model, plan)
     assert any(isinstance(m, fmoe.RaggedExperts) for m in fmoe.find_experts(model).values())  # the fused format
     return model

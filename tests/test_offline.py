@@ -47,7 +47,7 @@ def source(tmp_path, family, **overrides):
 
 
 def plan_for(src, scope):
-    scores = fmoe.score_checkpoint(src, method="magnitude")
+    scores = fmoe.score_checkpoint(src, criterion="magnitude")
     return fmoe.make_plan(scores, 0.5, scope, multiple_of=16 if scope == "expert" else 1)
 
 
@@ -116,8 +116,9 @@ def test_ragged_output_loads_with_fmoe(tmp_path):
 def test_data_free_scores_equal_those_of_the_loaded_model(tmp_path, family):
     src = source(tmp_path, family)
     model = fmoe.from_pretrained(src)
-    for method, seed in (("magnitude", 0), ("random", 3)):
-        expected, got = fmoe.score(model, method=method, seed=seed), fmoe.score_checkpoint(src, method, seed=seed)
+    for criterion, seed in (("magnitude", 0), ("random", 3)):
+        expected = fmoe.score(model, criterion=criterion, seed=seed)
+        got = fmoe.score_checkpoint(src, criterion, seed=seed)
         assert got.fingerprint == expected.fingerprint == fmoe.fingerprint(model)
         assert_same(expected.tensors, got.tensors)
         assert got.meta == expected.meta
@@ -166,7 +167,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path):
         fmoe.prune_checkpoint(wider, plan, tmp_path / "out")
     with pytest.raises(ValueError, match="must lie outside"):
         fmoe.prune_checkpoint(src, plan, src / "pruned")
-    with pytest.raises(ValueError, match="score_checkpoint computes the data-free methods"):
+    with pytest.raises(ValueError, match="score_checkpoint computes the data-free criteria"):
         fmoe.score_checkpoint(src, "fisher")
     assert children(tmp_path) == before and not (src / "pruned").exists()
     (src / "model.safetensors.index.json").rename(tmp_path / "index.json")

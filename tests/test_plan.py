@@ -58,10 +58,10 @@ def test_deterministic_ties_by_index():
     assert plan.to_dict() == again.to_dict()
 
 
-@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
-def test_ratio_outside_range_is_an_error(ratio):
-    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
-        fmoe.make_plan(fake_scores(), ratio)
+@pytest.mark.parametrize("amount", [-0.1, 1.0, 1.5])
+def test_amount_outside_range_is_an_error(amount):
+    with pytest.raises(ValueError, match=r"amount must be in \[0, 1\)"):
+        fmoe.make_plan(fake_scores(), amount)
 
 
 def test_unknown_scope_lists_valid_ones():
@@ -87,13 +87,13 @@ def qwen_shaped_scores(seed=0):
                    for i in range(24)}, "fisher", "abc")
 
 
-@pytest.mark.parametrize("ratio", [0.5, 0.75])
+@pytest.mark.parametrize("amount", [0.5, 0.75])
 @pytest.mark.parametrize("multiple_of", [16, 64])
-def test_plans_remove_what_was_asked(ratio, multiple_of):
+def test_plans_remove_what_was_asked(amount, multiple_of):
     scores = qwen_shaped_scores()
-    kept = round(60 * 1408 * (1 - ratio))  # per layer
+    kept = round(60 * 1408 * (1 - amount))  # per layer
     for scope in ("layer", "global"):
-        plan = fmoe.make_plan(scores, ratio, scope, multiple_of=multiple_of)
+        plan = fmoe.make_plan(scores, amount, scope, multiple_of=multiple_of)
         widths = plan.kept_widths()
         assert all(w % multiple_of == 0 and multiple_of <= w <= 1408 for ws in widths.values() for w in ws)
         totals = [sum(ws) for ws in widths.values()]
@@ -101,10 +101,10 @@ def test_plans_remove_what_was_asked(ratio, multiple_of):
             assert all(abs(t - kept) <= multiple_of for t in totals), totals
         else:  # the whole model within one unit
             assert abs(sum(totals) - 24 * kept) <= multiple_of
-        assert abs(plan.removed_fraction() - ratio) <= multiple_of / 1408
-    plan = fmoe.make_plan(scores, ratio, "expert", multiple_of=multiple_of)
+        assert abs(plan.removed_fraction() - amount) <= multiple_of / 1408
+    plan = fmoe.make_plan(scores, amount, "expert", multiple_of=multiple_of)
     assert plan.is_uniform()
-    assert all(abs(w - 1408 * (1 - ratio)) <= multiple_of / 2 for ws in plan.kept_widths().values() for w in ws)
+    assert all(abs(w - 1408 * (1 - amount)) <= multiple_of / 2 for ws in plan.kept_widths().values() for w in ws)
 
 
 def test_budget_is_kept_when_min_width_lifts_experts():
@@ -185,15 +185,15 @@ def test_max_widths_keeps_exact_budgets_and_the_width_grid_on_random_layers():
         width += 4 * (case % 3 == 0)  # a full width off the grid: levels stay multiples of 16 (or the full width)
         scores = Scores({"m": torch.rand(experts, width, generator=gen) ** 3
                          * torch.rand(experts, 1, generator=gen)}, "fisher", "x")
-        ratio = (0.3, 0.6, 0.85)[case % 3]
-        free = fmoe.make_plan(scores, ratio, "layer", multiple_of=16, max_widths=None).kept_widths()["m"]
+        amount = (0.3, 0.6, 0.85)[case % 3]
+        free = fmoe.make_plan(scores, amount, "layer", multiple_of=16, max_widths=None).kept_widths()["m"]
         for bound in (2, 4):
-            widths = fmoe.make_plan(scores, ratio, "layer", multiple_of=16, max_widths=bound).kept_widths()["m"]
+            widths = fmoe.make_plan(scores, amount, "layer", multiple_of=16, max_widths=bound).kept_widths()["m"]
             assert len(set(widths)) <= bound and sum(widths) == sum(free), (case, bound)
             assert all(w % 16 == 0 or w == width for w in widths), (case, widths)
 
 
-def test_plan_reports_what_it_achieved_and_warns_when_rounding_defeats_the_ratio():
+def test_plan_reports_what_it_achieved_and_warns_when_rounding_defeats_the_amount():
     scores = fake_scores(width=16)
     with pytest.warns(UserWarning, match="removes 0.0% of routed dims, not the 50.0% asked"):
         plan = fmoe.make_plan(scores, 0.5, "layer")  # 16 wide, multiple_of 16: nothing can go

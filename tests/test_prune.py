@@ -54,12 +54,12 @@ def test_ragged_experts_train():
 
 def test_plan_from_another_model_is_refused():
     a, b = tiny_model("mixtral", seed=0), tiny_model("mixtral", seed=1)
-    plan = fmoe.make_plan(fmoe.score(a, method="magnitude"), 0.5, "expert")
+    plan = fmoe.make_plan(fmoe.score(a, criterion="magnitude"), 0.5, "expert")
     with pytest.raises(ValueError, match="another model"):
         fmoe.prune(b, plan)
     other = tiny_model("olmoe")
     with pytest.raises(ValueError, match="does not fit"):
-        fmoe.prune(other, fmoe.make_plan(fmoe.score(tiny_model("mixtral", num_hidden_layers=3), method="random"), 0.5))
+        fmoe.prune(other, fmoe.make_plan(fmoe.score(tiny_model("mixtral", num_hidden_layers=3), criterion="random"), 0.5))
     fmoe.prune(a, plan)
     with pytest.raises(ValueError, match="does not fit"):  # pruning twice with the same plan
         fmoe.prune(a, plan)
@@ -68,7 +68,7 @@ def test_plan_from_another_model_is_refused():
 def test_unaligned_uniform_width_falls_back_from_grouped_mm():
     model = tiny_model("qwen2_moe")
     probe = make_batches(n_batches=1, pad="right")[0]
-    plan = fmoe.make_plan(fmoe.score(model, method="magnitude"), 0.6, "expert", multiple_of=1)
+    plan = fmoe.make_plan(fmoe.score(model, criterion="magnitude"), 0.6, "expert", multiple_of=1)
     with fmoe.masked(model, plan):
         expected = logits(model, probe)
     with pytest.warns(UserWarning, match="batched_mm"):
@@ -79,7 +79,7 @@ def test_unaligned_uniform_width_falls_back_from_grouped_mm():
 
 def test_scores_of_another_model_are_refused_when_planning():
     a, b = tiny_model("qwen2_moe", seed=0), tiny_model("qwen2_moe", seed=1)
-    scores = fmoe.score(a, method="magnitude")
+    scores = fmoe.score(a, criterion="magnitude")
     fmoe.make_plan(scores, 0.5, model=a)
     with pytest.raises(ValueError, match="another model"):
         fmoe.make_plan(scores, 0.5, model=b)
@@ -124,8 +124,8 @@ def test_masked_works_on_ragged_models():
 def test_masks_nest_and_restore_the_outer_mask_and_implementation():
     model = tiny_model("olmoe")
     probe = make_batches(n_batches=1, batch_size=2, seed=1, pad="right")[0]
-    outer = fmoe.make_plan(fmoe.score(model, method="random", seed=1), 0.25, "expert", multiple_of=8, model=model)
-    inner = fmoe.make_plan(fmoe.score(model, method="random", seed=2), 0.5, "layer", multiple_of=1, model=model)
+    outer = fmoe.make_plan(fmoe.score(model, criterion="random", seed=1), 0.25, "expert", multiple_of=8, model=model)
+    inner = fmoe.make_plan(fmoe.score(model, criterion="random", seed=2), 0.5, "layer", multiple_of=1, model=model)
     both = {n: [k[torch.isin(k, j)] for k, j in zip(outer.keep[n], inner.keep[n])] for n in outer.keep}
     implementation = model.get_experts_implementation()
     dense = logits(model, probe)
@@ -148,7 +148,7 @@ def test_hook_blocks_may_close_out_of_order():
 
     model = tiny_model("qwen3_moe")
     batches = make_batches(n_batches=1)
-    plan = fmoe.make_plan(fmoe.score(model, method="random"), 0.5, "expert", multiple_of=8, model=model)
+    plan = fmoe.make_plan(fmoe.score(model, criterion="random"), 0.5, "expert", multiple_of=8, model=model)
     with fmoe.masked(model, plan):
         expected = fmoe.score(model, batches, "activation")
     scorer = Scorer(model, "activation")

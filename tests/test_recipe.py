@@ -1,4 +1,7 @@
+import contextlib
 import importlib.util
+import io
+import itertools
 import json
 import logging
 import os
@@ -104,13 +107,64 @@ def test_write_report_without_a_plan(tmp_path):
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["report.png"]
 
 
-def test_prune_recover_help_names_the_command(capsys):
+@pytest.fixture(scope="module")
+def help_text():
+    """`fmoe prune-recover --help`, run once."""
     from fmoe import cli
 
-    with pytest.raises(SystemExit) as stop:
+    out = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stdout(out):
         cli.main(["prune-recover", "--help"])
     assert stop.value.code in (0, None)
-    assert capsys.readouterr().out.startswith("usage: fmoe prune-recover")
+    return out.getvalue()
+
+
+def described(text: str) -> dict[str, str]:
+    """{option: its description} of every option a --help lists: the text before jsonargparse's "(type: ...)"."""
+    options, lines = {}, text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("  --"):
+            invocation, _, first = line.strip().partition("  ")  # the invocation holds single spaces only
+            more = itertools.takewhile(lambda follow: follow.startswith(" " * 8), lines[i + 1:])
+            words = " ".join([first, *more]).split()
+            options[invocation.split()[0].rstrip(",")] = " ".join(words).split("(type:")[0].split("(required")[0]
+    return options
+
+
+FMOE_GROUPS = ("--model.", "--data.", "--stages.", "--prune.", "--recover.", "--lm_eval.")
+
+
+def test_prune_recover_help_explains_every_option(help_text):
+    from fmoe.calibration.criteria import PASS_CRITERIA
+
+    assert help_text.startswith("usage: fmoe prune-recover")
+    assert "Calibrate -> prune -> recover" in help_text  # the recipe's own description
+    options = described(help_text)
+    ours = [o for o in options if o.startswith(FMOE_GROUPS) or o in ("--export_dir", "--tasks", "--task_limit")]
+    assert len(ours) > 50 and {"--model.criterion", "--prune.amount", "--data.train"} <= set(ours)
+    assert not [o for o in ours if not options[o].strip()], "options without a description"
+    assert "--prune.method {" + ",".join(fmoe.methods.METHODS) + "}" in help_text  # the compression methods
+    criterion = options["--model.criterion"]  # what it accepts
+    assert all(c in criterion for c in PASS_CRITERIA) and "rank_mean(" in criterion
+    assert "(required" not in help_text  # the recipe's defaults stand for TextDataModule's required tokenizer, train
+    assert "--optimizer" not in help_text and "--lr_scheduler" not in help_text
+
+
+def test_the_command_refuses_what_it_does_not_use_and_takes_earlier_option_names(recipe, capsys):
+    import yaml
+
+    for args, refusal in ((["--optimizer", "torch.optim.SGD"], "unrecognized arguments: --optimizer"),
+                          (["--lr_scheduler", "torch.optim.lr_scheduler.StepLR"], "unrecognized arguments"),
+                          (["--prune.method", "nosuch"], "'dims', 'expert_drop'")):
+        with pytest.raises(SystemExit) as stop:
+            recipe.main(args)
+        assert stop.value.code == 2 and refusal in capsys.readouterr().err
+    with pytest.warns(FutureWarning) as caught, pytest.raises(SystemExit):
+        recipe.main(["--model.method", "magnitude", "--prune.ratio=0.3", "--print_config"])
+    assert [str(w.message) for w in caught if w.category is FutureWarning] == [
+        "--model.method is deprecated: use --model.criterion", "--prune.ratio is deprecated: use --prune.amount"]
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["criterion"] == "magnitude" and printed["prune"]["amount"] == 0.3
 
 
 def test_recipe_prune_only(tmp_path, recipe, caplog, recwarn):
@@ -332,12 +386,11 @@ def test_recipe_checks_every_option_before_any_stage(tmp_path, recipe, monkeypat
         path.write_text(text)
     common = ["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
     for bad, match in ((["--prune.amount", "1.5"], "amount"), (["--prune.amount", "-0.1"], "amount"),
-                       (["--prune.method", "nosuch"], "valid: dims, expert_drop"),
                        (["--prune.method", "reap", "--prune.scope", "expert"], "valid: layer, global"),
                        (["--prune.scope", "model"], "valid: expert, layer, global"),
                        (["--export_dir", str(tmp_path)], "would replace the run directory"),
                        (["--export_dir", str(tmp_path.parent)], "would replace the run directory"),
-                       (["--model.method", "magnitude", "--trainer.strategy",
+                       (["--model.criterion", "magnitude", "--trainer.strategy",
                          "lightning.pytorch.strategies.ModelParallelStrategy",
                          "--trainer.strategy.data_parallel_size", "1"], "only rank 0 holds")):
         with pytest.raises(ValueError, match=match):
@@ -393,9 +446,9 @@ def test_recipe_takes_a_combined_criterion_and_refuses_a_bad_one_first(tmp_path,
     base = ["--export_dir", str(tmp_path / "e"), "--trainer.default_root_dir", str(tmp_path),
             "--trainer.enable_progress_bar", "false", "--stages.recover", "false", "--stages.evaluate", "false",
             "--data.n_samples", "16", "--tasks", "{}", "--lm_eval.tasks", "[]"]
-    rows = recipe.main([*base, "--model.method", "rank_mean(compensated, router)"])
+    rows = recipe.main([*base, "--model.criterion", "rank_mean(compensated, router)"])
     assert list(rows) == ["dense", "pruned"]
-    assert fmoe.Scores.load(tmp_path / "scores").method == "rank_mean(compensated,router)"
+    assert fmoe.Scores.load(tmp_path / "scores").criterion == "rank_mean(compensated,router)"
 
     def evaluated(*args, **kwargs):
         raise AssertionError("the dense model was evaluated before the criterion was checked")
@@ -404,4 +457,4 @@ def test_recipe_takes_a_combined_criterion_and_refuses_a_bad_one_first(tmp_path,
     monkeypatch.setattr(recipe, "sizes", evaluated)
     for bad in ("nosuch", "rank_mean(compensated, router"):
         with pytest.raises(ValueError, match="valid: fisher"):
-            recipe.main([*base, "--stages.evaluate", "true", "--model.method", bad])
+            recipe.main([*base, "--stages.evaluate", "true", "--model.criterion", bad])

@@ -24,8 +24,8 @@ MANY = dict(n_batches=4, batch_size=4, seq_len=24)  # every routed expert sees m
 SCOPES = {"ragged": dict(scope="layer", multiple_of=1), "uniform": dict(scope="expert", multiple_of=8)}
 
 
-def plan_for(model, kind="ragged", ratio=0.5, seed=0):
-    return fmoe.make_plan(fmoe.score(model, method="random", seed=seed), ratio, **SCOPES[kind], model=model)
+def plan_for(model, kind="ragged", amount=0.5, seed=0):
+    return fmoe.make_plan(fmoe.score(model, criterion="random", seed=seed), amount, **SCOPES[kind], model=model)
 
 
 def logits(model, batches):
@@ -62,7 +62,7 @@ def silence_dropped(model, plan):
 def test_every_dim_kept_changes_nothing(family):
     model, batches = tiny_model(family), make_batches()
     expected = logits(model, batches)
-    fmoe.reconstruct(model, plan_for(model, "uniform", ratio=0.0), batches)
+    fmoe.reconstruct(model, plan_for(model, "uniform", amount=0.0), batches)
     torch.testing.assert_close(logits(model, batches), expected, rtol=0, atol=0)
 
 
@@ -199,20 +199,20 @@ def test_gram_sums_add_over_batches_and_ignore_padding():
     assert list(gather(model, batches, names[1:]).products) == names[1:]
 
 
-@pytest.mark.parametrize("method", ["fisher", "activation"])
-def test_scorer_gathers_the_same_gram(method):
+@pytest.mark.parametrize("criterion", ["fisher", "activation"])
+def test_scorer_gathers_the_same_gram(criterion):
     model, batches = tiny_model("olmoe"), make_batches()
-    scorer = Scorer(model, method, gram=True)
+    scorer = Scorer(model, criterion, gram=True)
     with scorer.attached():
         for b in batches:
             scorer.step(b)
     close_grams(scorer.gram(), gather(model, batches))
     assert any(k.startswith("gram/products/") for k in scorer.state())
-    twin = Scorer(model, method, gram=True)
+    twin = Scorer(model, criterion, gram=True)
     twin.load_state(scorer.state(), scorer.samples, scorer.tokens)
     close_grams(twin.gram(), scorer.gram(), rtol=0)
     with pytest.raises(ValueError, match="gram=True"):
-        Scorer(model, method).gram()
+        Scorer(model, criterion).gram()
 
 
 def test_a_step_run_again_after_overflowing_gradients_counts_once():
@@ -235,7 +235,7 @@ def test_reconstruct_needs_a_calibration_module():
 def test_calibration_fit_with_reconstruct_equals_core(tmp_path):
     data = sequences()
     model = tiny_model("qwen3_moe")
-    module = CalibrationModule(model, method="activation")
+    module = CalibrationModule(model, criterion="activation")
     pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=tmp_path / "out",
                                   reconstruct=True, verbose=False)
     trainer(tmp_path, callbacks=[pruning]).fit(module, DataLoader(data, batch_size=4))
@@ -294,14 +294,14 @@ def test_compensated_saliency_is_the_error_of_removing_one_dim_with_the_others_r
 
 def test_rank_mean_orders_by_the_mean_rank():
     model = tiny_model("olmoe")
-    a, b = fmoe.score(model, method="random", seed=1), fmoe.score(model, method="random", seed=2)
+    a, b = fmoe.score(model, criterion="random", seed=1), fmoe.score(model, criterion="random", seed=2)
     both = fmoe.calibration.scores.rank_mean(a, b)
     name = next(iter(a.tensors))
     ranks = lambda t: t.flatten().argsort().argsort().double().view_as(t) / (t.numel() - 1)  # noqa: E731
     torch.testing.assert_close(both.tensors[name].double(), (ranks(a.tensors[name]) + ranks(b.tensors[name])) / 2,
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="same model"):
-        fmoe.calibration.scores.rank_mean(a, fmoe.score(tiny_model("olmoe", seed=3), method="random"))
+        fmoe.calibration.scores.rank_mean(a, fmoe.score(tiny_model("olmoe", seed=3), criterion="random"))
     tied = fmoe.Scores({name: torch.tensor([[0.0, 0.0, 0.0, 5.0]])}, "t", "x")
     shared = torch.tensor([[1 / 3, 1 / 3, 1 / 3, 1.0]])  # ties share their mean rank
     torch.testing.assert_close(fmoe.calibration.scores.rank_mean(tied, tied).tensors[name], shared)
@@ -325,7 +325,7 @@ def test_saved_plan_records_the_refit_and_only_then(tmp_path):
         out = tmp_path / str(reconstruct)
         pruning = IntermediatePruning(amount=0.5, scope="layer", multiple_of=4, save_dir=out, reconstruct=reconstruct,
                                       lam=0.05, verbose=False)
-        trainer(tmp_path, callbacks=[pruning]).fit(CalibrationModule(tiny_model("qwen3_moe"), method="activation"),
+        trainer(tmp_path, callbacks=[pruning]).fit(CalibrationModule(tiny_model("qwen3_moe"), criterion="activation"),
                                                    DataLoader(data, batch_size=4))
         saved[reconstruct] = fmoe.PruningPlan.load(out / "plan.json").to_dict()
         assert saved[reconstruct] == pruning.plan.to_dict()
@@ -343,7 +343,7 @@ def test_refit_is_never_worse_than_plain_pruning_at_any_calibration_size():
     files = fmoe.toy.corpus_files(config)
     calib = fmoe.toy.batches(tokenizer, fmoe.toy.interleaved(files, "train")[:64], 1)
     held = fmoe.toy.batches(tokenizer, fmoe.toy.interleaved(files, "test", 12), 12)
-    plan = fmoe.make_plan(fmoe.score(model, method="magnitude"), 0.5, "layer", model=model)
+    plan = fmoe.make_plan(fmoe.score(model, criterion="magnitude"), 0.5, "layer", model=model)
     plain = fmoe.prune(copy.deepcopy(model), plan)
     plain_nll = corpus_nll(plain, held)
     stats, start = None, 0

@@ -32,7 +32,7 @@ def slow_fisher(model, sequences):
 def test_fisher_matches_per_sequence_reference_with_padding(family):
     model = tiny_model(family)
     batches = make_batches(n_batches=2, batch_size=3, pad="mixed")
-    scores = fmoe.score(model, batches, method="fisher")
+    scores = fmoe.score(model, batches, criterion="fisher")
     ref = slow_fisher(model, unpadded(batches))
     assert scores.samples == 6 and scores.tokens == sum(int(b["attention_mask"].sum()) - 3 for b in batches)
     for name, expected in ref.items():
@@ -107,7 +107,7 @@ def slow_grad_abs(model, sequences):
 
 def test_grad_abs_matches_per_sequence_weight_gradients(model):
     batches = make_batches(n_batches=1, batch_size=3)
-    scores = fmoe.score(model, batches, method="grad_abs")
+    scores = fmoe.score(model, batches, criterion="grad_abs")
     ref = slow_grad_abs(model, unpadded(batches))
     for name, expected in ref.items():
         torch.testing.assert_close(scores.tensors[name].double(), expected, rtol=1e-4, atol=1e-12)
@@ -116,9 +116,9 @@ def test_grad_abs_matches_per_sequence_weight_gradients(model):
 
 def test_activation_and_router_ignore_padding(model):
     padded = make_batches(n_batches=1, batch_size=4)
-    for method in ("activation", "router"):
-        a = fmoe.score(model, padded, method=method)
-        b = fmoe.score(model, unpadded(padded), method=method)
+    for criterion in ("activation", "router"):
+        a = fmoe.score(model, padded, criterion=criterion)
+        b = fmoe.score(model, unpadded(padded), criterion=criterion)
         for name in a.tensors:
             torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=1e-4, atol=1e-6)
         assert a.tokens == int(padded[0]["attention_mask"].sum())
@@ -126,7 +126,7 @@ def test_activation_and_router_ignore_padding(model):
 
 def test_router_weighs_activation_by_routing_weight(model):
     batches = make_batches(n_batches=1)
-    router = fmoe.score(model, batches, method="router")
+    router = fmoe.score(model, batches, criterion="router")
     modules = fmoe.find_experts(model)
     expected = {n: torch.zeros(4, 32, dtype=torch.float64) for n in modules}
     valid = batches[0]["attention_mask"].reshape(-1).bool()
@@ -148,9 +148,9 @@ def test_router_weighs_activation_by_routing_weight(model):
 
 def test_data_free_methods_are_deterministic():
     model = tiny_model("olmoe")
-    r1, r2 = fmoe.score(model, method="random", seed=3), fmoe.score(model, method="random", seed=3)
-    r3 = fmoe.score(model, method="random", seed=4)
-    m1 = fmoe.score(model, method="magnitude")
+    r1, r2 = fmoe.score(model, criterion="random", seed=3), fmoe.score(model, criterion="random", seed=3)
+    r3 = fmoe.score(model, criterion="random", seed=4)
+    m1 = fmoe.score(model, criterion="magnitude")
     for name in r1.tensors:
         assert torch.equal(r1.tensors[name], r2.tensors[name]) and not torch.equal(r1.tensors[name], r3.tensors[name])
         module = fmoe.find_experts(model)[name]
@@ -164,17 +164,17 @@ def test_scores_save_load_roundtrip(tmp_path, model):
     scores = fmoe.score(model, make_batches(n_batches=1))
     scores.save(tmp_path / "s")
     loaded = fmoe.Scores.load(tmp_path / "s")
-    assert (loaded.method, loaded.fingerprint, loaded.samples, loaded.tokens) == (
-        scores.method, scores.fingerprint, scores.samples, scores.tokens)
+    assert (loaded.criterion, loaded.fingerprint, loaded.samples, loaded.tokens) == (
+        scores.criterion, scores.fingerprint, scores.samples, scores.tokens)
     assert all(torch.equal(loaded.tensors[n], t) for n, t in scores.tensors.items())
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temp leftovers
 
 
 def test_bad_inputs_are_clear_errors(model, tmp_path):
     with pytest.raises(ValueError, match="valid: fisher"):
-        fmoe.score(model, [], method="taylor")
+        fmoe.score(model, [], criterion="taylor")
     with pytest.raises(ValueError, match="needs calibration batches"):
-        fmoe.score(model, None, method="fisher")
+        fmoe.score(model, None, criterion="fisher")
     with pytest.raises(KeyError, match="input_ids"):
         fmoe.score(model, [{"tokens": torch.ones(1, 4, dtype=torch.long)}])
     with pytest.raises(ValueError, match="integer"):
@@ -194,30 +194,30 @@ def test_padding_never_counts_even_when_labels_supervise_it(model):
         torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=2e-3, atol=1e-9)
 
 
-@pytest.mark.parametrize("method", fmoe.METHODS)
-def test_scoring_inside_a_mask_scores_the_masked_model(method):
+@pytest.mark.parametrize("criterion", fmoe.CRITERIA)
+def test_scoring_inside_a_mask_scores_the_masked_model(criterion):
     model = tiny_model("qwen3_moe")
     batches = make_batches(n_batches=1)
-    plan = fmoe.make_plan(fmoe.score(model, method="random", seed=1), 0.5, "expert", multiple_of=8, model=model)
+    plan = fmoe.make_plan(fmoe.score(model, criterion="random", seed=1), 0.5, "expert", multiple_of=8, model=model)
     with fmoe.masked(model, plan):
-        inside = fmoe.score(model, batches, method)
-    outside = fmoe.score(model, batches, method)
+        inside = fmoe.score(model, batches, criterion)
+    outside = fmoe.score(model, batches, criterion)
     for name, keeps in plan.keep.items():
         kept = torch.zeros(4, 32, dtype=torch.bool)
         for e, k in enumerate(keeps):
             kept[e, k] = True
         assert (inside.tensors[name][~kept] == 0).all()  # masked dims score 0
         assert (outside.tensors[name][~kept] != 0).any()
-    if method == "fisher":  # the kept dims score as in the pruned model, which the mask stands for
+    if criterion == "fisher":  # the kept dims score as in the pruned model, which the mask stands for
         pruned = fmoe.prune(tiny_model("qwen3_moe"), plan)
-        reference = fmoe.score(pruned, batches, method)
+        reference = fmoe.score(pruned, batches, criterion)
         for name, keeps in plan.keep.items():
             got = torch.stack([inside.tensors[name][e, k] for e, k in enumerate(keeps)])
             torch.testing.assert_close(got, reference.tensors[name], rtol=2e-3, atol=1e-9)
 
 
 def equal_scores(a: fmoe.Scores, b: fmoe.Scores) -> None:
-    assert (a.method, a.samples, a.tokens, a.fingerprint) == (b.method, b.samples, b.tokens, b.fingerprint)
+    assert (a.criterion, a.samples, a.tokens, a.fingerprint) == (b.criterion, b.samples, b.tokens, b.fingerprint)
     assert a.tensors.keys() == b.tensors.keys()
     assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors)
 
@@ -235,13 +235,13 @@ def test_a_combined_criterion_equals_its_criteria_combined(tmp_path):
     combined = fmoe.score(model, batches, spec, progress=False)
     expected = rank_mean(fmoe.score(model, batches, "compensated"), fmoe.score(model, batches, "router"))
     equal_scores(combined, expected)  # one pass for both criteria, the same numbers
-    assert combined.method == "rank_mean(compensated,router)"
+    assert combined.criterion == "rank_mean(compensated,router)"
     combined.save(tmp_path / "s")
-    assert fmoe.Scores.load(tmp_path / "s").method == combined.method  # the saved scores name the criterion
+    assert fmoe.Scores.load(tmp_path / "s").criterion == combined.criterion  # the saved scores name the criterion
     for other in ("rank_mean(fisher, activation)", "rank_mean(grad_abs, magnitude)"):  # with a backward; own pass
         parts = other[len("rank_mean("):-1].split(", ")
         equal_scores(fmoe.score(model, batches, other), rank_mean(*(fmoe.score(model, batches, p) for p in parts)))
-    module = CalibrationModule(model, method=spec)
+    module = CalibrationModule(model, criterion=spec)
     trainer(tmp_path).fit(module, DataLoader(data, batch_size=4))
     equal_scores(module.scores, expected)
 
@@ -255,9 +255,9 @@ def test_a_bad_criterion_is_refused_with_the_valid_names(spec):
     with pytest.raises(ValueError, match=r"valid: fisher, grad_abs, .*rank_mean\(name, name"):
         fmoe.score(model, make_batches(), spec)
     with pytest.raises(ValueError, match="valid: fisher"):
-        CalibrationModule(model, method=spec)
+        CalibrationModule(model, criterion=spec)
     with pytest.raises(ValueError, match="grad_abs takes weight gradients"):  # a Scorer runs no grad_abs
-        CalibrationModule(model, method="rank_mean(grad_abs, router)")
+        CalibrationModule(model, criterion="rank_mean(grad_abs, router)")
 
 
 def test_a_combination_counts_a_batch_run_again_after_overflow_once():

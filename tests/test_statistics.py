@@ -177,8 +177,8 @@ def test_padding_never_counts():
     assert_same(fmoe.measure(model, padded), fmoe.measure(model, unpadded(padded)), rtol=2e-3, atol=1e-5)
 
 
-def run(model, batches, method="fisher", structure=True):
-    scorer = Scorer(model, method, structure=structure)
+def run(model, batches, criterion="fisher", structure=True):
+    scorer = Scorer(model, criterion, structure=structure)
     with scorer.attached():
         for batch in batches:
             scorer.step(batch)

@@ -221,25 +221,27 @@ def grad_abs_scores(model, modules, batches, progress) -> tuple[dict, int, int]:
     return {n: s / samples for n, s in sums.items()}, samples, tokens
 
 
-def _check_finite(loss: torch.Tensor, method: str) -> None:
+def _check_finite(loss: torch.Tensor, criterion: str) -> None:
     if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"non-finite calibration loss while scoring with {method!r}: scores would be poisoned")
+        raise FloatingPointError(f"non-finite calibration loss while scoring with {criterion!r}: scores would be "
+                                 "poisoned")
 
 
-DATA_METHODS = {"fisher": Fisher, "activation": Activation, "router": lambda m, d: Activation(m, d, weighted=True)}
+DATA_CRITERIA = {"fisher": Fisher, "activation": Activation, "router": lambda m, d: Activation(m, d, weighted=True)}
 
 
-METHODS = ("fisher", "grad_abs", "activation", "router", "magnitude", "random", "compensated")
+CRITERIA = ("fisher", "grad_abs", "activation", "router", "magnitude", "random", "compensated")  # the dim criteria
+METHODS = CRITERIA  # the same tuple under its first name (fmoe.METHODS)
 
 
-PASS_METHODS = tuple(m for m in METHODS if m != "grad_abs")  # what a Scorer measures, together, in one pass
+PASS_CRITERIA = tuple(c for c in CRITERIA if c != "grad_abs")  # what a Scorer measures, together, in one pass
 
 
 def scorer_criterion(spec: str) -> tuple[str | None, tuple[str, ...]]:
-    """(combiner or None, criteria) of a spec a Scorer runs: any method or combination but grad_abs."""
-    combiner, criteria = parse_criterion(spec, METHODS)
+    """(combiner or None, criteria) of a spec a Scorer runs: any criterion or combination but grad_abs."""
+    combiner, criteria = parse_criterion(spec, CRITERIA)
     if "grad_abs" in criteria:
         raise ValueError(f"{spec!r}: grad_abs takes weight gradients one sequence at a time, which fmoe.score runs "
-                         f"and a Scorer (the Lightning calibration) does not; valid here: {', '.join(PASS_METHODS)} "
+                         f"and a Scorer (the Lightning calibration) does not; valid here: {', '.join(PASS_CRITERIA)} "
                          "and their combinations")
     return combiner, criteria

@@ -1,6 +1,6 @@
 """Importance of every intermediate dim of every routed expert, from one calibration pass.
 
-Methods (higher = keep):
+Criteria (higher = keep):
 - fisher:     F[e, j] = sum_n (dL_n/dm[e, j])^2, m a mask on h = act(gate) * up, L_n the mean next-token NLL of
               sequence n. dL_n/dm_j = sum_{t in n} h_tj * g_tj (g = dL/dh) is taken from activation x
               activation-gradient products in one batched backward, with every weight frozen (no weight grads).
@@ -14,9 +14,9 @@ Methods (higher = keep):
               optimal-brain-surgeon saliency; fmoe.calibration.gram.compensated), from one forward pass.
 - random:     seeded uniform noise (a baseline).
 Criteria combine: "rank_mean(compensated, router)" averages each criterion's per-layer ranks (fmoe.calibration.scores); `score`
-and every Scorer (so the Lightning calibration) take such a spec wherever they take a method name.
+and every Scorer (so the Lightning calibration) take such a spec wherever they take a criterion.
 Sums accumulate in float64 (float32 on MPS, which has none; returned as float32) whatever the model dtype; padding
-tokens never contribute. Inside `fmoe.masked` every method scores the masked model: masked dims score 0.
+tokens never contribute. Inside `fmoe.masked` every criterion scores the masked model: masked dims score 0.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import _aliases
 from ..model.experts import find_experts, fingerprint, on_meta
 from ..model.hooks import experts_hooks
 from .context import Context, frozen
-from .criteria import (DATA_METHODS, METHODS, check_scorable, grad_abs_scores, magnitude_scores, masked_zero,
+from .criteria import (CRITERIA, DATA_CRITERIA, check_scorable, grad_abs_scores, magnitude_scores, masked_zero,
                        random_scores, scorer_criterion, sequence_losses)
 from .gram import Gram, GramStatistics, compensated
 from .loss import Batch, prepare_batch
@@ -40,8 +41,9 @@ from .scores import Scores, combine, criterion_name, parse_criterion
 from .statistics import Statistics, StructureStatistics
 
 
+@_aliases.renamed(method="criterion")
 class Scorer:
-    """Step-wise accumulation of a criterion: any method but grad_abs, or a combination of them (see
+    """Step-wise accumulation of a criterion: any criterion but grad_abs, or a combination of them (see
     `fmoe.calibration.scores.parse_criterion`), every criterion of a combination measured in the same pass. `score()` and the
     Lightning layer both drive it, so there is one implementation of each criterion.
 
@@ -59,16 +61,18 @@ class Scorer:
     with: `use` switches only the module the batches run through.
     """
 
-    def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False, gram: bool = False,
+    method = _aliases.renamed_attribute("method", "criterion")
+
+    def __init__(self, model: nn.Module, criterion: str = "fisher", structure: bool = False, gram: bool = False,
                  seed: int = 0):
-        self.combiner, self.criteria = scorer_criterion(method)
-        self.model, self.method, self.seed = model, criterion_name(self.combiner, self.criteria), seed
+        self.combiner, self.criteria = scorer_criterion(criterion)
+        self.model, self.criterion, self.seed = model, criterion_name(self.combiner, self.criteria), seed
         self.modules = self.weights = find_experts(model)
         check_scorable(self.modules)
         empty = on_meta(model)  # an empty (meta) model has no weights to fingerprint
         self.fingerprint = None if empty else fingerprint(model)
         self.device = torch.device("cpu") if empty else next(model.parameters()).device
-        self.accs = {c: DATA_METHODS[c](self.modules, self.device) for c in self.criteria if c in DATA_METHODS}
+        self.accs = {c: DATA_CRITERIA[c](self.modules, self.device) for c in self.criteria if c in DATA_CRITERIA}
         self.needs_grad = "fisher" in self.accs  # one backward per step
         self.structure = StructureStatistics(model, self.device, fisher=self.needs_grad,
                                              gradient_scale=lambda: self.gradient_scale) if structure else None
@@ -150,7 +154,7 @@ class Scorer:
 
     def step(self, raw: Mapping[str, torch.Tensor], backward=None, sync: Callable | None = None,
              skip_non_finite: bool = False) -> torch.Tensor | None:
-        """Score one batch; returns the summed per-sequence loss (fisher), or None (other methods, or a batch whose
+        """Score one batch; returns the summed per-sequence loss (fisher), or None (other criteria, or a batch whose
         gradients overflowed and were dropped under `skip_non_finite`; see `end_step`).
 
         `backward(loss)` defaults to `loss.backward()`; Lightning passes `manual_backward` (DDP needs it). Every
@@ -191,7 +195,7 @@ class Scorer:
         if skip_non_finite and ranks[0] == 0:
             return False
         if flags[0] > 0:
-            cause = f"non-finite calibration loss while scoring with {self.method!r}"
+            cause = f"non-finite calibration loss while scoring with {self.criterion!r}"
         elif bad_module is not None:
             cause = f"non-finite gradient in {bad_module}"
         else:
@@ -259,7 +263,7 @@ class Scorer:
             raise ValueError("this scorer measures no statistics: make it with structure=True")
         if self.samples == 0:
             raise ValueError("no calibration sample with a supervised token: no statistics")
-        meta = {"model_type": getattr(self.model.config, "model_type", None), "method": self.method}
+        meta = {"model_type": getattr(self.model.config, "model_type", None), "method": self.criterion}
         return self.structure.result(self.fingerprint, self.samples, self.tokens, meta)
 
     def gram(self) -> GramStatistics:
@@ -272,49 +276,50 @@ class Scorer:
         return self.grams.result(self.modules)
 
 
+@_aliases.renamed(method="criterion")
 def score(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
-    method: str = "fisher",
+    criterion: str = "fisher",
     *,
     seed: int = 0,
     progress: bool | None = None,
 ) -> Scores:
-    """Score every intermediate dim of every routed expert of `model` (see the module docstring for methods).
+    """Score every intermediate dim of every routed expert of `model` (see the module docstring for criteria).
 
     `batches` yields dicts with `input_ids` [B, T] and optionally `attention_mask` and `labels` (-100 ignored;
     default: the non-padding tokens). Model weights are left untouched and their requires_grad restored.
-    `method` may combine methods ("rank_mean(compensated, router)"): their scores come from one pass (a Scorer) and
-    are combined (fmoe.calibration.scores.COMBINERS); a combination with grad_abs scores each criterion on a pass of its own.
-    `method` records the spec.
+    `criterion` may combine criteria ("rank_mean(compensated, router)"): their scores come from one pass (a Scorer)
+    and are combined (fmoe.calibration.scores.COMBINERS); a combination with grad_abs scores each criterion on a
+    pass of its own. The Scores' `criterion` records the spec.
     """
-    combiner, criteria = parse_criterion(method, METHODS)
+    combiner, criteria = parse_criterion(criterion, CRITERIA)
     if combiner is not None:
         passes = [c for c in criteria if c not in ("magnitude", "random")]
         if passes and "grad_abs" not in criteria:  # one pass for every criterion
             return _score_pass(model, batches, criterion_name(combiner, criteria), seed, progress)
         if len(passes) > 1 and batches is not None and iter(batches) is batches:
-            raise ValueError(f"{method!r} scores grad_abs on a pass of its own: pass a list of batches (or another "
-                             "re-iterable), not an iterator")
+            raise ValueError(f"{criterion!r} scores grad_abs on a pass of its own: pass a list of batches (or "
+                             "another re-iterable), not an iterator")
         return combine(combiner, [score(model, batches, c, seed=seed, progress=progress) for c in criteria])
     modules = find_experts(model)
     check_scorable(modules)
     meta = {"model_type": getattr(model.config, "model_type", None)}
     fp = fingerprint(model)
-    if method == "magnitude":
-        return Scores(masked_zero(modules, magnitude_scores(modules)), method, fp, meta=meta)
-    if method == "random":
-        return Scores(masked_zero(modules, random_scores(modules, seed)), method, fp, meta={**meta, "seed": seed})
-    if method != "grad_abs":  # the data criteria, compensated included: one Scorer pass
-        return _score_pass(model, batches, method, seed, progress)
+    if criterion == "magnitude":
+        return Scores(masked_zero(modules, magnitude_scores(modules)), criterion, fp, meta=meta)
+    if criterion == "random":
+        return Scores(masked_zero(modules, random_scores(modules, seed)), criterion, fp, meta={**meta, "seed": seed})
+    if criterion != "grad_abs":  # the data criteria, compensated included: one Scorer pass
+        return _score_pass(model, batches, criterion, seed, progress)
     with frozen(model):
-        tensors, samples, tokens = grad_abs_scores(model, modules, _needed(batches, method), _shows(progress))
-    return Scores({n: t.float().cpu() for n, t in tensors.items()}, method, fp, samples, tokens, meta)
+        tensors, samples, tokens = grad_abs_scores(model, modules, _needed(batches, criterion), _shows(progress))
+    return Scores({n: t.float().cpu() for n, t in tensors.items()}, criterion, fp, samples, tokens, meta)
 
 
-def _needed(batches, method: str):
+def _needed(batches, criterion: str):
     if batches is None:
-        raise ValueError(f"method {method!r} needs calibration batches")
+        raise ValueError(f"criterion {criterion!r} needs calibration batches")
     return batches
 
 
@@ -322,10 +327,10 @@ def _shows(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
 
 
-def _score_pass(model: nn.Module, batches, method: str, seed: int, progress: bool | None) -> Scores:
-    """`method` (a Scorer's criterion) over one pass of `batches`."""
-    scorer = Scorer(model, method, seed=seed)
+def _score_pass(model: nn.Module, batches, criterion: str, seed: int, progress: bool | None) -> Scores:
+    """`criterion` (a Scorer's) over one pass of `batches`."""
+    scorer = Scorer(model, criterion, seed=seed)
     with scorer.attached():
-        for batch in tqdm(_needed(batches, method), disable=not _shows(progress), desc=f"scoring ({method})"):
+        for batch in tqdm(_needed(batches, criterion), disable=not _shows(progress), desc=f"scoring ({criterion})"):
             scorer.step(batch)
     return scorer.result()

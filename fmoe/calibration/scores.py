@@ -11,26 +11,31 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import _aliases
 from ..io import atomic_directory
 
 _TENSORS, _META = "scores.safetensors", "scores.json"
 
 
+@_aliases.renamed(method="criterion")
 @dataclass
 class Scores:
-    """tensors[name] = Tensor[E, I] (float32), name as in model.named_modules(); higher = more important."""
+    """tensors[name] = Tensor[E, I] (float32), name as in model.named_modules(); higher = more important.
+    `criterion`: the scoring criterion that gave them (its spec, e.g. "rank_mean(compensated,router)"), saved as
+    "method"."""
 
     tensors: dict[str, torch.Tensor]
-    method: str
+    criterion: str
     fingerprint: str
     samples: int = 0
     tokens: int = 0
     meta: dict = field(default_factory=dict)
+    method = _aliases.renamed_attribute("method", "criterion")
 
     def save(self, directory: str | Path) -> None:
         with atomic_directory(directory) as tmp:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp / _TENSORS))
-            info = dict(format="fmoe.Scores/1", method=self.method, fingerprint=self.fingerprint,
+            info = dict(format="fmoe.Scores/1", method=self.criterion, fingerprint=self.fingerprint,
                         samples=self.samples, tokens=self.tokens, meta=self.meta)
             (tmp / _META).write_text(json.dumps(info, indent=1))
 
@@ -42,7 +47,7 @@ class Scores:
         info = json.loads((directory / _META).read_text())
         if info.get("format") != "fmoe.Scores/1":
             raise ValueError(f"{directory / _META} is not an fmoe scores file (format={info.get('format')!r})")
-        return cls(tensors=load_file(str(directory / _TENSORS)), method=info["method"],
+        return cls(tensors=load_file(str(directory / _TENSORS)), criterion=info["method"],
                    fingerprint=info["fingerprint"], samples=info["samples"], tokens=info["tokens"],
                    meta=info.get("meta", {}))
 
@@ -64,8 +69,8 @@ def rank_mean(*scores: Scores) -> Scores:
         return ((below + upto - 1) / 2 / max(1, flat.numel() - 1)).view_as(t)
 
     tensors = {n: (sum(ranks(s.tensors[n]) for s in scores) / len(scores)).float() for n in names}
-    method = "rank_mean(" + ",".join(s.method for s in scores) + ")"
-    return Scores(tensors, method, scores[0].fingerprint, scores[0].samples, scores[0].tokens, dict(scores[0].meta))
+    criterion = "rank_mean(" + ",".join(s.criterion for s in scores) + ")"
+    return Scores(tensors, criterion, scores[0].fingerprint, scores[0].samples, scores[0].tokens, dict(scores[0].meta))
 
 
 COMBINERS = {"rank_mean": rank_mean}  # name -> function(*Scores) -> Scores
@@ -99,7 +104,7 @@ def parse_criterion(spec: str, names: Sequence[str]) -> tuple[str | None, tuple[
 
 
 def criterion_name(combiner: str | None, criteria: Sequence[str]) -> str:
-    """The canonical spelling of a parsed criterion, as the combined Scores' `method` records it."""
+    """The canonical spelling of a parsed criterion, as the combined Scores' `criterion` records it."""
     return criteria[0] if combiner is None else f"{combiner}({','.join(criteria)})"
 
 

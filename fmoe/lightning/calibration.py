@@ -1,7 +1,7 @@
 """CalibrationModule: a LightningModule whose `trainer.fit` over calibration batches accumulates importance scores.
 
     trainer = L.Trainer(max_epochs=1, callbacks=[IntermediatePruning(amount=0.5, scope="layer")])
-    trainer.fit(CalibrationModule(model, method="fisher"), calibration_dataloader)
+    trainer.fit(CalibrationModule(model, criterion="fisher"), calibration_dataloader)
 
 With `structure=True` the same pass measures the expert- and layer-level statistics of fmoe.calibration.statistics: after the
 fit `self.statistics` holds their SUM over ranks, reduced in the same collective step as the scores. With
@@ -28,6 +28,7 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
+from .. import _aliases
 from ..calibration.criteria import scorer_criterion
 from ..calibration.gram import GramStatistics
 from ..calibration.scorer import Scorer
@@ -123,23 +124,37 @@ def rank0_fingerprint(own: str | None) -> str | None:
     return own if own is not None else sent
 
 
-def check_strategy(method: str, strategy) -> None:
+def check_strategy(criterion: str, strategy) -> None:
     """Criteria that read the experts' weights (compensated, magnitude) cannot run under ModelParallelStrategy
     (FSDP2), where only rank 0 holds the weights: an empty rank's scorer would have nothing to read at the end."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    reads = sorted({"compensated", "magnitude"} & set(scorer_criterion(method)[1]))
+    reads = sorted({"compensated", "magnitude"} & set(scorer_criterion(criterion)[1]))
     if reads and isinstance(strategy, ModelParallelStrategy):
-        raise ValueError(f"{method!r}: {', '.join(reads)} read the experts' weights, which under "
+        raise ValueError(f"{criterion!r}: {', '.join(reads)} read the experts' weights, which under "
                          "ModelParallelStrategy only rank 0 holds; use DDP or one process for these criteria")
 
 
+@_aliases.renamed(method="criterion")
 class CalibrationModule(L.LightningModule):
-    def __init__(self, model: nn.Module, method: str = "fisher", structure: bool = False, gram: bool = False):
+    """Score `model`'s routed intermediate dims over the batches of `trainer.fit` (see the module docstring).
+
+    Args:
+        model: the transformers MoE to score (its weights stay frozen).
+        criterion: the scoring criterion: fisher, activation, router, magnitude, random, compensated, or a
+            combination such as "rank_mean(compensated, router)" (fmoe.score's criteria but grad_abs).
+        structure: also measure expert- and layer-level statistics (the expert, layer and block drops plan from
+            them).
+        gram: also gather the per-expert Gram sums of a least-squares refit (fmoe.reconstruct).
+    """
+
+    method = _aliases.renamed_attribute("method", "criterion")
+
+    def __init__(self, model: nn.Module, criterion: str = "fisher", structure: bool = False, gram: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])  # `load_from_checkpoint(path, model=...)` restores the rest
         self.model = model
-        self.method = criterion_name(*scorer_criterion(method))  # checked before any fit (also on an empty model)
+        self.criterion = criterion_name(*scorer_criterion(criterion))  # checked before any fit (empty model too)
         self.structure = structure
         self.gathers_gram = gram
         self.automatic_optimization = False
@@ -173,7 +188,7 @@ class CalibrationModule(L.LightningModule):
 
     def _make_scorer(self) -> None:
         """The scorer over the model's weights (its fingerprint reads them) and the parameters DDP must see."""
-        self.scorer = Scorer(self.model, self.method, structure=self.structure, gram=self.gathers_gram)
+        self.scorer = Scorer(self.model, self.criterion, structure=self.structure, gram=self.gathers_gram)
         anchors = self.scorer.anchors
         self.anchors = nn.ParameterList(anchors.values())  # registered so DDP and device moves see them
         if not anchors:  # activation/router run no backward, but DDP refuses a module with no trainable parameter
@@ -198,7 +213,7 @@ class CalibrationModule(L.LightningModule):
         self._user_flags = {name: p.requires_grad for name, p in self.model.named_parameters()}
         for p in self.model.parameters():
             p.requires_grad_(False)
-        check_strategy(self.method, self.trainer.strategy)  # before anything is sharded
+        check_strategy(self.criterion, self.trainer.strategy)  # before anything is sharded
         shard(self, "model")
         self.scorer.use(self.model)
 
@@ -272,7 +287,7 @@ class CalibrationModule(L.LightningModule):
         if not is_sharded(self.model) and PLANS_KEY not in checkpoint:  # FSDP2's cannot load without the weights
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
         checkpoint[_STATE_KEY] = {"state": {k: t.cpu() for k, t in state.items()}, "samples": samples,
-                                  "tokens": tokens, "method": self.method, "fingerprint": self.scorer.fingerprint,
+                                  "tokens": tokens, "method": self.criterion, "fingerprint": self.scorer.fingerprint,
                                   "structure": self.structure, "gram": self.gathers_gram}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -282,9 +297,9 @@ class CalibrationModule(L.LightningModule):
         saved = checkpoint.get(_STATE_KEY)
         if saved is None:
             raise ValueError("checkpoint holds no fmoe calibration state")
-        if saved["method"] != self.method or saved["fingerprint"] != self.scorer.fingerprint:
+        if saved["method"] != self.criterion or saved["fingerprint"] != self.scorer.fingerprint:
             raise ValueError(f"checkpoint is a {saved['method']!r} calibration of model {saved['fingerprint']}, "
-                             f"this run is {self.method!r} on {self.scorer.fingerprint}")
+                             f"this run is {self.criterion!r} on {self.scorer.fingerprint}")
         if saved.get("structure", False) != self.structure:
             raise ValueError(f"checkpoint was a calibration with structure={saved.get('structure', False)}, this run "
                              f"has structure={self.structure}")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from .. import methods
 from ..calibration.scorer import Scorer
 from ..calibration.scores import Scores
-from ..methods.dims.iterative import iterate, step_ratios
+from ..methods.dims.iterative import iterate, step_amounts
 from ..methods.dims.prune import weight_bytes
 from ..methods.dims.refit import LAM, recorded, refit
 from ..methods.registry import Calibration
@@ -75,6 +75,11 @@ class FisherScoring(L.Callback):
     Under ModelParallelStrategy (FSDP2), call `fmoe.lightning.sharding.shard(self, "model")` in your
     `configure_model` and `unshard(self, self.trainer)` in your `teardown`: the fit runs a sharded twin, and
     the plain model (with what the fit trained) is back afterwards; IntermediatePruning brings it back itself.
+
+    Args:
+        model_attr: the LightningModule's attribute that holds the transformers MoE (default: found by search).
+        loss_reduction: "mean_of_sequences" (the loss is a mean over sequences) or "none" (a sum of the
+            sequences' losses).
     """
 
     def __init__(self, model_attr: str | None = None, loss_reduction: str = "mean_of_sequences"):
@@ -132,15 +137,26 @@ class FisherScoring(L.Callback):
 
 
 class Compression(L.Callback):
-    """At the end of a calibration fit: a registered compression method (`fmoe.methods.METHODS`) plans from the
-    fit's dim scores or expert/layer statistics and edits the model physically; calibration and plan are saved.
+    """Compress the model at the end of a calibration fit with any registered compression method.
 
-    Scores and statistics come from a CalibrationModule (statistics need `structure=True`, which this callback
-    turns on before the fit) or, for dim scores, a FisherScoring callback of the same Trainer. Shapes change only
-    in `on_fit_end`, after the loop and before anything else uses the model. In a multi-process run rank 0 plans
-    and every rank applies its plan, so ranks cannot disagree; an empty (meta) model, a non-zero rank's under
-    FSDP2, is cut to the plan's shapes. The plan applied is `self.plan`; it is also recorded on the model, and
-    checkpoints saved afterwards carry it, so a module with `fmoe.lightning.RestorePlans` reloads them.
+    The method (`fmoe.methods.METHODS`) plans from the fit's dim scores or expert/layer statistics and edits the
+    model physically; calibration and plan are saved. Scores and statistics come from a CalibrationModule
+    (statistics need `structure=True`, which this callback turns on before the fit) or, for dim scores, a
+    FisherScoring callback of the same Trainer. Shapes change only in `on_fit_end`, after the loop and before
+    anything else uses the model. In a multi-process run rank 0 plans and every rank applies its plan, so ranks
+    cannot disagree; an empty (meta) model, a non-zero rank's under FSDP2, is cut to the plan's shapes. The plan
+    applied is `self.plan`; it is also recorded on the model, and checkpoints saved afterwards carry it, so a module
+    with `fmoe.lightning.RestorePlans` reloads them.
+
+    Args:
+        method: a compression method of fmoe.methods.METHODS (dims, expert_drop, reap, layer_drop, block_drop, ...).
+        amount: the share removed: of routed intermediate dims (dims), of routed parameters (the others); None
+            with a `count`.
+        save_dir: where the scores, statistics and plan.json go (default: the trainer's log_dir).
+        verbose: log (rank zero) what was removed.
+        model_attr: the LightningModule's attribute that holds the transformers MoE, when it is not a
+            CalibrationModule (default: found by search).
+        **options: the method's own options (scope, count, mode, ...: fmoe.methods.options_of).
     """
 
     def __init__(self, method: str = "dims", amount: float | None = 0.5, save_dir: str | Path | None = None,
@@ -215,19 +231,36 @@ class Compression(L.Callback):
 
 
 class IntermediatePruning(Compression):
-    """Remove routed intermediate dims (method "dims"): plan from the fit's dim scores, prune physically.
+    """Remove routed intermediate dims (method "dims") at the end of a calibration fit.
 
-    Follows `ModelPruning` conventions: `amount` is the share of routed intermediate dims removed, `verbose`
-    logs (rank zero) what was removed. Scores come from a CalibrationModule or a FisherScoring callback of the
-    same Trainer. With `reconstruct`, the CalibrationModule's fit also gathers the Gram sums of fmoe.reconstruct
-    and the kept dims are refit by least squares (ridge `lam`) after pruning, on every rank that holds weights
-    (from the fit's activations: with `steps` > 1 too, once, after the last step).
+    Plans from the fit's dim scores and prunes physically. Follows `ModelPruning` conventions: `amount` is the share
+    of routed intermediate dims removed, `verbose` logs (rank zero) what was removed. Scores come from a
+    CalibrationModule or a FisherScoring callback of the same Trainer. With `reconstruct`, the CalibrationModule's
+    fit also gathers the Gram sums of fmoe.reconstruct and the kept dims are refit by least squares (ridge `lam`)
+    after pruning, on every rank that holds weights (from the fit's activations: with `steps` > 1 too, once, after
+    the last step).
 
-    With `steps` > 1 the dims go in that many steps (fmoe.methods.dims.iterative, linear schedule): step 1 plans from the fit's
-    scores, each later step scores the model again with the dims of the steps before masked, over one pass of the
-    fit's own train dataloader (under DDP each rank its shard, sums reduced over ranks), and rank 0 plans. This
-    needs a CalibrationModule fit (its method scores again) and DDP or one process: under ModelParallelStrategy
-    (FSDP2) only rank 0 holds the plain model between fits. The scores saved are the last step's.
+    With `steps` > 1 the dims go in that many steps (fmoe.methods.dims.iterative, linear schedule): step 1 plans
+    from the fit's scores, each later step scores the model again with the dims of the steps before masked, over one
+    pass of the fit's own train dataloader (under DDP each rank its shard, sums reduced over ranks), and rank 0
+    plans. This needs a CalibrationModule fit (its criterion scores again) and DDP or one process: under
+    ModelParallelStrategy (FSDP2) only rank 0 holds the plain model between fits. The scores saved are the last
+    step's.
+
+    Args:
+        amount: the share of routed intermediate dims removed.
+        scope: where dims compete: "expert" (each expert alike), "layer" (the experts of a layer) or "global".
+        multiple_of: kept widths are multiples of this (aligned grouped matmuls).
+        min_width: the least width an expert keeps (default: multiple_of).
+        normalize: "global" scope: "mean" divides each layer's scores by their mean first, "none" compares them raw.
+        max_widths: distinct widths per layer (one grouped matmul each); None: unbounded.
+        save_dir: where the scores and plan.json go (default: the trainer's log_dir).
+        verbose: log (rank zero) what was removed.
+        model_attr: the LightningModule's attribute that holds the transformers MoE, when it is not a
+            CalibrationModule (default: found by search).
+        steps: remove the amount in this many steps, scoring the partly pruned model again before each.
+        reconstruct: refit the kept dims' down projections by least squares (fmoe.reconstruct).
+        lam: the refit's ridge towards the pruned weights, in pseudo-tokens per kept dim.
     """
 
     def __init__(self, amount: float = 0.5, scope: str = "layer", multiple_of: int = 16,
@@ -236,7 +269,7 @@ class IntermediatePruning(Compression):
                  steps: int = 1, reconstruct: bool = False, lam: float = LAM):
         super().__init__("dims", amount, save_dir, verbose, model_attr, scope=scope, multiple_of=multiple_of,
                          min_width=min_width, normalize=normalize, max_widths=max_widths)
-        step_ratios(amount, steps)  # bad steps fail before a calibration run is spent
+        step_amounts(amount, steps)  # bad steps fail before a calibration run is spent
         if reconstruct and not (lam >= 0 and math.isfinite(lam)):  # checked before a calibration run is spent
             raise ValueError(f"lam must be a finite non-negative ridge factor, got {lam}")
         self.steps, self.reconstruct, self.lam = steps, reconstruct, lam
@@ -275,7 +308,7 @@ class IntermediatePruning(Compression):
         def rescore(step: int) -> Scores:
             if step == 1:
                 return first
-            scorer = Scorer(model, pl_module.method).to(device)
+            scorer = Scorer(model, pl_module.criterion).to(device)
             with scorer.attached():  # the model as it stands: the previous step's mask is open
                 for batch in islice(loader, limit):
                     scorer.step(batch, sync=sync_flags(trainer))  # every rank raises at the same batch
@@ -302,9 +335,18 @@ class IntermediatePruning(Compression):
 
 
 class ExpertPruning(Compression):
-    """Drop whole routed experts, ranked by `criterion`: "router" (mean routing probability: Expert Drop),
-    "frequency" (share of tokens routed), "reap" (REAP: routing weight x output norm) or "fisher" (expert-level
-    Fisher). `amount`: share of routed parameters removed (or `count` experts per layer / in all, by scope)."""
+    """Drop whole routed experts at the end of a calibration fit, the lowest ranked by an expert criterion.
+
+    Args:
+        amount: the share of routed parameters removed; None with a `count`.
+        criterion: "router" (mean routing probability: Expert Drop), "frequency" (share of tokens routed), "reap"
+            (REAP: routing weight x output norm) or "fisher" (expert-level Fisher).
+        scope: "layer" (the same number from every layer) or "global" (ranked across layers).
+        count: drop this many experts instead (per layer, or in all for the global scope).
+        normalize: "global" scope: "mean" divides each layer's scores by their mean first, "none" compares them raw.
+        save_dir: where the statistics and plan.json go (default: the trainer's log_dir).
+        verbose: log (rank zero) what was removed.
+    """
 
     CRITERIA = {"router": "expert_drop", "frequency": "expert_frequency", "reap": "reap", "fisher": "expert_fisher"}
 
@@ -318,8 +360,16 @@ class ExpertPruning(Compression):
 
 
 class LayerDropping(Compression):
-    """Drop whole MoE sublayers (norm, router, routed and shared experts), the most redundant by
-    cos(x', x' + MoE(norm(x'))). `amount`: share of routed parameters removed, or `count` sublayers."""
+    """Drop whole MoE sublayers at the end of a calibration fit, the most redundant by cos(x', x' + MoE(norm(x'))).
+
+    A sublayer is the norm, router, routed and shared experts of a decoder layer.
+
+    Args:
+        amount: the share of routed parameters removed; None with a `count`.
+        count: drop this many MoE sublayers instead.
+        save_dir: where the statistics and plan.json go (default: the trainer's log_dir).
+        verbose: log (rank zero) what was removed.
+    """
 
     def __init__(self, amount: float | None = 0.25, count: int | None = None, save_dir: str | Path | None = None,
                  verbose: bool = True):
@@ -327,8 +377,15 @@ class LayerDropping(Compression):
 
 
 class BlockDropping(Compression):
-    """Drop whole decoder blocks, the most redundant by cos(h_l, h_l+1) ("discrete") or the best window of
-    consecutive blocks ("consecutive"). `amount`: share of routed parameters removed, or `count` blocks."""
+    """Drop whole decoder blocks at the end of a calibration fit, the most redundant by cos(h_l, h_l+1).
+
+    Args:
+        amount: the share of routed parameters removed; None with a `count`.
+        count: drop this many blocks instead.
+        mode: "discrete" (the most redundant blocks) or "consecutive" (the best window of consecutive blocks).
+        save_dir: where the statistics and plan.json go (default: the trainer's log_dir).
+        verbose: log (rank zero) what was removed.
+    """
 
     def __init__(self, amount: float | None = 0.25, count: int | None = None, mode: str = "discrete",
                  save_dir: str | Path | None = None, verbose: bool = True):

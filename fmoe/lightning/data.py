@@ -134,6 +134,26 @@ class TextDataModule(L.LightningDataModule):
     """Calibration/training on `train`, validation on `domain_eval` and `general_eval` (perplexity of each).
 
     `subset`/`template` describe the domain dataset (train and domain eval); `general_subset` the general one.
+
+    Args:
+        tokenizer: the tokenizer's hub name or directory (the model's).
+        train: the calibration and training data: a local json/jsonl/parquet/txt/csv file or a hub dataset name.
+        domain_eval: the domain's evaluation data (perplexity "domain"); None: none.
+        general_eval: general text for evaluation (perplexity "general"); None: none.
+        text_field: the field that holds each record's text.
+        template: builds each text from several fields instead, e.g. "Q: {question} A: {answer}".
+        subset: the config name of a hub dataset for train and domain_eval.
+        split: the hub split of train.
+        eval_split: the hub split of domain_eval and general_eval.
+        general_subset: the config name of a hub dataset for general_eval.
+        seq_len: tokens per sequence.
+        n_samples: sequences in the calibration and training set, drawn with `seed`.
+        batch_size: sequences per batch.
+        eval_batch_size: sequences per evaluation batch (default: batch_size).
+        max_eval_samples: sequences per evaluation set, at most.
+        pack: join documents with EOS into full sequences; false: one document per row, padded.
+        seed: the seed that draws the sequences.
+        num_workers: DataLoader worker processes.
     """
 
     def __init__(self, tokenizer: str, train: str, domain_eval: str | None = None, general_eval: str | None = None,

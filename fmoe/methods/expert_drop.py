@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .. import _aliases
 from ..calibration.scores import Scores, ranked
 from ..io import read_json, write_json
 from ..model.compat import EXPERT_COUNT_FIELDS, TOP2_GROUP_ROUTERS, TWO_PICK_ROUTERS, own_config, router_groups
@@ -37,7 +38,7 @@ class ExpertPlan:
     num_experts: dict[str, int]  # original expert counts, to check the plan against a model
     sizes: dict[str, list[int]]  # parameters of every original expert (the removed share without the model)
     fingerprint: str
-    meta: dict = field(default_factory=dict)  # criterion, scope, normalize, ratio, count, achieved
+    meta: dict = field(default_factory=dict)  # criterion, scope, normalize, ratio (the amount), count, achieved
     FORMAT: ClassVar[str] = "fmoe.ExpertPlan/1"
 
     def carry_scores(self, scores: Scores, model: nn.Module) -> Scores:
@@ -126,18 +127,19 @@ def _layer_keep(name: str, scores: torch.Tensor, drop: int, groups: tuple[int, i
     return sorted(torch.cat(kept).tolist())
 
 
-def plan_experts(model: nn.Module, scores: dict[str, torch.Tensor], ratio: float | None = None,
+@_aliases.renamed(ratio="amount")
+def plan_experts(model: nn.Module, scores: dict[str, torch.Tensor], amount: float | None = None,
                  count: int | None = None, scope: str = "layer", normalize: str = "mean",
                  criterion: str = "") -> ExpertPlan:
-    """Drop the lowest-scored experts: `ratio` (share of routed parameters to remove) or `count` (experts per layer
-    for scope "layer", in all for "global"). Scope "layer" drops the same number in every MoE layer (ratio: round(
-    ratio x E)); "global" ranks experts across layers (each layer's scores divided by their mean first when
+    """Drop the lowest-scored experts: `amount` (share of routed parameters to remove) or `count` (experts per layer
+    for scope "layer", in all for "global"). Scope "layer" drops the same number in every MoE layer (amount: round(
+    amount x E)); "global" ranks experts across layers (each layer's scores divided by their mean first when
     normalize="mean"), dropping from every group of a group-limited router alike, and never takes a layer below
     what its router needs to run (`keep_minimum`); a layer-scope drop past that is refused."""
-    if (ratio is None) == (count is None):
-        raise ValueError("give exactly one of ratio (share of routed parameters to remove) or count (experts)")
-    if ratio is not None and not 0 <= ratio <= 1:
-        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    if (amount is None) == (count is None):
+        raise ValueError("give exactly one of amount (share of routed parameters to remove) or count (experts)")
+    if amount is not None and not 0 <= amount <= 1:
+        raise ValueError(f"amount must be in [0, 1], got {amount}")
     if count is not None and (not isinstance(count, int) or count < 0):
         raise ValueError(f"count must be a non-negative int, got {count!r}")
     if scope not in SCOPES:
@@ -158,23 +160,23 @@ def plan_experts(model: nn.Module, scores: dict[str, torch.Tensor], ratio: float
     routers = {name: model.get_submodule(layers[name].router) for name in modules}
     sizes = {name: expert_sizes(m) for name, m in modules.items()}
     if scope == "layer":
-        keep = {name: _layer_keep(name, values[name], round(ratio * totals[name]) if count is None else count,
+        keep = {name: _layer_keep(name, values[name], round(amount * totals[name]) if count is None else count,
                                   router_groups(routers[name])) for name in modules}
     else:
-        keep = _global_keep(values, sizes, ratio, count, normalize,
+        keep = _global_keep(values, sizes, amount, count, normalize,
                             {name: keep_minimum(model_type, routers[name])[:2] for name in modules})
     for name, ids in keep.items():
         check_keep(model_type, name, routers[name], totals[name], ids)
-    meta = dict(criterion=criterion, scope=scope, normalize=normalize, ratio=ratio, count=count)
+    meta = dict(criterion=criterion, scope=scope, normalize=normalize, ratio=amount, count=count)
     plan = ExpertPlan(keep=keep, num_experts=totals, sizes=sizes, fingerprint=fingerprint(model), meta=meta)
     plan.meta["achieved"] = plan.removed_fraction()
     return plan
 
 
-def _global_keep(values: dict[str, torch.Tensor], sizes: dict[str, list[int]], ratio: float | None,
+def _global_keep(values: dict[str, torch.Tensor], sizes: dict[str, list[int]], amount: float | None,
                  count: int | None, normalize: str, minimum: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
     """Experts dropped lowest first across layers: `count` of them, or while the removed parameters come nearer to
-    `ratio` of the total. A layer of minimum[name] = (groups, least) loses experts one round at a time, a round being
+    `amount` of the total. A layer of minimum[name] = (groups, least) loses experts one round at a time, a round being
     the lowest expert left in each group (scored by their mean; one expert where the router has no groups), and
     keeps at least `least` per group. Ties by layer, then round."""
     if normalize == "mean":
@@ -193,7 +195,7 @@ def _global_keep(values: dict[str, torch.Tensor], sizes: dict[str, list[int]], r
             rounds.append((float(v[ids].mean()), i, r, ids))
     names = list(values)
     dropped: set[tuple[str, int]] = set()
-    target = None if ratio is None else ratio * sum(sum(s) for s in sizes.values())
+    target = None if amount is None else amount * sum(sum(s) for s in sizes.values())
     removed = 0
     for _, i, _, ids in sorted(rounds, key=lambda unit: unit[:3]):
         name = names[i]
@@ -277,7 +279,7 @@ def select_scores(scores: Scores, plan: ExpertPlan, model: nn.Module) -> Scores:
                          "name other experts modules")
     tensors = {name: t[torch.tensor(plan.keep[name])].contiguous() for name, t in scores.tensors.items()}
     meta = {**scores.meta, "experts_kept": plan.keep}
-    return Scores(tensors, scores.method, fingerprint(model), scores.samples, scores.tokens, meta)
+    return Scores(tensors, scores.criterion, fingerprint(model), scores.samples, scores.tokens, meta)
 
 
 def _experts(criterion: str) -> Callable:
@@ -286,7 +288,7 @@ def _experts(criterion: str) -> Callable:
         if criterion not in statistics.experts:
             raise ValueError(f"expert criterion {criterion!r} was not measured (measured: "
                              f"{', '.join(statistics.experts)}; expert Fisher needs a pass with a backward)")
-        return plan_experts(model, statistics.experts[criterion], ratio=None if count is not None else amount,
+        return plan_experts(model, statistics.experts[criterion], None if count is not None else amount,
                             count=count, scope=scope, normalize=normalize, criterion=criterion)
 
     return plan

@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .. import _aliases
 from ..calibration.scores import ranked
 from ..io import read_json, write_json
 from ..model.compat import own_config
@@ -52,7 +53,7 @@ class DropPlan:
     blocks: list[int]
     num_layers: int
     fingerprint: str
-    meta: dict = field(default_factory=dict)  # criterion, mode, count, ratio, achieved (routed share), params_removed
+    meta: dict = field(default_factory=dict)  # criterion, mode, count, ratio (the amount), achieved, params_removed
     FORMAT: ClassVar[str] = "fmoe.DropPlan/1"
 
     def to_dict(self) -> dict:
@@ -91,18 +92,18 @@ def _shares(model: nn.Module, moe: list[int], blocks: list[int]) -> tuple[float,
     return _params(routed) / routed_total, _params(removed) / _params([model])
 
 
-def _count_or_ratio(count: int | None, ratio: float | None, limit: int, what: str) -> None:
-    if (count is None) == (ratio is None):
-        raise ValueError(f"give exactly one of count and ratio (got count={count}, ratio={ratio})")
+def _count_or_amount(count: int | None, amount: float | None, limit: int, what: str) -> None:
+    if (count is None) == (amount is None):
+        raise ValueError(f"give exactly one of count and amount (got count={count}, amount={amount})")
     if count is not None and not 0 <= count < limit:
         raise ValueError(f"count must be in [0, {limit}) (dropping all {limit} {what} leaves none), got {count}")
-    if ratio is not None and not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if amount is not None and not 0 <= amount < 1:
+        raise ValueError(f"amount must be in [0, 1), got {amount}")
 
 
-def _nearest(options: list[tuple[float, list[int]]], ratio: float) -> list[int]:
-    """The option whose achieved routed share is nearest `ratio` (ties: the fewer layers dropped)."""
-    return min(options, key=lambda o: (abs(o[0] - ratio), len(o[1])))[1]
+def _nearest(options: list[tuple[float, list[int]]], amount: float) -> list[int]:
+    """The option whose achieved routed share is nearest `amount` (ties: the fewer layers dropped)."""
+    return min(options, key=lambda o: (abs(o[0] - amount), len(o[1])))[1]
 
 
 def _check_vector(similarity: torch.Tensor, n: int, name: str) -> torch.Tensor:
@@ -112,9 +113,10 @@ def _check_vector(similarity: torch.Tensor, n: int, name: str) -> torch.Tensor:
     return similarity
 
 
+@_aliases.renamed(ratio="amount")
 def plan_layer_drop(model: nn.Module, moe_similarity: torch.Tensor, count: int | None = None,
-                    ratio: float | None = None) -> DropPlan:
-    """Drop the `count` MoE sublayers of highest `moe_similarity` [L] in one shot; with `ratio` (share of routed
+                    amount: float | None = None) -> DropPlan:
+    """Drop the `count` MoE sublayers of highest `moe_similarity` [L] in one shot; with `amount` (share of routed
     expert parameters to remove) instead, the count whose achieved share is nearest it (meta says what was
     achieved)."""
     _, layers = decoder_layers(model)
@@ -123,21 +125,22 @@ def plan_layer_drop(model: nn.Module, moe_similarity: torch.Tensor, count: int |
     missing = [i for i in candidates if math.isnan(similarity[i])]
     if missing:
         raise ValueError(f"moe_similarity is NaN at MoE layers {missing}: every MoE layer needs a value to rank")
-    _count_or_ratio(count, ratio, len(candidates), "MoE layers")
+    _count_or_amount(count, amount, len(candidates), "MoE layers")
     order = [candidates[i] for i in ranked(similarity[candidates]).tolist()]
     if count is None:
-        count = len(_nearest([(_shares(model, order[:n], [])[0], order[:n]) for n in range(len(order))], ratio))
+        count = len(_nearest([(_shares(model, order[:n], [])[0], order[:n]) for n in range(len(order))], amount))
     chosen = sorted(order[:count])
     routed, params = _shares(model, chosen, [])
-    meta = dict(criterion="moe_similarity", mode="layer", count=count if ratio is None else None, ratio=ratio,
+    meta = dict(criterion="moe_similarity", mode="layer", count=count if amount is None else None, ratio=amount,
                 dropped=len(chosen), achieved=routed, params_removed=params)
     return DropPlan(chosen, [], len(layers), fingerprint(model), meta)
 
 
+@_aliases.renamed(ratio="amount")
 def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int | None = None,
-                    ratio: float | None = None, mode: str = "discrete") -> DropPlan:
+                    amount: float | None = None, mode: str = "discrete") -> DropPlan:
     """Drop `count` decoder layers: "discrete" the ones of highest S[l, l+1], "consecutive" the window l..l+n-1 of
-    highest S[l, l+n] (block_similarity S [L+1, L+1]). With `ratio` (share of routed expert parameters to
+    highest S[l, l+n] (block_similarity S [L+1, L+1]). With `amount` (share of routed expert parameters to
     remove) instead, the count whose achieved share is nearest it. A choice that removes every MoE layer, or whose
     MoE layout the family's config fields cannot express (`drop_blocks` would refuse it), gives way to the next
     best one."""
@@ -149,7 +152,7 @@ def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int
     if s.shape != (n + 1, n + 1):
         raise ValueError(f"block_similarity must have shape [{n + 1}, {n + 1}] (inputs of {n} decoder layers and "
                          f"the last one's output), got {list(s.shape)}")
-    _count_or_ratio(count, ratio, n, "decoder layers")
+    _count_or_amount(count, amount, n, "decoder layers")
     moe = {m.index for m in moe_layers(model).values()}
 
     def acceptable(blocks: list[int]) -> bool:
@@ -182,14 +185,14 @@ def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int
 
     if count is None:
         options = [o for o in (best(k) for k in range(n)) if o is not None]
-        count = len(_nearest([(_shares(model, [], o)[0], o) for o in options], ratio))
+        count = len(_nearest([(_shares(model, [], o)[0], o) for o in options], amount))
     chosen = best(count)
     if chosen is None:
         raise ValueError(f"no {mode} choice of {count} blocks (at most {MAX_BLOCK_CHOICES} tried, best ranked first) "
                          f"keeps an MoE layer (MoE layers: {sorted(moe)}) with a layout the config fields can express: "
                          "drop fewer blocks")
     routed, params = _shares(model, [], chosen)
-    meta = dict(criterion="block_similarity", mode=mode, count=count if ratio is None else None, ratio=ratio,
+    meta = dict(criterion="block_similarity", mode=mode, count=count if amount is None else None, ratio=amount,
                 dropped=len(chosen), achieved=routed, params_removed=params)
     return DropPlan([], chosen, n, fingerprint(model), meta)
 
@@ -364,13 +367,14 @@ def drop(model: nn.Module, plan: DropPlan) -> nn.Module:
 
 def _layers(model, calibration, amount=None, count=None):
     statistics = calibration.need("statistics", "layer_drop", model)
-    return plan_layer_drop(model, statistics.moe_similarity, count=count, ratio=None if count is not None else amount)
+    return plan_layer_drop(model, statistics.moe_similarity, count=count,
+                           amount=None if count is not None else amount)
 
 
 def _blocks(model, calibration, amount=None, count=None, mode="discrete"):
     statistics = calibration.need("statistics", "block_drop", model)
     return plan_block_drop(model, statistics.block_similarity, count=count,
-                           ratio=None if count is not None else amount, mode=mode)
+                           amount=None if count is not None else amount, mode=mode)
 
 
 register("layer_drop", Method(_layers, drop, DropPlan, "statistics", "drop the MoE sublayers that change the residual least"))

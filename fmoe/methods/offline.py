@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+from .. import _aliases
 from ..calibration.criteria import magnitude_scores, random_scores
 from ..calibration.scores import Scores
 from ..io import atomic_directory
@@ -259,21 +260,23 @@ def _open(src: str | Path):
     return source, config, model, ModelView(source, model)
 
 
-def score_checkpoint(src: str | Path, method: str = "magnitude", seed: int = 0) -> Scores:
-    """`fmoe.score(model, method=...)` for the data-free methods, from the checkpoint's tensors (no model, no data)."""
-    if method not in ("magnitude", "random"):
-        raise ValueError(f"score_checkpoint computes the data-free methods 'magnitude' and 'random', not {method!r}; "
-                         "the others need the model and calibration data (fmoe.score)")
+@_aliases.renamed(method="criterion")
+def score_checkpoint(src: str | Path, criterion: str = "magnitude", seed: int = 0) -> Scores:
+    """`fmoe.score(model, criterion=...)` for the data-free criteria, from the checkpoint's tensors (no model, no
+    data)."""
+    if criterion not in ("magnitude", "random"):
+        raise ValueError(f"score_checkpoint computes the data-free criteria 'magnitude' and 'random', not "
+                         f"{criterion!r}; the others need the model and calibration data (fmoe.score)")
     source, config, model, view = _open(src)
     modules = find_experts(model)
     meta = {"model_type": config.model_type}
-    if method == "random":
+    if criterion == "random":
         tensors = random_scores(modules, seed)  # shapes only
         meta["seed"] = seed
     else:  # one expert at a time: each expert's norms depend on its own weights only
         tensors = {name: torch.cat([magnitude_scores({name: view.expert_params(name, m, e)})[name]
                                     for e in range(len(expert_widths(m)))]) for name, m in modules.items()}
-    return Scores(tensors, method, checkpoint_fingerprint(view, model), meta=meta)
+    return Scores(tensors, criterion, checkpoint_fingerprint(view, model), meta=meta)
 
 
 # ------------------------------------------------------------------------------------------------------ pruning

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import _aliases
 from ..calibration.scorer import Scorer
 from ..calibration.scores import Scores
 from ..calibration.statistics import Statistics
@@ -71,15 +72,16 @@ class Calibration:
         return Calibration(carry(self.need("scores", "dims", None), model))
 
 
-def calibrate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], method: str = "fisher",
+@_aliases.renamed(method="criterion")
+def calibrate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], criterion: str = "fisher",
               progress: bool | None = None) -> Calibration:
-    """Dim scores (`method`: a criterion a fmoe.calibration.scorer.Scorer runs, combinations included) and expert and layer
-    statistics of `model`, from one pass over calibration `batches` (dicts with input_ids and optionally
+    """Dim scores (`criterion`: one a fmoe.calibration.scorer.Scorer runs, combinations included) and expert and
+    layer statistics of `model`, from one pass over calibration `batches` (dicts with input_ids and optionally
     attention_mask, labels)."""
     progress = sys.stderr.isatty() if progress is None else progress
-    scorer = Scorer(model, method, structure=True)
+    scorer = Scorer(model, criterion, structure=True)
     with scorer.attached():
-        for batch in tqdm(batches, disable=not progress, desc=f"calibrating ({method})"):
+        for batch in tqdm(batches, disable=not progress, desc=f"calibrating ({criterion})"):
             scorer.step(batch)
     return Calibration(scorer.result(), scorer.statistics())
 
@@ -195,6 +197,6 @@ def apply_plan(model: nn.Module, plan) -> nn.Module:
 def measure(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], fisher: bool = True,
             progress: bool | None = None) -> Statistics:
     """Expert- and layer-level statistics of `model` over calibration `batches` (dicts with input_ids and optionally
-    attention_mask, labels), from one pass with the dim scorer (method "fisher", or "activation" without `fisher`:
+    attention_mask, labels), from one pass with the dim scorer (criterion "fisher", or "activation" without `fisher`:
     forward only, no expert Fisher). Weights are left untouched."""
     return calibrate(model, batches, "fisher" if fisher else "activation", progress).statistics

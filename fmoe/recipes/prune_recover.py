@@ -4,6 +4,7 @@
     fmoe prune-recover --prune.amount 0.25 --prune.scope expert --recover.max_steps 50
     fmoe prune-recover --prune.amount 0.75 --prune.steps 5  # iterative: the partly pruned model scored again each step
     fmoe prune-recover --prune.amount 0.75 --prune.reconstruct true  # least-squares refit of the kept dims
+    fmoe prune-recover --model.criterion 'rank_mean(compensated, router)'  # the dims' scoring criterion
     fmoe prune-recover --config recipes/configs/qwen1.5-moe-a2.7b.yaml   # 8x80 GB, real checkpoint
     fmoe prune-recover --prune.method reap --prune.amount 0.25  # or expert_drop, layer_drop, block_drop, ...
     fmoe prune-recover --lm_eval.tasks '[gsm8k, arc_easy]' --lm_eval.limit 200  # lm-eval scores in every row
@@ -41,13 +42,14 @@ import warnings
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as L
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, instantiate_class
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import fmoe
 from fmoe import evaluation, methods, toy
@@ -66,6 +68,16 @@ from fmoe.recovery.distill import cache_teacher, check_options
 
 @dataclass
 class Stages:
+    """The stages that run.
+
+    Attributes:
+        calibrate: score the model over the calibration set (a CalibrationModule fit).
+        prune: plan and apply the compression (--prune.*).
+        recover: train the compressed model back (--recover.*).
+        evaluate: measure perplexity and task accuracy before and after each stage.
+        export: save the final model and results.json to --export_dir.
+    """
+
     calibrate: bool = True
     prune: bool = True
     recover: bool = True
@@ -75,57 +87,145 @@ class Stages:
 
 @dataclass
 class Prune:
-    method: str = "dims"  # a compression method of fmoe.methods.METHODS (dims, expert_drop, reap, layer_drop, ...)
-    amount: float = 0.5  # share removed: of routed intermediate dims (dims), of routed parameters (the others)
-    scope: str = "layer"  # dims: expert | layer | global; expert drops: layer | global
+    """What the prune stage removes, and how much.
+
+    Attributes:
+        method: the compression method (fmoe.methods.METHODS).
+        amount: the share removed: of routed intermediate dims (dims), of routed parameters (the others).
+        scope: where the removal is ranked: expert, layer or global (dims); layer or global (expert drops).
+        multiple_of: dims: kept widths are multiples of this (aligned grouped matmuls).
+        min_width: dims: the least width an expert keeps (null: multiple_of).
+        normalize: global scope: mean divides each layer's scores by their mean first; none compares them raw.
+        max_widths: dims: distinct widths per layer (one grouped matmul each); null: unbounded.
+        count: expert, layer and block drops: how many to drop, instead of an amount.
+        mode: block_drop: discrete (the most redundant blocks) or consecutive (the best window of blocks).
+        steps: dims: remove the amount in this many steps, scoring the partly pruned model again before each.
+        reconstruct: dims: refit the kept dims' down projections by least squares (fmoe.reconstruct).
+        lam: the refit's ridge towards the pruned weights, in pseudo-tokens per kept dim.
+    """
+
+    method: Literal[tuple(methods.METHODS)] = "dims"  # the registry's names when the parser is built
+    amount: float = 0.5
+    scope: str = "layer"
     multiple_of: int = 16
     min_width: int | None = None
     normalize: str = "mean"
-    max_widths: int | None = 4  # distinct widths per layer (one grouped matmul each); null: unbounded
-    count: int | None = None  # expert/layer/block drops: how many to drop instead of `amount`
-    mode: str = "discrete"  # block_drop: discrete | consecutive
-    steps: int = 1  # dims: remove the amount in this many steps, scoring the partly pruned model again before each
-    reconstruct: bool = False  # dims: refit the kept dims' down projections by least squares (fmoe.reconstruct)
-    lam: float = LAM  # the refit's ridge towards the pruned weights, in pseudo-tokens per kept dim
+    max_widths: int | None = 4
+    count: int | None = None
+    mode: str = "discrete"
+    steps: int = 1
+    reconstruct: bool = False
+    lam: float = LAM
 
 
 @dataclass
 class Recover:
+    """How the recover stage trains the compressed model (LoRA via peft, merged back at the end).
+
+    Attributes:
+        r: LoRA rank (0: no adapters, with tune_experts or compressed experts' vectors).
+        alpha: LoRA alpha (the adapters' scale is alpha / r).
+        lr: learning rate.
+        max_steps: training steps.
+        val_check_interval: steps between two evaluations of the eval sets.
+        experts: adapt the routed experts too (not only attention and shared experts).
+        tune_experts: train the routed experts' own weights instead (r: adapters elsewhere; 0: none).
+        distill: learn the dense model's next-token distributions too (fmoe.recovery.distill).
+        temperature: the distillation temperature T.
+        kd_weight: loss = kd_weight * T^2 * KL(dense || pruned) + (1 - kd_weight) * NLL(data).
+        teacher: live (the dense model runs beside the student, sharded like it under FSDP2) or cached (its logits,
+            computed before pruning).
+        top_k: cached teacher: logits kept per position (null: all of them, for small vocabularies).
+    """
+
     r: int = 16
     alpha: int = 32
     lr: float = 2e-4
     max_steps: int = 60
     val_check_interval: int = 30
-    experts: bool = True  # adapt routed experts too (not only attention and shared experts)
-    tune_experts: bool = False  # train the routed experts' own weights instead (r: adapters elsewhere; 0: none)
-    distill: bool = False  # learn the dense model's next-token distributions too (fmoe.recovery.distill)
+    experts: bool = True
+    tune_experts: bool = False
+    distill: bool = False
     temperature: float = 1.0
-    kd_weight: float = 1.0  # loss = kd_weight * T^2 * KL(dense || pruned) + (1 - kd_weight) * NLL(data)
-    teacher: str = "live"  # live: the dense model runs beside the student (sharded like it under FSDP2) | cached
-    top_k: int | None = 64  # cached: logits kept per position (null: all V of them, for small vocabularies)
+    kd_weight: float = 1.0
+    teacher: str = "live"
+    top_k: int | None = 64
 
 
 @dataclass
 class LMEval:
-    tasks: list[str] | None = None  # lm-eval task names (e.g. [gsm8k, arc_easy]); null: the toy's fmoe_arithmetic
-    # for the toy model when lm-eval is installed, none otherwise; []: no lm-eval run
-    limit: int | float | None = None  # records per task (a float < 1: a share)
-    include_path: str | None = None  # a directory of extra task YAMLs (fmoe.toy.toy_tasks_dir() for the toy)
+    """lm-evaluation-harness scores in every row (rank 0 runs them).
+
+    Attributes:
+        tasks: lm-eval task names (e.g. [gsm8k, arc_easy]); null: fmoe_arithmetic for the toy model when lm-eval
+            is installed, none otherwise; []: no lm-eval run.
+        limit: records per task (a float below 1: a share of them).
+        include_path: a directory of extra task YAMLs (fmoe.toy.toy_tasks_dir() for the toy).
+    """
+
+    tasks: list[str] | None = None
+    limit: int | float | None = None
+    include_path: str | None = None
 
 
-def calibration(model: str = "toy", method: str = "fisher", dtype: str = "float32") -> CalibrationModule:
-    """Load the model to compress ("toy" = the shipped toy MoE) and wrap it for calibration with scoring criterion
-    `method` (a method of fmoe.score or a combination, e.g. "rank_mean(compensated, router)"). Read once per run:
-    in a multi-process run only rank 0 reads it, the others receive it in their first stage (see load_model)."""
-    scorer_criterion(method)  # a bad criterion fails before the model is read
-    return CalibrationModule(load_model(checkpoint_of(model), dtype=getattr(torch, dtype)), method=method)
+def calibration(model: str = "toy", criterion: str = "fisher", dtype: str = "float32") -> CalibrationModule:
+    """The model to compress, wrapped for calibration (a CalibrationModule).
+
+    Read once per run: in a multi-process run only rank 0 reads it, the others receive it in their first stage (see
+    load_model).
+
+    Args:
+        model: a transformers checkpoint (hub name or directory); toy: fmoe's shipped toy MoE.
+        criterion: the scoring criterion: fisher, activation, router, magnitude, random, compensated, or a
+            combination such as "rank_mean(compensated, router)".
+        dtype: the torch dtype the model is loaded in (float32, bfloat16, float16).
+    """
+    scorer_criterion(criterion)  # a bad criterion fails before the model is read
+    return CalibrationModule(load_model(checkpoint_of(model), dtype=getattr(torch, dtype)), criterion=criterion)
 
 
 def checkpoint_of(model: str) -> str:
     return str(toy.TOY_DIR) if model == "toy" else model
 
 
+# options under an earlier name: taken with a warning, as their name now
+RENAMED_OPTIONS = {"--model.method": "--model.criterion", "--prune.ratio": "--prune.amount"}
+
+
+def renamed_options(args: list[str]) -> list[str]:
+    """`args` with each option of RENAMED_OPTIONS (`--old value` or `--old=value`) spelled as now, with a
+    FutureWarning (a deprecation shown to the command's users)."""
+    spelled = []
+    for arg in args:
+        old, equals, value = arg.partition("=")
+        if old in RENAMED_OPTIONS:
+            rank_zero_warn(f"{old} is deprecated: use {RENAMED_OPTIONS[old]}", category=FutureWarning)
+            arg = RENAMED_OPTIONS[old] + equals + value
+        spelled.append(arg)
+    return spelled
+
+
+def settle_defaults(parser, defaults: dict) -> None:
+    """parser.set_defaults, and the options given a default are no longer shown as required."""
+    parser.set_defaults(defaults)
+    for action in parser._actions:
+        if action.dest in defaults:
+            action.required = False
+
+
 class RecipeCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        # the recipe makes its own optimizers (LoRARecovery): no --optimizer or --lr_scheduler
+        super().__init__(*args, auto_configure_optimizers=False, **kwargs)
+
+    def init_parser(self, **kwargs):
+        return super().init_parser(**{"description": __doc__.splitlines()[0], **kwargs})
+
+    def parse_arguments(self, parser, args):
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        self.config = parser.parse_args(renamed_options(sys.argv[1:] if args is None else args))
+
     def add_arguments_to_parser(self, parser):
         parser.add_class_arguments(Stages, "stages")
         parser.add_class_arguments(Prune, "prune")
@@ -138,12 +238,13 @@ class RecipeCLI(LightningCLI):
                             help="{name: jsonl of prompt/answer records}: exact-match accuracy per stage "
                                  "(default: every toy corpus domain's test split for the toy model, none otherwise)")
         parser.add_argument("--task_limit", type=int, default=100, help="records per task file")
-        parser.set_defaults({"data.tokenizer": str(toy.TOY_DIR), "data.train": str(files["arithmetic"]["train"]),
-                             "data.domain_eval": str(files["arithmetic"]["test"]),
-                             "data.general_eval": str(files["general"]["test"]),
-                             "data.seq_len": 80, "data.pack": False, "data.n_samples": 64, "data.batch_size": 8,
-                             "trainer.max_epochs": 1, "trainer.enable_checkpointing": False,
-                             "trainer.enable_model_summary": False, "trainer.default_root_dir": "runs/prune_recover"})
+        settle_defaults(parser, {"data.tokenizer": str(toy.TOY_DIR), "data.train": str(files["arithmetic"]["train"]),
+                                 "data.domain_eval": str(files["arithmetic"]["test"]),
+                                 "data.general_eval": str(files["general"]["test"]),
+                                 "data.seq_len": 80, "data.pack": False, "data.n_samples": 64, "data.batch_size": 8,
+                                 "trainer.max_epochs": 1, "trainer.enable_checkpointing": False,
+                                 "trainer.enable_model_summary": False,
+                                 "trainer.default_root_dir": "runs/prune_recover"})
 
 
 # options a calibration fit cannot take: it steps no weights (Lightning refuses them under manual optimization)
@@ -300,7 +401,7 @@ def main(args=None, prog: str | None = None) -> dict:
     if recover_cfg.distill:
         check_options(recover_cfg.temperature, recover_cfg.kd_weight)
     check_export_dir(run_dir, export_dir)
-    check_strategy(module.method, trainer.strategy)
+    check_strategy(module.criterion, trainer.strategy)
     if cfg.model.model == "toy":
         lm_eval_cfg = toy_lm_eval(lm_eval_cfg, cfg.task_limit, run_dir)
     if lm_eval_cfg.tasks and process_rank() == 0:  # rank 0 runs lm-eval

@@ -8,8 +8,8 @@ applied physically, and pruned == masked holds as for one shot (steps=1 *is* one
 
     plan = fmoe.prune_iteratively(model, batches, 0.75, steps=5)      # Fisher, layer scope, linear schedule
 
-Schedules: "linear" removes the same number of dims each step (r_s = ratio * s / N); "geometric" the same share
-of what remains (r_s = 1 - (1 - ratio)^(s/N)), so later steps, which cut into more important dims, cut fewer.
+Schedules: "linear" removes the same number of dims each step (r_s = amount * s / N); "geometric" the same share
+of what remains (r_s = 1 - (1 - amount)^(s/N)), so later steps, which cut into more important dims, cut fewer.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from ... import _aliases
 from ...calibration.scorer import score
 from ...calibration.scores import Scores
 from ...model.experts import fingerprint
@@ -31,19 +32,20 @@ from .refit import LAM, reconstruct as least_squares, recorded
 SCHEDULES = ("linear", "geometric")
 
 
-def step_ratios(ratio: float, steps: int, schedule: str = "linear") -> list[float]:
-    """The cumulative share of dims removed after each of `steps` steps; the last is `ratio` exactly."""
+@_aliases.renamed(ratio="amount")
+def step_amounts(amount: float, steps: int, schedule: str = "linear") -> list[float]:
+    """The cumulative share of dims removed after each of `steps` steps; the last is `amount` exactly."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if not 0 <= amount < 1:
+        raise ValueError(f"amount must be in [0, 1), got {amount}")
     if schedule == "linear":
-        ratios = [ratio * s / steps for s in range(1, steps)]
+        amounts = [amount * s / steps for s in range(1, steps)]
     else:
-        ratios = [1 - (1 - ratio) ** (s / steps) for s in range(1, steps)]
-    return ratios + [ratio]
+        amounts = [1 - (1 - amount) ** (s / steps) for s in range(1, steps)]
+    return amounts + [amount]
 
 
 def nest(plan: PruningPlan, scores: Scores, previous: PruningPlan | None) -> int:
@@ -72,17 +74,17 @@ def is_nested(plan: PruningPlan, previous: PruningPlan) -> bool:
     return all(bool(torch.isin(k, previous.keep[n][e]).all()) for n, ks in plan.keep.items() for e, k in enumerate(ks))
 
 
-def plan_step(scores: Scores, ratio: float, scope: str, previous: PruningPlan | None, model: nn.Module | None = None,
-              **plan_options) -> PruningPlan:
-    """One step's plan: make_plan at the step's cumulative `ratio`, kept inside the previous step's (see `nest`)."""
-    plan = make_plan(scores, ratio, scope, model=model, **plan_options)
+def plan_step(scores: Scores, amount: float, scope: str, previous: PruningPlan | None,
+              model: nn.Module | None = None, **plan_options) -> PruningPlan:
+    """One step's plan: make_plan at the step's cumulative `amount`, kept inside the previous step's (see `nest`)."""
+    plan = make_plan(scores, amount, scope, model=model, **plan_options)
     plan.meta["clipped"] = nest(plan, scores, previous)
     if previous is not None and not is_nested(plan, previous):
         raise RuntimeError("an iterative step's plan keeps a dim a previous step removed")
     return plan
 
 
-def iterate(model: nn.Module, ratio: float, steps: int, scope: str, rescore: Callable[[int], Scores],
+def iterate(model: nn.Module, amount: float, steps: int, scope: str, rescore: Callable[[int], Scores],
             schedule: str = "linear", after_step: Callable | None = None,
             decide: Callable[[Callable[[], PruningPlan]], PruningPlan] | None = None,
             **plan_options) -> tuple[PruningPlan, Scores]:
@@ -94,10 +96,10 @@ def iterate(model: nn.Module, ratio: float, steps: int, scope: str, rescore: Cal
     Intermediate steps plan with max_widths=None (any widths), the last with the caller's options. On return no
     mask is open.
     """
-    ratios = step_ratios(ratio, steps, schedule)
+    amounts = step_amounts(amount, steps, schedule)
     decide = decide or (lambda make: make())
     plan, scores, clipped = None, None, 0
-    for step, r in enumerate(ratios, 1):
+    for step, r in enumerate(amounts, 1):
         options = plan_options if step == steps else {**plan_options, "max_widths": None}
         with masked(model, plan.keep) if plan is not None else nullcontext():
             scores = rescore(step)
@@ -107,7 +109,7 @@ def iterate(model: nn.Module, ratio: float, steps: int, scope: str, rescore: Cal
         if after_step is not None:
             with masked(model, plan.keep):
                 after_step(model, plan, step)
-    plan.meta.update(steps=steps, schedule=schedule, step_ratios=ratios, clipped=clipped,
+    plan.meta.update(steps=steps, schedule=schedule, step_ratios=amounts, clipped=clipped,
                      achieved=plan.removed_fraction())
     bound = plan_options.get("max_widths", 4)
     widest = max(len(set(ws)) for ws in plan.kept_widths().values())
@@ -120,12 +122,13 @@ def iterate(model: nn.Module, ratio: float, steps: int, scope: str, rescore: Cal
     return plan, scores
 
 
+@_aliases.renamed(ratio="amount", method="criterion")
 def prune_iteratively(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]] | None,
-    ratio: float,
+    amount: float,
     steps: int = 5,
-    method: str | Callable[[nn.Module], Scores] = "fisher",
+    criterion: str | Callable[[nn.Module], Scores] = "fisher",
     scope: str = "layer",
     schedule: str = "linear",
     after_step: Callable[[nn.Module, PruningPlan, int], None] | None = None,
@@ -134,32 +137,36 @@ def prune_iteratively(
     lam: float = LAM,
     **plan_options,
 ) -> PruningPlan:
-    """Remove `ratio` of the routed intermediate dims of `model` in `steps` steps, scoring (`method`, over
-    `batches`, which are iterated once per step: a list, not a generator) the partly pruned model before each, then
-    prune physically (in place) with the final plan and return it.
+    """Remove `amount` (a share) of the routed intermediate dims of `model` in `steps` steps, scoring (`criterion`,
+    over `batches`, which are iterated once per step: a list, not a generator) the partly pruned model before each,
+    then prune physically (in place) with the final plan and return it.
 
-    `method` is a criterion of fmoe.score (a method, or a combination such as "rank_mean(compensated, router)"),
-    or a function model -> Scores.
+    `criterion` is one of fmoe.score (a criterion, or a combination such as "rank_mean(compensated, router)"), or a
+    function model -> Scores.
     `plan_options` are make_plan's (multiple_of, min_width, normalize, max_widths); `after_step(model, plan, step)`
     runs after each step's mask is in place (e.g. to reconstruct the layer outputs). Each step's kept dims are a
-    subset of the previous step's. plan.meta records steps, schedule, step_ratios, achieved (the share removed)
-    and clipped (dims a step's rounding asked back and nesting kept removed, usually 0). steps=1 is the one-shot
+    subset of the previous step's. plan.meta records steps, schedule, step_ratios (the step_amounts), achieved (the
+    share removed) and clipped (dims a step's rounding asked back and nesting kept removed, usually 0). steps=1 is the one-shot
     path: fmoe.make_plan on fmoe.score, then fmoe.methods.dims.prune. With `reconstruct`, the final cut is fmoe.reconstruct
     (the kept down columns refit by least squares, ridge `lam` towards the pruned weights, on the unpruned model's
     activations over `batches`), and plan.meta records it ("reconstruct": {"lam": lam}).
     """
-    step_ratios(ratio, steps, schedule)  # bad arguments fail before any scoring
+    step_amounts(amount, steps, schedule)  # bad arguments fail before any scoring
     if (steps > 1 or reconstruct) and batches is not None and iter(batches) is batches:
         raise ValueError("batches are iterated once per step (and again to reconstruct): pass a list (or another "
                          "re-iterable), not an iterator")
 
     def rescore(step: int) -> Scores:
-        return method(model) if callable(method) else score(model, batches, method, progress=progress)
+        return criterion(model) if callable(criterion) else score(model, batches, criterion, progress=progress)
 
-    plan, _ = iterate(model, ratio, steps, scope, rescore, schedule, after_step, **plan_options)
+    plan, _ = iterate(model, amount, steps, scope, rescore, schedule, after_step, **plan_options)
     if reconstruct:
         least_squares(model, plan, batches, lam=lam)
         plan = recorded(plan, lam)
     else:
         prune(model, plan)
     return plan
+
+
+def __getattr__(name: str):
+    return _aliases.moved_name(__name__, name)  # step_ratios, now step_amounts

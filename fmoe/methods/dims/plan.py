@@ -12,13 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ... import _aliases
 from ...calibration.scores import Scores, ranked
 from ...io import read_json, write_json
 from ...model.experts import expert_widths, find_experts, fingerprint, on_meta
 from ...model.structure import CompressedExperts
 
 SCOPES = ("expert", "layer", "global")
-ROUNDING_WARNING = 0.05  # a plan further than this from its ratio (rounding to multiple_of) says so
+ROUNDING_WARNING = 0.05  # a plan further than this from its amount (rounding to multiple_of) says so
 NORMALIZATIONS = ("mean", "none")
 
 
@@ -29,7 +30,7 @@ class PruningPlan:
     keep: dict[str, list[torch.Tensor]]
     widths: dict[str, list[int]]  # original widths, to check the plan against a model
     fingerprint: str
-    meta: dict = field(default_factory=dict)  # ratio, scope, method, multiple_of, min_width, normalize
+    meta: dict = field(default_factory=dict)  # ratio (the amount), scope, method (the criterion), multiple_of, ...
     FORMAT: ClassVar[str] = "fmoe.PruningPlan/1"
 
     def kept_widths(self) -> dict[str, list[int]]:
@@ -256,11 +257,11 @@ def _assign(mass: torch.Tensor, levels: list[int], unit: int, budget: int) -> tu
     return gap, kept, assigned
 
 
-def check_options(ratio: float, scope: str = "layer", multiple_of: int = 16, min_width: int | None = None,
+def check_options(amount: float, scope: str = "layer", multiple_of: int = 16, min_width: int | None = None,
                   normalize: str = "mean", max_widths: int | None = 4) -> int:
     """Refuse options make_plan would refuse (no scores needed, so a run can check them first); the min_width used."""
-    if not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if not 0 <= amount < 1:
+        raise ValueError(f"amount must be in [0, 1), got {amount}")
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; valid: {', '.join(SCOPES)}")
     if normalize not in NORMALIZATIONS:
@@ -275,9 +276,10 @@ def check_options(ratio: float, scope: str = "layer", multiple_of: int = 16, min
     return min_width
 
 
+@_aliases.renamed(ratio="amount")
 def make_plan(
     scores: Scores,
-    ratio: float,
+    amount: float,
     scope: str = "layer",
     multiple_of: int = 16,
     min_width: int | None = None,
@@ -285,7 +287,7 @@ def make_plan(
     model=None,
     max_widths: int | None = 4,
 ) -> PruningPlan:
-    """Remove the lowest-scored `ratio` of routed intermediate dims.
+    """Remove the lowest-scored `amount` (a share) of routed intermediate dims.
 
     scope "expert": every expert drops the same share (uniform widths, loadable by stock transformers);
     "layer": dims compete across the experts of a layer; "global": across all layers, after dividing each layer's
@@ -293,17 +295,18 @@ def make_plan(
     which is in loss units). Widths are then rounded to a multiple of `multiple_of` (grouped_mm needs aligned
     strides), never below `min_width` (default: multiple_of, and a multiple of it). The budget is kept: expert
     scope rounds each expert to the nearest unit; layer and global scope hand out units by largest remainder, so
-    each layer (or the whole model) keeps round(dims x (1 - ratio)) within one unit. With `model`, the plan is
+    each layer (or the whole model) keeps round(dims x (1 - amount)) within one unit. With `model`, the plan is
     checked against it (scores of another model are refused); non-finite scores are refused. `max_widths` bounds
     the distinct widths per layer (ragged experts run one grouped matmul per width; None = unbounded) without
     changing any layer's total (see `limit_widths`). `meta["achieved"]` is the share of routed dims removed; a
-    warning says when rounding leaves it more than 5 points from `ratio`.
+    warning says when rounding leaves it more than 5 points from `amount`. `meta` records `amount` as "ratio" and
+    the scores' criterion as "method" (the plan file's keys).
     """
-    min_width = check_options(ratio, scope, multiple_of, min_width, normalize, max_widths)
+    min_width = check_options(amount, scope, multiple_of, min_width, normalize, max_widths)
     for name, t in scores.tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"scores of {name} hold {int((~torch.isfinite(t)).sum())} non-finite values "
-                             f"({scores.method}): rescore rather than plan from them")
+                             f"({scores.criterion}): rescore rather than plan from them")
 
     tensors = {name: t.double() for name, t in scores.tensors.items()}
     if scope == "global" and normalize == "mean":
@@ -314,13 +317,13 @@ def make_plan(
     if scope == "expert":
         for name, t in tensors.items():
             full = t.shape[1]
-            width = full if ratio == 0 else round_width(full * (1 - ratio), full, multiple_of, min(min_width, full))
+            width = full if amount == 0 else round_width(full * (1 - amount), full, multiple_of, min(min_width, full))
             widths[name] = [width] * t.shape[0]
     else:
         groups = [list(tensors)] if scope == "global" else [[name] for name in tensors]
         for names in groups:
             flat = torch.cat([tensors[n].reshape(-1) for n in names])
-            n_keep = round(flat.numel() * (1 - ratio))
+            n_keep = round(flat.numel() * (1 - amount))
             chosen = torch.zeros(flat.numel(), dtype=torch.bool)
             chosen[ranked(flat)[:n_keep]] = True
             targets, fulls, offset = [], [], 0
@@ -329,7 +332,7 @@ def make_plan(
                 targets += chosen[offset : offset + size].view_as(tensors[n]).sum(1).tolist()
                 fulls += [tensors[n].shape[1]] * tensors[n].shape[0]
                 offset += size
-            allocated = allocate(targets, fulls, n_keep, multiple_of, min_width)  # ratio 0: every full width
+            allocated = allocate(targets, fulls, n_keep, multiple_of, min_width)  # amount 0: every full width
             for n in names:
                 widths[n], allocated = allocated[: tensors[n].shape[0]], allocated[tensors[n].shape[0]:]
         if max_widths is not None:
@@ -337,16 +340,16 @@ def make_plan(
 
     keep = {name: [torch.sort(ranked(t[e])[:w]).values for e, w in enumerate(widths[name])]
             for name, t in tensors.items()}
-    meta = dict(ratio=ratio, scope=scope, method=scores.method, multiple_of=multiple_of, min_width=min_width,
+    meta = dict(ratio=amount, scope=scope, method=scores.criterion, multiple_of=multiple_of, min_width=min_width,
                 normalize=normalize, max_widths=max_widths)
     full_widths = {name: [t.shape[1]] * t.shape[0] for name, t in tensors.items()}
     plan = PruningPlan(keep=keep, widths=full_widths, fingerprint=scores.fingerprint, meta=meta)
     plan.meta["achieved"] = achieved = plan.removed_fraction()
-    if abs(achieved - ratio) > ROUNDING_WARNING:
-        warnings.warn(f"the plan removes {achieved:.1%} of routed dims, not the {ratio:.1%} asked: widths are rounded "
+    if abs(achieved - amount) > ROUNDING_WARNING:
+        warnings.warn(f"the plan removes {achieved:.1%} of routed dims, not the {amount:.1%} asked: widths are rounded "
                       f"to multiples of {multiple_of} (at least {min_width}) and the experts are "
                       f"{sorted({t.shape[1] for t in tensors.values()})} wide; lower multiple_of/min_width to get "
-                      "closer", stacklevel=2)
+                      "closer", stacklevel=3)  # 2 is _aliases.renamed's wrapper
     if model is not None:
         check_plan(model, plan)
     return plan
