@@ -96,7 +96,7 @@ def renamed(**old_to_new: str):
             for old, new in old_to_new.items():
                 if old in kwargs:
                     if new in kwargs:
-                        raise TypeError(f"{name}() got both {old}= and {new}=, which is its earlier name")
+                        raise TypeError(f"{name}() got {old}= and {new}=: {old} is the earlier name of {new}")
                     warnings.warn(f"{name}({old}=...) is deprecated: use {new}=", DeprecationWarning, stacklevel=2)
                     kwargs[new] = kwargs.pop(old)
             return target(*args, **kwargs)

@@ -84,7 +84,7 @@ def test_earlier_attribute_and_function_names_warn():
 
 
 def test_a_keyword_given_under_both_names_is_refused():
-    with pytest.raises(TypeError, match="got both ratio= and amount="):
+    with pytest.raises(TypeError, match="got ratio= and amount=: ratio is the earlier name of amount"):
         step_amounts(ratio=0.5, amount=0.5, steps=2)
 
 
