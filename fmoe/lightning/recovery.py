@@ -2,11 +2,12 @@
 weights, trained with Lightning on the data loss or by distillation from the dense model, evaluated with
 torchmetrics, merged back before export.
 
-What trains is fmoe.recovery.lora's `trainable`. Routed experts are adapted per expert through peft's `target_parameters` (one rank-r adapter per expert): the fused
-tensors of uniform modules, and of each width bucket of RaggedExperts. Routers are left alone. With a `teacher`
-the loss is fmoe.recovery.distill's mix of the KL to the teacher's next-token distributions and the data loss; a live
-teacher is a frozen submodule (a replica per rank under DDP, sharded per decoder layer like the student under FSDP2,
-so it is part of Lightning checkpoints), a cached one is read by sequence.
+What trains is fmoe.recovery.lora's `trainable`. Routed experts are adapted per expert through peft's
+`target_parameters` (one rank-r adapter per expert): the fused tensors of uniform modules, and of each width bucket
+of RaggedExperts. Routers are left alone. With a `teacher` the loss is fmoe.recovery.distill's mix of the KL to the
+teacher's next-token distributions and the data loss; a live teacher is a frozen submodule (a replica per rank under
+DDP, sharded per decoder layer like the student under FSDP2, so it is part of Lightning checkpoints), a cached one
+is read by sequence.
 """
 
 from __future__ import annotations
