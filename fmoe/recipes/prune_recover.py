@@ -21,8 +21,9 @@ before pruning, see fmoe.recovery.distill), evaluate (perplexity of each eval se
 of each `tasks` file), export (fmoe.save_pretrained + results.json; report.png next to plan.json). With
 `--lm_eval.tasks` every row also gets lm-evaluation-harness scores, computed on rank 0 only (lm-eval runs in the
 process on one device; the other ranks wait at a barrier). Each stage logs to a CSVLogger under
-<default_root_dir>/logs/<stage> unless `--trainer.logger` says otherwise. A before/after table (total and active
-parameters, weight bytes, metrics) is printed at the end. Every `--trainer.*` option reaches every stage's Trainer
+<default_root_dir>/logs/<stage> unless `--trainer.logger` says otherwise. The console shows each stage's header,
+progress bar and result (fmoe.console; `--verbose`: every library's messages too), and at the end a before/after
+table (total and active parameters, weight bytes, metrics). Every `--trainer.*` option reaches every stage's Trainer
 (fresh callbacks, logger, strategy and plugins each time); `accumulate_grad_batches` and `gradient_clip_*` apply to
 the LoRA stage only, since a calibration steps no weights, and the LoRA stage runs `--recover.max_steps` steps
 whatever `--trainer.max_epochs` says (its max_epochs is the epochs those steps take). The default compresses fmoe's
@@ -34,10 +35,9 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import shutil
 import sys
-import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -50,7 +50,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 import fmoe
-from fmoe import evaluation, methods, toy
+from fmoe import console, evaluation, methods, toy
 from fmoe.calibration.criteria import scorer_criterion
 from fmoe.evaluation.report import write_report
 from fmoe.evaluation.tasks import load_tasks
@@ -118,6 +118,7 @@ def calibration(model: str = "toy", method: str = "fisher", dtype: str = "float3
     `method` (a method of fmoe.score or a combination, e.g. "rank_mean(compensated, router)"). Read once per run:
     in a multi-process run only rank 0 reads it, the others receive it in their first stage (see load_model)."""
     scorer_criterion(method)  # a bad criterion fails before the model is read
+    console.header("load", f"{checkpoint_of(model)} in {dtype}")
     return CalibrationModule(load_model(checkpoint_of(model), dtype=getattr(torch, dtype)), method=method)
 
 
@@ -126,6 +127,20 @@ def checkpoint_of(model: str) -> str:
 
 
 class RecipeCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        self.console = ExitStack()  # the console filters from the parsed options on; main closes it
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self.console.close()
+            raise
+
+    def parse_arguments(self, parser, args):
+        """Parse, then filter the console (fmoe.console.quiet) unless --verbose: seeding and the first Trainer
+        follow at once."""
+        super().parse_arguments(parser, args)
+        self.console.enter_context(console.quiet(self.config.verbose))
+
     def add_arguments_to_parser(self, parser):
         parser.add_class_arguments(Stages, "stages")
         parser.add_class_arguments(Prune, "prune")
@@ -138,6 +153,9 @@ class RecipeCLI(LightningCLI):
                             help="{name: jsonl of prompt/answer records}: exact-match accuracy per stage "
                                  "(default: every toy corpus domain's test split for the toy model, none otherwise)")
         parser.add_argument("--task_limit", type=int, default=100, help="records per task file")
+        parser.add_argument("--verbose", type=bool, nargs="?", const=True, default=False,
+                            help="show every message of the libraries a run drives; by default the console shows "
+                                 "each stage's header, progress bar and result (see fmoe.console)")
         parser.set_defaults({"data.tokenizer": str(toy.TOY_DIR), "data.train": str(files["arithmetic"]["train"]),
                              "data.domain_eval": str(files["arithmetic"]["test"]),
                              "data.general_eval": str(files["general"]["test"]),
@@ -252,8 +270,9 @@ def lm_eval_metrics(model, tokenizer, options: LMEval, is_global_zero: bool) -> 
     timeout must cover the run)."""
     metrics = {}
     if is_global_zero:
-        results = evaluation.lm_eval(model, tokenizer, options.tasks, limit=options.limit,
-                                     include_path=options.include_path)
+        with console.quiet_lm_eval():
+            results = evaluation.lm_eval(model, tokenizer, options.tasks, limit=options.limit,
+                                         include_path=options.include_path)
         metrics = {f"{task}_{name.removesuffix(',none')}": value
                    for task, values in results.items() for name, value in values.items()}
     if torch.distributed.is_initialized():
@@ -261,25 +280,16 @@ def lm_eval_metrics(model, tokenizer, options: LMEval, is_global_zero: bool) -> 
     return metrics
 
 
-class _HideTips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
-
-
-def quiet_lightning() -> None:
-    """Silence what the recipe understands: a calibration fit runs its model in eval mode on purpose (no dropout
-    or router jitter while scoring), and Lightning's advertisement for its cloud logger."""
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _HideTips) for f in rank_zero.filters):
-        rank_zero.addFilter(_HideTips())
-
-
 def main(args=None, prog: str | None = None) -> dict:
     """Run the recipe on `args` (sys.argv when None); `prog`: the command name --help shows."""
-    quiet_lightning()
     cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_kwargs={"overwrite": True},
                     parser_kwargs={"prog": prog} if prog else None)
+    with cli.console:
+        return run(cli, args)
+
+
+def run(cli: RecipeCLI, args) -> dict:
+    """The stages of a run whose options `cli` parsed -> the table's rows."""
     cfg, trainer, module, data = cli.config, cli.trainer, cli.model, cli.datamodule
     stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
     lm_eval_cfg = LMEval(**cfg.lm_eval)
@@ -312,35 +322,55 @@ def main(args=None, prog: str | None = None) -> dict:
         paths = {d: str(f["test"]) for d, f in toy.corpus_files().items()} if cfg.model.model == "toy" else {}
     tasks = {name: load_tasks(path, cfg.task_limit) for name, path in paths.items()}
     rows = {}
+    measured = "; ".join(f"{what} {', '.join(names)}" for what, names in (
+        ("perplexity of", data.eval_names), ("exact match on", tasks), ("lm-eval", lm_eval_cfg.tasks or [])) if names)
 
     def record(stage, model):
         row = sizes(model)
         if stages.evaluate:
-            row.update(evaluate(model, data, trainer_kwargs(cfg, "evaluate"), tasks, data.tokenizer))
+            console.header("evaluate", f"the {stage} model: {measured or 'sizes only'}")
+            scores = evaluate(model, data, trainer_kwargs(cfg, "evaluate"), tasks, data.tokenizer)
             if lm_eval_cfg.tasks:
-                row.update(lm_eval_metrics(model, data.tokenizer, lm_eval_cfg, trainer.is_global_zero))
+                scores.update(lm_eval_metrics(model, data.tokenizer, lm_eval_cfg, trainer.is_global_zero))
+            console.result("evaluate", console.metrics(scores))
+            row.update(scores)
         rows[stage] = row
 
     record("dense", module.model)
     cached = recover_cfg.distill and recover_cfg.teacher == "cached"
     cache = run_dir / "teacher.safetensors"
     if stages.recover and cached:  # now, while the model is still dense
+        console.header("distill", f"the dense model's logits (top {recover_cfg.top_k}) over the training set")
         cache_dense_logits(module.model, data, cache, recover_cfg.top_k)
+        console.result("distill", f"cached in {cache}")
     plan = None
+    pruning = f"{prune_cfg.method}, amount {prune_cfg.amount:g}"
     if stages.prune and not methods.method(prune_cfg.method).reads:  # nothing to calibrate (compressed experts)
+        console.header("prune", pruning)
         plan = methods.compress(module.model, prune_cfg.method, prune_cfg.amount, **options)
         if trainer.is_global_zero:
             plan.save(run_dir / "plan.json")
+        console.result("prune", f"plan in {run_dir / 'plan.json'}")
         record("pruned", module.model)
     elif stages.calibrate:
         callbacks = [compression] if stages.prune else []
+        calibrated = f"{module.method} calibration over {len(data.train_set)} training sequences"
+        console.header("calibrate", f"{calibrated}, then prune ({pruning})" if stages.prune else calibrated)
         calib = L.Trainer(**trainer_kwargs(cfg, "calibrate", callbacks))
         calib.fit(module, datamodule=data)
-        if stages.prune:
+        if stages.prune:  # the result: the line its Compression callback logged
             plan = compression.plan
             record("pruned", module.model)
+        else:
+            console.result("calibrate", "scores only, no pruning")
     model = module.model
     if stages.recover:
+        trained = f"LoRA adapters (r {recover_cfg.r})"
+        if recover_cfg.tune_experts:
+            trained = "the routed experts" + (f" and {trained}" if recover_cfg.r else "")
+        objective = (f"by distillation from the {recover_cfg.teacher} dense model" if recover_cfg.distill
+                     else "on the data loss")
+        console.header("recover", f"{trained} {objective}, {recover_cfg.max_steps} steps")
         teacher = None
         if cached:  # the logits rank 0 cached before pruning
             teacher = str(cache)
@@ -357,10 +387,14 @@ def main(args=None, prog: str | None = None) -> dict:
         fit.fit(recovery, datamodule=data)
         del recovery.teacher  # a live teacher's memory goes back before the last evaluation
         model = recovery.merged()
+        loss = fit.callback_metrics.get("train_loss")
+        console.result("recover", f"{fit.global_step} steps" + ("" if loss is None else f", train_loss {loss:.3f}"))
         record("recovered", model)
     if stages.export and trainer.is_global_zero:
+        console.header("export", f"the {list(rows)[-1]} model to {export_dir}")
         out = fmoe.save_pretrained(model, export_dir, tokenizer=data.tokenizer)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
+        console.result("export", "weights, config, tokenizer and results.json")
     if trainer.is_global_zero:
         write_report(rows, plan, run_dir / "report.png")
         write_json(run_dir / "run.json", {"status": "complete", "argv": args if args is not None else sys.argv[1:],
