@@ -34,12 +34,13 @@ class Evaluation(L.LightningModule):
     SUM over ranks; no tokens x vocab tensor), and with `tasks` the exact-match accuracy of greedy answers
     (`<name>_acc`; each rank answers its share of the prompts, a MeanMetric averages over ranks). Under
     ModelParallelStrategy (FSDP2) the model is sharded per decoder layer for the fit and generation runs in
-    lockstep across ranks."""
+    lockstep across ranks. `to_logger=False` keeps the values from the Trainer's loggers (progress bar and
+    `trainer.callback_metrics` only)."""
 
     def __init__(self, model: nn.Module, eval_names: tuple[str, ...] = ("domain", "general"),
-                 tasks: Tasks | None = None, tokenizer=None):
+                 tasks: Tasks | None = None, tokenizer=None, to_logger: bool = True):
         super().__init__()
-        self.model, self.eval_names = model, list(eval_names)
+        self.model, self.eval_names, self.to_logger = model, list(eval_names), to_logger
         self.nll = nn.ModuleList([SumMetric() for _ in self.eval_names])
         self.tokens = nn.ModuleList([SumMetric() for _ in self.eval_names])
         self.tasks, self.tokenizer = dict(tasks or {}), tokenizer
@@ -66,7 +67,8 @@ class Evaluation(L.LightningModule):
         for i, name in enumerate(self.eval_names[: len(self.nll)]):
             tokens = self.tokens[i].compute()
             if tokens > 0:
-                self.log(f"{name}_ppl", torch.exp(self.nll[i].compute() / tokens), prog_bar=True, sync_dist=False)
+                self.log(f"{name}_ppl", torch.exp(self.nll[i].compute() / tokens), prog_bar=True, sync_dist=False,
+                         logger=self.to_logger)
             self.nll[i].reset()
             self.tokens[i].reset()
         if self.trainer.sanity_checking:
@@ -81,7 +83,8 @@ class Evaluation(L.LightningModule):
             hits = exact_match(self.model, self.tokenizer, [prompts[i] for i in share], [answers[i] for i in share],
                                synced=sharded)[: len(mine)]
             metric.update(torch.tensor(hits, dtype=torch.float32, device=self.device))
-            self.log(f"{name}_acc", metric.compute(), prog_bar=True, sync_dist=False)  # compute() syncs ranks
+            self.log(f"{name}_acc", metric.compute(), prog_bar=True, sync_dist=False,  # compute() syncs ranks
+                     logger=self.to_logger)
             metric.reset()
 
 
@@ -154,9 +157,10 @@ class LoRARecovery(Evaluation):
 
 
 def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None, tasks: Tasks | None = None,
-             tokenizer=None) -> dict[str, float]:
+             tokenizer=None, metrics: dict[str, float] | None = None) -> dict[str, float]:
     """{'<eval name>_ppl': perplexity} of `model` on the datamodule's eval loaders and {'<task>_acc': exact match}
-    of each task (a Trainer.validate run)."""
+    of each task (a Trainer.validate run). Its loggers get them in one row with `metrics`, values measured outside
+    the validation loop (e.g. model sizes, lm-eval scores)."""
     names = tuple(datamodule.eval_names)
     if not names:
         if tasks:
@@ -167,8 +171,13 @@ def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None, t
         if kwargs.get(key) is None:  # unset (a CLI's None included): a validation run stays quiet
             kwargs[key] = False
     runner = L.Trainer(**kwargs)
-    results = runner.validate(Evaluation(model.eval(), names, tasks, tokenizer), datamodule=datamodule, verbose=False)
-    return {k.split("/")[0]: float(v) for r in results for k, v in r.items()}
+    runner.validate(Evaluation(model.eval(), names, tasks, tokenizer, to_logger=False), datamodule=datamodule,
+                    verbose=False)
+    values = {k.split("/")[0]: float(v) for k, v in runner.callback_metrics.items()}  # "/dataloader_idx_N" dropped
+    for logger in runner.loggers:  # rank 0 writes
+        logger.log_metrics({**(metrics or {}), **values}, step=0)
+        logger.save()
+    return values
 
 
 def epochs_for(steps: int, sequences: int, batch_size: int, trainer: L.Trainer) -> int:

@@ -20,10 +20,12 @@ model's next-token distributions: the dense checkpoint read again as a live teac
 before pruning, see fmoe.recovery.distill), evaluate (perplexity of each eval set before and after, and exact-match accuracy
 of each `tasks` file), export (fmoe.save_pretrained + results.json; report.png next to plan.json). With
 `--lm_eval.tasks` every row also gets lm-evaluation-harness scores, computed on rank 0 only (lm-eval runs in the
-process on one device; the other ranks wait at a barrier). Each stage logs to a CSVLogger under
-<default_root_dir>/logs/<stage> unless `--trainer.logger` says otherwise. The console shows each stage's header,
-progress bar and result (fmoe.console; `--verbose`: every library's messages too), and at the end a before/after
-table (total and active parameters, weight bytes, metrics). Every `--trainer.*` option reaches every stage's Trainer
+process on one device; the other ranks wait at a barrier). Each stage logs to a CSVLogger of its own,
+<default_root_dir>/logs/<stage> (calibrate, recover, evaluate_dense, evaluate_pruned, evaluate_recovered), unless
+`--trainer.logger` says otherwise; the run's resolved config goes to <default_root_dir>/config.yaml, which
+`--config` takes to run it again. The console shows each stage's header, progress bar and result (fmoe.console;
+`--verbose`: every library's messages too), and at the end a before/after table (total and active parameters,
+weight bytes, metrics). Every `--trainer.*` option reaches every stage's Trainer
 (fresh callbacks, logger, strategy and plugins each time); `accumulate_grad_batches` and `gradient_clip_*` apply to
 the LoRA stage only, since a calibration steps no weights, and the LoRA stage runs `--recover.max_steps` steps
 whatever `--trainer.max_epochs` says (its max_epochs is the epochs those steps take). The default compresses fmoe's
@@ -54,7 +56,7 @@ from fmoe import console, evaluation, methods, toy
 from fmoe.calibration.criteria import scorer_criterion
 from fmoe.evaluation.report import write_report
 from fmoe.evaluation.tasks import load_tasks
-from fmoe.io import write_json
+from fmoe.io import atomic_write_text, write_json
 from fmoe.lightning.calibration import CalibrationModule, check_strategy
 from fmoe.lightning.callbacks import Compression, IntermediatePruning
 from fmoe.lightning.data import TextDataModule
@@ -182,18 +184,36 @@ def fresh(value):
     return copy.deepcopy(value)
 
 
-def trainer_kwargs(cfg, stage: str, callbacks: list | None = None, **overrides) -> dict:
-    """Every --trainer.* option for one stage's Trainer ("calibrate", "recover" or "evaluate"), with fresh
+def logs_dir(cfg) -> Path | None:
+    """<default_root_dir>/logs, where each stage logs to a CSVLogger of its own while `--trainer.logger` is unset;
+    None when it is set (false, or a logger of the user's)."""
+    if cfg.trainer.logger not in (None, True):
+        return None
+    return Path(cfg.trainer.default_root_dir or ".") / "logs"
+
+
+def log_interval(steps: int) -> int:
+    """Steps between the logged rows of a `steps`-step training fit: about ten rows a run (every step of a short
+    one), never further apart than Lightning's default of 50."""
+    return max(1, min(50, steps // 10))
+
+
+def trainer_kwargs(cfg, stage: str, callbacks: list | None = None, log_every: int | None = None,
+                   **overrides) -> dict:
+    """Every --trainer.* option for one stage's Trainer ("calibrate", "recover" or "evaluate_<row>"), with fresh
     instances, the stage's own callbacks after the user's and its own settings on top. `ModelParallelStrategy`
-    thus runs every stage under FSDP2 (see fmoe.lightning.sharding)."""
+    thus runs every stage under FSDP2 (see fmoe.lightning.sharding). Unset, the logger is a CSVLogger writing
+    <logs_dir>/<stage>/metrics.csv and `log_every_n_steps` is `log_every` (None: Lightning's default)."""
     options = {k: fresh(v) for k, v in cfg.trainer.as_dict().items()}
     if stage == "calibrate":
         for key in TRAINING_ONLY:
             options.pop(key)
     options["callbacks"] = [*(options.get("callbacks") or []), *(callbacks or [])]
-    if options.get("logger") in (None, True):  # unset: each stage logs to <default_root_dir>/logs/<stage>/version_N
-        root = options.get("default_root_dir") or "."
-        options["logger"] = CSVLogger(Path(root) / "logs", name=stage)
+    logs = logs_dir(cfg)
+    if logs is not None:  # one directory per stage, no version_N: a new run clears logs/ first (start_run)
+        options["logger"] = CSVLogger(logs, name="", version=stage)
+    if options.get("log_every_n_steps") is None:
+        options["log_every_n_steps"] = log_every
     return {**options, **overrides}
 
 
@@ -232,8 +252,9 @@ def toy_lm_eval(options: LMEval, limit: int, run_dir: Path) -> LMEval:
     return options
 
 
-# what a run writes into its directory (besides logs/ and lm_eval_tasks/); a new run there removes them first
-RUN_FILES = ("run.json", "plan.json", "scores", "statistics", "teacher.safetensors", "report.png")
+# what a run writes into its directory (besides lm_eval_tasks/, and logs/, which start_run clears when the recipe's
+# own); a new run there removes them first
+RUN_FILES = ("run.json", "config.yaml", "plan.json", "scores", "statistics", "teacher.safetensors", "report.png")
 
 
 def check_export_dir(run_dir: Path, export_dir: Path) -> None:
@@ -249,18 +270,23 @@ def is_export(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "results.json").is_file()
 
 
-def start_run(run_dir: Path, export_dir: Path, argv) -> None:
-    """Rank 0 clears the previous run's files from `run_dir` and the export it left at `export_dir`, and marks the
-    run as running in run.json, so that a run stopped part way never leaves a plan beside an export it did not
-    make. Called once every option is checked; anything else at `export_dir` stays until the export replaces it."""
+def start_run(run_dir: Path, export_dir: Path, argv, config: str, logs: Path | None) -> None:
+    """Rank 0 clears the previous run's files from `run_dir`, the stage logs at `logs` (the recipe's own; None:
+    the user's logger keeps its files) and the export it left at `export_dir`, writes the run's resolved `config`
+    (YAML) to config.yaml and marks the run as running in run.json, so that a run stopped part way never leaves a
+    plan beside an export it did not make. Called once every option is checked; anything else at `export_dir`
+    stays until the export replaces it."""
     if process_rank() != 0:
         return
-    for path in [*(run_dir / name for name in RUN_FILES), *([export_dir] if is_export(export_dir) else [])]:
+    stale = [*(run_dir / name for name in RUN_FILES), *([logs] if logs else []),
+             *([export_dir] if is_export(export_dir) else [])]
+    for path in stale:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", config)
     write_json(run_dir / "run.json", {"status": "running", "argv": argv, "export": str(export_dir)})
 
 
@@ -282,7 +308,7 @@ def lm_eval_metrics(model, tokenizer, options: LMEval, is_global_zero: bool) -> 
 
 def main(args=None, prog: str | None = None) -> dict:
     """Run the recipe on `args` (sys.argv when None); `prog`: the command name --help shows."""
-    cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_kwargs={"overwrite": True},
+    cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_callback=None,
                     parser_kwargs={"prog": prog} if prog else None)
     with cli.console:
         return run(cli, args)
@@ -315,7 +341,8 @@ def run(cli: RecipeCLI, args) -> dict:
         lm_eval_cfg = toy_lm_eval(lm_eval_cfg, cfg.task_limit, run_dir)
     if lm_eval_cfg.tasks and process_rank() == 0:  # rank 0 runs lm-eval
         evaluation.check_tasks(lm_eval_cfg.tasks, lm_eval_cfg.include_path)
-    start_run(run_dir, export_dir, args if args is not None else sys.argv[1:])
+    start_run(run_dir, export_dir, args if args is not None else sys.argv[1:],
+              cli.parser.dump(cfg, skip_none=False), logs_dir(cfg))
     data.setup("fit")
     paths = cfg.tasks
     if paths is None:
@@ -329,10 +356,13 @@ def run(cli: RecipeCLI, args) -> dict:
         row = sizes(model)
         if stages.evaluate:
             console.header("evaluate", f"the {stage} model: {measured or 'sizes only'}")
-            scores = evaluate(model, data, trainer_kwargs(cfg, "evaluate"), tasks, data.tokenizer)
+            scores = {}
             if lm_eval_cfg.tasks:
-                scores.update(lm_eval_metrics(model, data.tokenizer, lm_eval_cfg, trainer.is_global_zero))
-            console.result("evaluate", console.metrics(scores))
+                scores = lm_eval_metrics(model, data.tokenizer, lm_eval_cfg, trainer.is_global_zero)
+            measures = evaluate(model, data, trainer_kwargs(cfg, f"evaluate_{stage}"), tasks, data.tokenizer,
+                                metrics={**row, **scores})  # the whole row in the stage's log
+            console.result("evaluate", console.metrics({**measures, **scores}))
+            row.update(measures)
             row.update(scores)
         rows[stage] = row
 
@@ -356,7 +386,8 @@ def run(cli: RecipeCLI, args) -> dict:
         callbacks = [compression] if stages.prune else []
         calibrated = f"{module.method} calibration over {len(data.train_set)} training sequences"
         console.header("calibrate", f"{calibrated}, then prune ({pruning})" if stages.prune else calibrated)
-        calib = L.Trainer(**trainer_kwargs(cfg, "calibrate", callbacks))
+        # every step: each one already reads its counts and finiteness flags on the host
+        calib = L.Trainer(**trainer_kwargs(cfg, "calibrate", callbacks, log_every=1))
         calib.fit(module, datamodule=data)
         if stages.prune:  # the result: the line its Compression callback logged
             plan = compression.plan
@@ -380,7 +411,8 @@ def run(cli: RecipeCLI, args) -> dict:
                                 experts=recover_cfg.experts, eval_names=tuple(data.eval_names), tasks=tasks,
                                 tokenizer=data.tokenizer, tune_experts=recover_cfg.tune_experts, teacher=teacher,
                                 temperature=recover_cfg.temperature, kd_weight=recover_cfg.kd_weight)
-        fit = L.Trainer(**trainer_kwargs(cfg, "recover", max_steps=recover_cfg.max_steps, max_epochs=-1,
+        fit = L.Trainer(**trainer_kwargs(cfg, "recover", log_every=log_interval(recover_cfg.max_steps),
+                                         max_steps=recover_cfg.max_steps, max_epochs=-1,
                                          check_val_every_n_epoch=None,
                                          val_check_interval=recover_cfg.val_check_interval))
         fit.fit_loop.max_epochs = epochs_for(recover_cfg.max_steps, len(data.train_set), data.hparams.batch_size, fit)
