@@ -3,6 +3,7 @@ imports itself back through others (imports inside functions included)."""
 
 import ast
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import fmoe
 
 ROOT = Path(fmoe.__file__).parent
 # the pipeline's stages, in order: a module may import from its own stage and the ones before it
-STAGES = ["io", "model", "calibration", "methods", "recovery", "evaluation", "toy", "lightning", "recipes", "cli"]
+STAGES = ["io", "console", "model", "calibration", "methods", "recovery", "evaluation", "toy", "lightning", "recipes", "cli"]
 
 
 def module_name(path: Path) -> str:
@@ -94,3 +95,20 @@ def test_the_flat_layouts_module_paths_still_import_with_a_warning():
     assert fmoe.scores.rank_mean is importlib.import_module("fmoe.calibration.scores").rank_mean
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         fmoe.nothing
+
+
+def test_the_docs_layout_page_names_every_module_of_each_stage():
+    page = (ROOT.parent / "docs" / "layout.md").read_text()
+    tree = page.split("```")[1]
+    sections, current = {}, None
+    for line in tree.splitlines():
+        folder = re.match(r"^ {2,4}(\w+)/", line)
+        if folder:
+            current = folder.group(1)
+        if current:
+            sections[current] = sections.get(current, "") + line + "\n"
+    for stage in ("model", "calibration", "methods", "dims", "recovery", "evaluation", "toy"):
+        folder = ROOT / ("methods/dims" if stage == "dims" else stage)
+        modules = {p.stem for p in folder.glob("*.py") if p.name != "__init__.py"}
+        missing = [m for m in sorted(modules) if not re.search(rf"\b{m}\b", sections.get(stage, ""))]
+        assert not missing, f"docs/layout.md does not name fmoe/{folder.relative_to(ROOT)}/{missing}"

@@ -333,7 +333,7 @@ def test_interrupted_calibration_resumes_to_the_same_scores(tmp_path, stop):
 def test_lora_targets_attention_shared_and_routed_experts_not_routers():
     from peft import get_peft_model
 
-    from fmoe.lightning.recovery import lora_config
+    from fmoe.recovery.lora import lora_config
     from fmoe.model.structure import apply_widths
 
     model = tiny_model("qwen2_moe")
@@ -352,7 +352,7 @@ def test_lora_targets_attention_shared_and_routed_experts_not_routers():
 def test_lora_adapts_every_width_bucket_and_merges_exactly(family, widths):
     from peft import get_peft_model
 
-    from fmoe.lightning.recovery import lora_config
+    from fmoe.recovery.lora import lora_config
     from fmoe.model.structure import apply_widths
 
     model = tiny_model(family)

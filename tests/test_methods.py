@@ -227,3 +227,41 @@ def test_every_edit_leaves_the_callers_config_alone(calibrated, name):
     shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
     assert shapes == {k: v.shape for k, v in model.state_dict().items()}
     assert edited.config.to_dict() == fmoe.apply_plan(copy.deepcopy(model), plan).config.to_dict()
+
+
+@pytest.fixture
+def registered():
+    """A method registered the way a new module would: a planner over the calibration's statistics, an edit."""
+    from fmoe.methods.expert_drop import ExpertPlan, drop_experts, plan_experts
+
+    def plan(model, calibration, amount=None, scope="layer"):  # the experts a layer's router weighs least
+        statistics = calibration.need("statistics", "least_weighted", model)
+        return plan_experts(model, statistics.experts["router"], amount=amount, scope=scope, criterion="router")
+
+    def check(amount, **options):
+        methods.registry.check_choices("least_weighted", options, scope=("layer",))
+
+    methods.register("least_weighted", methods.Method(plan, drop_experts, ExpertPlan, "statistics", "a test method",
+                                                      check=check))
+    yield "least_weighted"
+    del methods.METHODS["least_weighted"]
+
+
+def test_a_new_method_is_one_registration(calibrated, registered, tmp_path):
+    model, calibration = calibrated
+    with pytest.raises(ValueError, match="registered already"):
+        methods.register(registered, methods.METHODS[registered])
+    methods.check(registered, 0.25, scope="layer")
+    with pytest.raises(ValueError, match="unknown scope 'global' for method 'least_weighted'"):
+        methods.check(registered, 0.25, scope="global")
+    with pytest.raises(ValueError, match="takes no option"):
+        methods.check(registered, 0.25, count=2)
+    compressed = copy.deepcopy(model)
+    plan = fmoe.compress(compressed, registered, 0.25, calibration)
+    expected = fmoe.compress(copy.deepcopy(model), "expert_drop", 0.25, calibration)  # the same router statistic
+    assert plan.keep == expected.keep
+    plan.save(tmp_path / "plan.json")
+    replayed = fmoe.apply_plan(copy.deepcopy(model), fmoe.load_plan(tmp_path / "plan.json"))
+    probe = make_batches(n_batches=1, seed=7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(replayed(**probe).logits, compressed(**probe).logits, rtol=0, atol=0)

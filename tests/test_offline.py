@@ -196,7 +196,7 @@ def test_a_failure_while_writing_keeps_the_previous_output(tmp_path, monkeypatch
             raise OSError("disk full")
         return safe_open(str(self.directory / self.file_of[key]), "pt").get_tensor(key)
 
-    monkeypatch.setattr(fmoe.methods.offline.Source, "tensor", failing)
+    monkeypatch.setattr(fmoe.model.view.Source, "tensor", failing)
     with pytest.raises(OSError, match="disk full"):
         fmoe.prune_checkpoint(src, fmoe.make_plan(fmoe.score_checkpoint(src), 0.75, "expert"), tmp_path / "out")
     assert_same(before, tensors(tmp_path / "out"))

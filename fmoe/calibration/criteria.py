@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..model.compat import accumulation_dtype
 from ..model.experts import RaggedExperts, expert_widths, num_experts, up_name
 from ..model.hooks import active_mask
-from .context import Context
+from .context import Accumulator, Context, settle
 from .loss import Batch, prepare_batch, sequence_nll
 from .scores import parse_criterion
 
@@ -40,7 +40,7 @@ def _zeros(modules: dict[str, nn.Module], device, dtype=None) -> dict[str, torch
     return {n: torch.zeros(num_experts(m), expert_widths(m)[0], device=device, dtype=dtype) for n, m in modules.items()}
 
 
-class Fisher:
+class Fisher(Accumulator):
     """Per-sequence mask gradients squared and summed. A step's sums are held apart until `end_step` has seen that
     every one is finite (a flag on the device, read once per step), then added to the float64 totals."""
 
@@ -81,17 +81,9 @@ class Fisher:
 
         return on_intermediate
 
-    def bad_module(self) -> str | None:
-        """The first module whose gradients this step were not finite (a host sync: for error messages)."""
-        bad = (~self.finite).nonzero()
-        return self.names[int(bad[0])] if bad.numel() else None
-
     def end_step(self, commit: bool) -> None:
         """Add this step's sums to the totals (or drop them), and start the next step."""
-        for name, t in self.pending.items():
-            if commit:
-                self.sums[name] += t
-            t.zero_()
+        settle(self.pending, self.sums, commit)
         self.finite.fill_(True)
         for anchor in self.anchors.values():
             anchor.grad = None
@@ -108,13 +100,14 @@ class Fisher:
         return self.sums
 
 
-class Activation:
+class Activation(Accumulator):
     needs_grad = False
 
     def __init__(self, modules, device, weighted=False):
         self.sums = _zeros(modules, device)
         self.counts = {n: torch.zeros(t.shape[0], 1, device=device, dtype=t.dtype) for n, t in self.sums.items()}
         self.weighted = weighted
+        self.names = list(modules)
         self.repeat = False  # the next forward reruns a dropped step's batch, already counted (see end_step)
 
     def hook(self, name, ctx):

@@ -12,8 +12,7 @@ from torch import nn
 
 from ..model.compat import accumulation_dtype
 from ..model.experts import RaggedExperts, expert_widths, find_experts, num_experts
-from ..model.hooks import experts_hooks
-from .context import Context, frozen
+from .context import Accumulator, Context, frozen
 from .loss import prepare_batch
 
 
@@ -38,10 +37,9 @@ class GramStatistics:
                                    samples=self.samples + other.samples, tokens=self.tokens + other.tokens)
 
 
-class Gram:
-    """Accumulator of G, s and n per routed expert (the protocol of fmoe.calibration.scorer's accumulators: `hook(name, ctx)`
-    per experts module, `state()` of float64 sums to SUM-reduce across ranks, `to(device)`, `result`). `modules`:
-    the experts modules to gather, all of a model's or a subset (layer by layer, to bound memory)."""
+class Gram(Accumulator):
+    """Accumulator of G, s and n per routed expert (`modules`: the experts modules to gather, all of a model's or a
+    subset, layer by layer, to bound memory)."""
     needs_grad = False
 
     def __init__(self, modules: Mapping[str, nn.Module], device):
@@ -53,6 +51,7 @@ class Gram:
                                         dtype=dtype) for n, m in modules.items()}  # [E, I, I]
         self.sums = {n: torch.zeros(t.shape[:2], device=device, dtype=dtype) for n, t in self.products.items()}
         self.counts = {n: torch.zeros(t.shape[0], device=device, dtype=dtype) for n, t in self.products.items()}
+        self.names = list(modules)
         self.repeat = False  # the next forward reruns a dropped step's batch, already counted (see end_step)
 
     def hook(self, name: str, ctx):
@@ -113,7 +112,7 @@ def gather(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
     subset = {n: modules[n] for n in names}
     gram, ctx = Gram(subset, device), Context()
     samples = tokens = 0
-    with frozen(model), experts_hooks(model, {n: gram.hook(n, ctx) for n in subset}), torch.no_grad():
+    with frozen(model), gram.attached(model, ctx), torch.no_grad():
         for raw in batches:
             batch = prepare_batch(raw, device)
             ctx.set(batch)

@@ -31,8 +31,7 @@ from tqdm.auto import tqdm
 
 from .. import _aliases
 from ..model.experts import find_experts, fingerprint, on_meta
-from ..model.hooks import experts_hooks
-from .context import Context, frozen
+from .context import Accumulator, Context, frozen
 from .criteria import (CRITERIA, DATA_CRITERIA, check_scorable, grad_abs_scores, magnitude_scores, masked_zero,
                        random_scores, scorer_criterion, sequence_losses)
 from .gram import Gram, GramStatistics, compensated
@@ -78,6 +77,8 @@ class Scorer:
                                              gradient_scale=lambda: self.gradient_scale) if structure else None
         self.gathers_gram = gram
         self.grams = Gram(self.modules, self.device) if gram or "compensated" in self.criteria else None
+        # every accumulator of the pass, in hook order: the criteria's, then the statistics and the Gram sums
+        self.parts: list[Accumulator] = [*self.accs.values(), *(p for p in (self.structure, self.grams) if p)]
         self.ctx = Context()
         self.samples = self.tokens = 0
         self._stack: ExitStack | None = None
@@ -110,12 +111,8 @@ class Scorer:
         stack = ExitStack()
         if freeze:
             stack.enter_context(frozen(self.model))
-        for acc in self.accs.values():
-            stack.enter_context(experts_hooks(self.model, {name: acc.hook(name, self.ctx) for name in self.modules}))
-        if self.structure is not None:
-            stack.enter_context(self.structure.attached(self.model, self.ctx))
-        if self.grams is not None:
-            stack.enter_context(experts_hooks(self.model, {n: self.grams.hook(n, self.ctx) for n in self.modules}))
+        for part in self.parts:
+            stack.enter_context(part.attached(self.model, self.ctx))
         self._stack = stack
 
     @property
@@ -144,12 +141,8 @@ class Scorer:
     def to(self, device) -> Scorer:
         """Move the accumulated state (the model is moved by its owner)."""
         self.device = torch.device(device)
-        for acc in self.accs.values():
-            acc.to(self.device)
-        if self.structure is not None:
-            self.structure.to(self.device)
-        if self.grams is not None:
-            self.grams.to(self.device)
+        for part in self.parts:
+            part.to(self.device)
         return self
 
     def step(self, raw: Mapping[str, torch.Tensor], backward=None, sync: Callable | None = None,
@@ -181,16 +174,13 @@ class Scorer:
         """After a backward: keep the step's Fisher sums if the loss and every gradient were finite on every rank
         (one host sync). Otherwise drop them and raise; with `skip_non_finite` (fp16 loss scaling, whose scaled
         gradients can overflow) a finite loss with non-finite gradients returns False instead."""
-        fisher = self.accs["fisher"]
-        finite = fisher.finite.all()
-        if self.structure is not None:
-            finite = finite & self.structure.finite.all()
+        finite = torch.stack([part.finite.all() for part in self.parts if part.finite is not None]).all()
         flags = torch.stack([~torch.as_tensor(loss_ok, device=self.device), ~finite]).float()
         ranks = sync(flags.clone()) if sync is not None else flags  # [ranks with a bad loss, with a bad gradient]
         if not bool((ranks > 0).any()):
             self._end_step(commit=True)
             return True
-        bad_module = fisher.bad_module() or (self.structure.bad_module() if self.structure is not None else None)
+        bad_module = next((bad for part in self.parts if (bad := part.bad_module()) is not None), None)
         self._end_step(commit=False)
         if skip_non_finite and ranks[0] == 0:
             return False
@@ -203,12 +193,8 @@ class Scorer:
         raise FloatingPointError(f"{cause}: Fisher scores would be poisoned (under fp16, use bf16 or fp32)")
 
     def _end_step(self, commit: bool) -> None:
-        for acc in self.accs.values():
-            acc.end_step(commit)
-        if self.structure is not None:
-            self.structure.end_step(commit)
-        if self.grams is not None:
-            self.grams.end_step(commit)
+        for part in self.parts:
+            part.end_step(commit)
 
     def count(self, samples: int, tokens: int) -> None:
         self.samples += samples

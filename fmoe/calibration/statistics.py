@@ -36,6 +36,7 @@ from ..model.compat import accumulation_dtype, residual_scale, router_probabilit
 from ..model.experts import num_experts
 from ..model.hooks import experts_hooks
 from ..model.layers import decoder_layers, moe_layers
+from .context import Accumulator, settle
 
 _TENSORS, _META, _FORMAT = "statistics.safetensors", "statistics.json", "fmoe.Statistics/1"
 CRITERIA = ("router", "frequency", "reap", "fisher")
@@ -128,7 +129,7 @@ class _ExpertsHook:
         return o
 
 
-class StructureStatistics:
+class StructureStatistics(Accumulator):
     """Sums and counts (accumulation dtype) of the expert- and layer-level statistics; `attached(model, ctx)` installs
     the experts hooks and the forward hooks (routers, norms, MoE blocks, decoder layers) and removes them all on exit.
     With `fisher` (a pass with a backward), a step's sums wait (expert Fisher in `pending`, the rest in `step`) until
@@ -248,20 +249,10 @@ class StructureStatistics:
         self._normed, self._filled, self._norm_input = None, 0, {}
 
     # -- accumulation ---------------------------------------------------------------------------------------------
-    def bad_module(self) -> str | None:
-        bad = (~self.finite).nonzero()
-        return self.names[int(bad[0])] if bad.numel() else None
-
     def end_step(self, commit: bool) -> None:
         """Add this step's sums to the totals (or drop them), and start the next step."""
-        for name, t in self.pending.items():
-            if commit:
-                self.sums[f"fisher/{name}"] += t
-            t.zero_()
-        for key, t in self.step.items():
-            if commit:
-                self.sums[key] += t
-            t.zero_()
+        settle(self.pending, self.sums, commit, key=lambda name: f"fisher/{name}")
+        settle(self.step, self.sums, commit)
         self.finite.fill_(True)
 
     def state(self) -> dict[str, torch.Tensor]:

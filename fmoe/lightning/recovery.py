@@ -2,11 +2,12 @@
 weights, trained with Lightning on the data loss or by distillation from the dense model, evaluated with
 torchmetrics, merged back before export.
 
-Routed experts are adapted per expert through peft's `target_parameters` (one rank-r adapter per expert): the fused
-tensors of uniform modules, and of each width bucket of RaggedExperts. Routers are left alone. With a `teacher`
-the loss is fmoe.recovery.distill's mix of the KL to the teacher's next-token distributions and the data loss; a live
-teacher is a frozen submodule (a replica per rank under DDP, sharded per decoder layer like the student under FSDP2,
-so it is part of Lightning checkpoints), a cached one is read by sequence.
+What trains is fmoe.recovery.lora's `trainable`. Routed experts are adapted per expert through peft's
+`target_parameters` (one rank-r adapter per expert): the fused tensors of uniform modules, and of each width bucket
+of RaggedExperts. Routers are left alone. With a `teacher` the loss is fmoe.recovery.distill's mix of the KL to the
+teacher's next-token distributions and the data loss; a live teacher is a frozen submodule (a replica per rank under
+DDP, sharded per decoder layer like the student under FSDP2, so it is part of Lightning checkpoints), a cached one
+is read by sequence.
 """
 
 from __future__ import annotations
@@ -21,38 +22,11 @@ from torchmetrics import MeanMetric, SumMetric
 
 from ..calibration.loss import prepare_batch, sequence_nll, training_loss
 from ..evaluation.tasks import exact_match
-from ..model.compat import peft_adapts_experts
-from ..model.experts import find_experts, fused_parts, up_name
-from ..model.structure import VECTORS
 from ..recovery.distill import TeacherCache, check_options, distillation_loss
+from ..recovery.lora import trainable
 from .sharding import RestoreOnException, is_sharded, materialize, shard, unshard
 
 Tasks = dict[str, tuple[list[str], list[str]]]  # {name: (prompts, answers)}, e.g. from fmoe.evaluation.tasks.load_tasks
-
-
-_NOT_ADAPTED = ("lm_head", "gate", "router", "shared_expert_gate")  # output head and routers keep their weights
-
-
-def lora_config(model: nn.Module, r: int = 16, alpha: int = 32, experts: bool = True):
-    """LoRA on every Linear except the head and routers (attention, shared experts, dense MLPs), plus per-expert
-    adapters on the fused tensors of routed experts via `target_parameters` (peft needs lora_dropout=0 there)."""
-    from peft import LoraConfig
-
-    routed = find_experts(model)
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
-               and name.rsplit(".", 1)[-1] not in _NOT_ADAPTED
-               and (experts or not any(name.startswith(f"{r}.") for r in routed))]
-    holders = {".".join(filter(None, (name, part))): holder for name, m in routed.items() if experts
-               for part, holder in fused_parts(m).items()}
-    skipped = [name for name, holder in holders.items() if not peft_adapts_experts(holder)]
-    if skipped:
-        warnings.warn(f"LoRA leaves {len(skipped)} single-expert width buckets of transposed experts as they are "
-                      f"(e.g. {skipped[0]}): peft adapts a 3D parameter holding one expert as a 2D one", stacklevel=2)
-    params = [f"{name}.{p}" for name, holder in holders.items() if name not in skipped
-              for p in (up_name(holder), "down_proj")]
-    # exact module names: peft matches list entries as name suffixes
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=linears,
-                      target_parameters=params or None)
 
 
 class Evaluation(L.LightningModule):
@@ -60,12 +34,13 @@ class Evaluation(L.LightningModule):
     SUM over ranks; no tokens x vocab tensor), and with `tasks` the exact-match accuracy of greedy answers
     (`<name>_acc`; each rank answers its share of the prompts, a MeanMetric averages over ranks). Under
     ModelParallelStrategy (FSDP2) the model is sharded per decoder layer for the fit and generation runs in
-    lockstep across ranks."""
+    lockstep across ranks. `to_logger=False` keeps the values from the Trainer's loggers (progress bar and
+    `trainer.callback_metrics` only)."""
 
     def __init__(self, model: nn.Module, eval_names: tuple[str, ...] = ("domain", "general"),
-                 tasks: Tasks | None = None, tokenizer=None):
+                 tasks: Tasks | None = None, tokenizer=None, to_logger: bool = True):
         super().__init__()
-        self.model, self.eval_names = model, list(eval_names)
+        self.model, self.eval_names, self.to_logger = model, list(eval_names), to_logger
         self.nll = nn.ModuleList([SumMetric() for _ in self.eval_names])
         self.tokens = nn.ModuleList([SumMetric() for _ in self.eval_names])
         self.tasks, self.tokenizer = dict(tasks or {}), tokenizer
@@ -92,7 +67,8 @@ class Evaluation(L.LightningModule):
         for i, name in enumerate(self.eval_names[: len(self.nll)]):
             tokens = self.tokens[i].compute()
             if tokens > 0:
-                self.log(f"{name}_ppl", torch.exp(self.nll[i].compute() / tokens), prog_bar=True, sync_dist=False)
+                self.log(f"{name}_ppl", torch.exp(self.nll[i].compute() / tokens), prog_bar=True, sync_dist=False,
+                         logger=self.to_logger)
             self.nll[i].reset()
             self.tokens[i].reset()
         if self.trainer.sanity_checking:
@@ -107,7 +83,8 @@ class Evaluation(L.LightningModule):
             hits = exact_match(self.model, self.tokenizer, [prompts[i] for i in share], [answers[i] for i in share],
                                synced=sharded)[: len(mine)]
             metric.update(torch.tensor(hits, dtype=torch.float32, device=self.device))
-            self.log(f"{name}_acc", metric.compute(), prog_bar=True, sync_dist=False)  # compute() syncs ranks
+            self.log(f"{name}_acc", metric.compute(), prog_bar=True, sync_dist=False,  # compute() syncs ranks
+                     logger=self.to_logger)
             metric.reset()
 
 
@@ -127,20 +104,8 @@ class LoRARecovery(Evaluation):
                  tasks: Tasks | None = None, tokenizer=None, compressed: bool = True, tune_experts: bool = False,
                  teacher: nn.Module | TeacherCache | str | Path | None = None, temperature: float = 1.0,
                  kd_weight: float = 1.0):
-        from peft import get_peft_model
-
-        vectors = [p for n, p in model.named_parameters() if compressed and n.rpartition(".")[2] in VECTORS]
-        routed = [p for m in find_experts(model).values() for p in m.parameters()] if tune_experts else []
-        if tune_experts and not routed:
-            raise ValueError("tune_experts trains routed experts, and the model has none")
-        if r == 0 and not vectors and not routed:
-            raise ValueError("r=0 trains no adapters: it needs tune_experts=True or the vectors of compressed "
-                             "experts (fmoe.methods.compressed.compress_experts makes them)")
         check_options(temperature, kd_weight)
-        experts = experts and not tune_experts  # no adapters on weights that train themselves
-        model = get_peft_model(model, lora_config(model, r, alpha, experts)) if r else model.requires_grad_(False)
-        for p in (*vectors, *routed):  # peft froze every base parameter
-            p.requires_grad_(True)
+        model = trainable(model, r, alpha, experts, compressed, tune_experts)
         super().__init__(model, eval_names, tasks, tokenizer)
         self.lr, self.weight_decay = lr, weight_decay
         self.temperature, self.kd_weight = temperature, kd_weight
@@ -192,9 +157,10 @@ class LoRARecovery(Evaluation):
 
 
 def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None, tasks: Tasks | None = None,
-             tokenizer=None) -> dict[str, float]:
+             tokenizer=None, metrics: dict[str, float] | None = None) -> dict[str, float]:
     """{'<eval name>_ppl': perplexity} of `model` on the datamodule's eval loaders and {'<task>_acc': exact match}
-    of each task (a Trainer.validate run)."""
+    of each task (a Trainer.validate run). Its loggers get them in one row with `metrics`, values measured outside
+    the validation loop (e.g. model sizes, lm-eval scores)."""
     names = tuple(datamodule.eval_names)
     if not names:
         if tasks:
@@ -205,8 +171,13 @@ def evaluate(model: nn.Module, datamodule, trainer_kwargs: dict | None = None, t
         if kwargs.get(key) is None:  # unset (a CLI's None included): a validation run stays quiet
             kwargs[key] = False
     runner = L.Trainer(**kwargs)
-    results = runner.validate(Evaluation(model.eval(), names, tasks, tokenizer), datamodule=datamodule, verbose=False)
-    return {k.split("/")[0]: float(v) for r in results for k, v in r.items()}
+    runner.validate(Evaluation(model.eval(), names, tasks, tokenizer, to_logger=False), datamodule=datamodule,
+                    verbose=False)
+    values = {k.split("/")[0]: float(v) for k, v in runner.callback_metrics.items()}  # "/dataloader_idx_N" dropped
+    for logger in runner.loggers:  # rank 0 writes
+        logger.log_metrics({**(metrics or {}), **values}, step=0)
+        logger.save()
+    return values
 
 
 def epochs_for(steps: int, sequences: int, batch_size: int, trainer: L.Trainer) -> int:

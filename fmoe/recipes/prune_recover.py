@@ -21,9 +21,12 @@ model's next-token distributions: the dense checkpoint read again as a live teac
 before pruning, see fmoe.recovery.distill), evaluate (perplexity of each eval set before and after, and exact-match accuracy
 of each `tasks` file), export (fmoe.save_pretrained + results.json; report.png next to plan.json). With
 `--lm_eval.tasks` every row also gets lm-evaluation-harness scores, computed on rank 0 only (lm-eval runs in the
-process on one device; the other ranks wait at a barrier). Each stage logs to a CSVLogger under
-<default_root_dir>/logs/<stage> unless `--trainer.logger` says otherwise. A before/after table (total and active
-parameters, weight bytes, metrics) is printed at the end. Every `--trainer.*` option reaches every stage's Trainer
+process on one device; the other ranks wait at a barrier). Each stage logs to a CSVLogger of its own,
+<default_root_dir>/logs/<stage> (calibrate, recover, evaluate_dense, evaluate_pruned, evaluate_recovered), unless
+`--trainer.logger` says otherwise; the run's resolved config goes to <default_root_dir>/config.yaml, which
+`--config` takes to run it again. The console shows each stage's header, progress bar and result (fmoe.console;
+`--verbose`: every library's messages too), and at the end a before/after table (total and active parameters,
+weight bytes, metrics). Every `--trainer.*` option reaches every stage's Trainer
 (fresh callbacks, logger, strategy and plugins each time); `accumulate_grad_batches` and `gradient_clip_*` apply to
 the LoRA stage only, since a calibration steps no weights, and the LoRA stage runs `--recover.max_steps` steps
 whatever `--trainer.max_epochs` says (its max_epochs is the epochs those steps take). The default compresses fmoe's
@@ -35,10 +38,9 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import shutil
 import sys
-import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -52,11 +54,11 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import fmoe
-from fmoe import evaluation, methods, toy
+from fmoe import console, evaluation, methods, toy
 from fmoe.calibration.criteria import scorer_criterion
 from fmoe.evaluation.report import write_report
 from fmoe.evaluation.tasks import load_tasks
-from fmoe.io import write_json
+from fmoe.io import atomic_write_text, write_json
 from fmoe.lightning.calibration import CalibrationModule, check_strategy
 from fmoe.lightning.callbacks import Compression, IntermediatePruning
 from fmoe.lightning.data import TextDataModule
@@ -181,6 +183,7 @@ def calibration(model: str = "toy", criterion: str = "fisher", dtype: str = "flo
         dtype: the torch dtype the model is loaded in (float32, bfloat16, float16).
     """
     scorer_criterion(criterion)  # a bad criterion fails before the model is read
+    console.header("load", f"{checkpoint_of(model)} in {dtype}")
     return CalibrationModule(load_model(checkpoint_of(model), dtype=getattr(torch, dtype)), criterion=criterion)
 
 
@@ -215,16 +218,25 @@ def settle_defaults(parser, defaults: dict) -> None:
 
 class RecipeCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
-        # the recipe makes its own optimizers (LoRARecovery): no --optimizer or --lr_scheduler
-        super().__init__(*args, auto_configure_optimizers=False, **kwargs)
+        self.console = ExitStack()  # the console filters from the parsed options on; main closes it
+        try:
+            # the recipe makes its own optimizers (LoRARecovery): no --optimizer or --lr_scheduler
+            super().__init__(*args, auto_configure_optimizers=False, **kwargs)
+        except BaseException:
+            self.console.close()
+            raise
 
     def init_parser(self, **kwargs):
         return super().init_parser(**{"description": __doc__.splitlines()[0], **kwargs})
 
     def parse_arguments(self, parser, args):
+        """Parse (an option under an earlier name as RENAMED_OPTIONS says), then filter the console
+        (fmoe.console.quiet) unless --verbose: seeding and the first Trainer follow at once."""
         if isinstance(args, (dict, Namespace)):
-            return super().parse_arguments(parser, args)
-        self.config = parser.parse_args(renamed_options(sys.argv[1:] if args is None else args))
+            super().parse_arguments(parser, args)
+        else:
+            self.config = parser.parse_args(renamed_options(sys.argv[1:] if args is None else args))
+        self.console.enter_context(console.quiet(self.config.verbose))
 
     def add_arguments_to_parser(self, parser):
         parser.add_class_arguments(Stages, "stages")
@@ -238,6 +250,9 @@ class RecipeCLI(LightningCLI):
                             help="{name: jsonl of prompt/answer records}: exact-match accuracy per stage "
                                  "(default: every toy corpus domain's test split for the toy model, none otherwise)")
         parser.add_argument("--task_limit", type=int, default=100, help="records per task file")
+        parser.add_argument("--verbose", type=bool, nargs="?", const=True, default=False,
+                            help="show every message of the libraries a run drives; by default the console shows "
+                                 "each stage's header, progress bar and result (see fmoe.console)")
         settle_defaults(parser, {"data.tokenizer": str(toy.TOY_DIR), "data.train": str(files["arithmetic"]["train"]),
                                  "data.domain_eval": str(files["arithmetic"]["test"]),
                                  "data.general_eval": str(files["general"]["test"]),
@@ -265,18 +280,36 @@ def fresh(value):
     return copy.deepcopy(value)
 
 
-def trainer_kwargs(cfg, stage: str, callbacks: list | None = None, **overrides) -> dict:
-    """Every --trainer.* option for one stage's Trainer ("calibrate", "recover" or "evaluate"), with fresh
+def logs_dir(cfg) -> Path | None:
+    """<default_root_dir>/logs, where each stage logs to a CSVLogger of its own while `--trainer.logger` is unset;
+    None when it is set (false, or a logger of the user's)."""
+    if cfg.trainer.logger not in (None, True):
+        return None
+    return Path(cfg.trainer.default_root_dir or ".") / "logs"
+
+
+def log_interval(steps: int) -> int:
+    """Steps between the logged rows of a `steps`-step training fit: about ten rows a run (every step of a short
+    one), never further apart than Lightning's default of 50."""
+    return max(1, min(50, steps // 10))
+
+
+def trainer_kwargs(cfg, stage: str, callbacks: list | None = None, log_every: int | None = None,
+                   **overrides) -> dict:
+    """Every --trainer.* option for one stage's Trainer ("calibrate", "recover" or "evaluate_<row>"), with fresh
     instances, the stage's own callbacks after the user's and its own settings on top. `ModelParallelStrategy`
-    thus runs every stage under FSDP2 (see fmoe.lightning.sharding)."""
+    thus runs every stage under FSDP2 (see fmoe.lightning.sharding). Unset, the logger is a CSVLogger writing
+    <logs_dir>/<stage>/metrics.csv and `log_every_n_steps` is `log_every` (None: Lightning's default)."""
     options = {k: fresh(v) for k, v in cfg.trainer.as_dict().items()}
     if stage == "calibrate":
         for key in TRAINING_ONLY:
             options.pop(key)
     options["callbacks"] = [*(options.get("callbacks") or []), *(callbacks or [])]
-    if options.get("logger") in (None, True):  # unset: each stage logs to <default_root_dir>/logs/<stage>/version_N
-        root = options.get("default_root_dir") or "."
-        options["logger"] = CSVLogger(Path(root) / "logs", name=stage)
+    logs = logs_dir(cfg)
+    if logs is not None:  # one directory per stage, no version_N: a new run clears logs/ first (start_run)
+        options["logger"] = CSVLogger(logs, name="", version=stage)
+    if options.get("log_every_n_steps") is None:
+        options["log_every_n_steps"] = log_every
     return {**options, **overrides}
 
 
@@ -315,8 +348,9 @@ def toy_lm_eval(options: LMEval, limit: int, run_dir: Path) -> LMEval:
     return options
 
 
-# what a run writes into its directory (besides logs/ and lm_eval_tasks/); a new run there removes them first
-RUN_FILES = ("run.json", "plan.json", "scores", "statistics", "teacher.safetensors", "report.png")
+# what a run writes into its directory (besides lm_eval_tasks/, and logs/, which start_run clears when the recipe's
+# own); a new run there removes them first
+RUN_FILES = ("run.json", "config.yaml", "plan.json", "scores", "statistics", "teacher.safetensors", "report.png")
 
 
 def check_export_dir(run_dir: Path, export_dir: Path) -> None:
@@ -332,18 +366,23 @@ def is_export(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "results.json").is_file()
 
 
-def start_run(run_dir: Path, export_dir: Path, argv) -> None:
-    """Rank 0 clears the previous run's files from `run_dir` and the export it left at `export_dir`, and marks the
-    run as running in run.json, so that a run stopped part way never leaves a plan beside an export it did not
-    make. Called once every option is checked; anything else at `export_dir` stays until the export replaces it."""
+def start_run(run_dir: Path, export_dir: Path, argv, config: str, logs: Path | None) -> None:
+    """Rank 0 clears the previous run's files from `run_dir`, the stage logs at `logs` (the recipe's own; None:
+    the user's logger keeps its files) and the export it left at `export_dir`, writes the run's resolved `config`
+    (YAML) to config.yaml and marks the run as running in run.json, so that a run stopped part way never leaves a
+    plan beside an export it did not make. Called once every option is checked; anything else at `export_dir`
+    stays until the export replaces it."""
     if process_rank() != 0:
         return
-    for path in [*(run_dir / name for name in RUN_FILES), *([export_dir] if is_export(export_dir) else [])]:
+    stale = [*(run_dir / name for name in RUN_FILES), *([logs] if logs else []),
+             *([export_dir] if is_export(export_dir) else [])]
+    for path in stale:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", config)
     write_json(run_dir / "run.json", {"status": "running", "argv": argv, "export": str(export_dir)})
 
 
@@ -353,8 +392,9 @@ def lm_eval_metrics(model, tokenizer, options: LMEval, is_global_zero: bool) -> 
     timeout must cover the run)."""
     metrics = {}
     if is_global_zero:
-        results = evaluation.lm_eval(model, tokenizer, options.tasks, limit=options.limit,
-                                     include_path=options.include_path)
+        with console.quiet_lm_eval():
+            results = evaluation.lm_eval(model, tokenizer, options.tasks, limit=options.limit,
+                                         include_path=options.include_path)
         metrics = {f"{task}_{name.removesuffix(',none')}": value
                    for task, values in results.items() for name, value in values.items()}
     if torch.distributed.is_initialized():
@@ -362,25 +402,16 @@ def lm_eval_metrics(model, tokenizer, options: LMEval, is_global_zero: bool) -> 
     return metrics
 
 
-class _HideTips(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
-
-
-def quiet_lightning() -> None:
-    """Silence what the recipe understands: a calibration fit runs its model in eval mode on purpose (no dropout
-    or router jitter while scoring), and Lightning's advertisement for its cloud logger."""
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _HideTips) for f in rank_zero.filters):
-        rank_zero.addFilter(_HideTips())
-
-
 def main(args=None, prog: str | None = None) -> dict:
     """Run the recipe on `args` (sys.argv when None); `prog`: the command name --help shows."""
-    quiet_lightning()
-    cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_kwargs={"overwrite": True},
+    cli = RecipeCLI(calibration, TextDataModule, run=False, args=args, save_config_callback=None,
                     parser_kwargs={"prog": prog} if prog else None)
+    with cli.console:
+        return run(cli, args)
+
+
+def run(cli: RecipeCLI, args) -> dict:
+    """The stages of a run whose options `cli` parsed -> the table's rows."""
     cfg, trainer, module, data = cli.config, cli.trainer, cli.model, cli.datamodule
     stages, prune_cfg, recover_cfg = Stages(**cfg.stages), Prune(**cfg.prune), Recover(**cfg.recover)
     lm_eval_cfg = LMEval(**cfg.lm_eval)
@@ -406,42 +437,67 @@ def main(args=None, prog: str | None = None) -> dict:
         lm_eval_cfg = toy_lm_eval(lm_eval_cfg, cfg.task_limit, run_dir)
     if lm_eval_cfg.tasks and process_rank() == 0:  # rank 0 runs lm-eval
         evaluation.check_tasks(lm_eval_cfg.tasks, lm_eval_cfg.include_path)
-    start_run(run_dir, export_dir, args if args is not None else sys.argv[1:])
+    start_run(run_dir, export_dir, args if args is not None else sys.argv[1:],
+              cli.parser.dump(cfg, skip_none=False), logs_dir(cfg))
     data.setup("fit")
     paths = cfg.tasks
     if paths is None:
         paths = {d: str(f["test"]) for d, f in toy.corpus_files().items()} if cfg.model.model == "toy" else {}
     tasks = {name: load_tasks(path, cfg.task_limit) for name, path in paths.items()}
     rows = {}
+    measured = "; ".join(f"{what} {', '.join(names)}" for what, names in (
+        ("perplexity of", data.eval_names), ("exact match on", tasks), ("lm-eval", lm_eval_cfg.tasks or [])) if names)
 
     def record(stage, model):
         row = sizes(model)
         if stages.evaluate:
-            row.update(evaluate(model, data, trainer_kwargs(cfg, "evaluate"), tasks, data.tokenizer))
+            console.header("evaluate", f"the {stage} model: {measured or 'sizes only'}")
+            scores = {}
             if lm_eval_cfg.tasks:
-                row.update(lm_eval_metrics(model, data.tokenizer, lm_eval_cfg, trainer.is_global_zero))
+                scores = lm_eval_metrics(model, data.tokenizer, lm_eval_cfg, trainer.is_global_zero)
+            measures = evaluate(model, data, trainer_kwargs(cfg, f"evaluate_{stage}"), tasks, data.tokenizer,
+                                metrics={**row, **scores})  # the whole row in the stage's log
+            console.result("evaluate", console.metrics({**measures, **scores}))
+            row.update(measures)
+            row.update(scores)
         rows[stage] = row
 
     record("dense", module.model)
     cached = recover_cfg.distill and recover_cfg.teacher == "cached"
     cache = run_dir / "teacher.safetensors"
     if stages.recover and cached:  # now, while the model is still dense
+        console.header("distill", f"the dense model's logits (top {recover_cfg.top_k}) over the training set")
         cache_dense_logits(module.model, data, cache, recover_cfg.top_k)
+        console.result("distill", f"cached in {cache}")
     plan = None
+    pruning = f"{prune_cfg.method}, amount {prune_cfg.amount:g}"
     if stages.prune and not methods.method(prune_cfg.method).reads:  # nothing to calibrate (compressed experts)
+        console.header("prune", pruning)
         plan = methods.compress(module.model, prune_cfg.method, prune_cfg.amount, **options)
         if trainer.is_global_zero:
             plan.save(run_dir / "plan.json")
+        console.result("prune", f"plan in {run_dir / 'plan.json'}")
         record("pruned", module.model)
     elif stages.calibrate:
         callbacks = [compression] if stages.prune else []
-        calib = L.Trainer(**trainer_kwargs(cfg, "calibrate", callbacks))
+        calibrated = f"{module.criterion} calibration over {len(data.train_set)} training sequences"
+        console.header("calibrate", f"{calibrated}, then prune ({pruning})" if stages.prune else calibrated)
+        # every step: each one already reads its counts and finiteness flags on the host
+        calib = L.Trainer(**trainer_kwargs(cfg, "calibrate", callbacks, log_every=1))
         calib.fit(module, datamodule=data)
-        if stages.prune:
+        if stages.prune:  # the result: the line its Compression callback logged
             plan = compression.plan
             record("pruned", module.model)
+        else:
+            console.result("calibrate", "scores only, no pruning")
     model = module.model
     if stages.recover:
+        trained = f"LoRA adapters (r {recover_cfg.r})"
+        if recover_cfg.tune_experts:
+            trained = "the routed experts" + (f" and {trained}" if recover_cfg.r else "")
+        objective = (f"by distillation from the {recover_cfg.teacher} dense model" if recover_cfg.distill
+                     else "on the data loss")
+        console.header("recover", f"{trained} {objective}, {recover_cfg.max_steps} steps")
         teacher = None
         if cached:  # the logits rank 0 cached before pruning
             teacher = str(cache)
@@ -451,17 +507,22 @@ def main(args=None, prog: str | None = None) -> dict:
                                 experts=recover_cfg.experts, eval_names=tuple(data.eval_names), tasks=tasks,
                                 tokenizer=data.tokenizer, tune_experts=recover_cfg.tune_experts, teacher=teacher,
                                 temperature=recover_cfg.temperature, kd_weight=recover_cfg.kd_weight)
-        fit = L.Trainer(**trainer_kwargs(cfg, "recover", max_steps=recover_cfg.max_steps, max_epochs=-1,
+        fit = L.Trainer(**trainer_kwargs(cfg, "recover", log_every=log_interval(recover_cfg.max_steps),
+                                         max_steps=recover_cfg.max_steps, max_epochs=-1,
                                          check_val_every_n_epoch=None,
                                          val_check_interval=recover_cfg.val_check_interval))
         fit.fit_loop.max_epochs = epochs_for(recover_cfg.max_steps, len(data.train_set), data.hparams.batch_size, fit)
         fit.fit(recovery, datamodule=data)
         del recovery.teacher  # a live teacher's memory goes back before the last evaluation
         model = recovery.merged()
+        loss = fit.callback_metrics.get("train_loss")
+        console.result("recover", f"{fit.global_step} steps" + ("" if loss is None else f", train_loss {loss:.3f}"))
         record("recovered", model)
     if stages.export and trainer.is_global_zero:
+        console.header("export", f"the {list(rows)[-1]} model to {export_dir}")
         out = fmoe.save_pretrained(model, export_dir, tokenizer=data.tokenizer)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
+        console.result("export", "weights, config, tokenizer and results.json")
     if trainer.is_global_zero:
         write_report(rows, plan, run_dir / "report.png")
         write_json(run_dir / "run.json", {"status": "complete", "argv": args if args is not None else sys.argv[1:],

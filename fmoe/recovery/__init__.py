@@ -1,2 +1,3 @@
-"""Recovery after pruning: knowledge distillation from the dense model (distill.py). LoRA training itself is a
+"""Recovery after pruning: what trains (lora.py: peft adapters, compressed experts' vectors, or the routed
+experts themselves) and the distillation loss from the dense model (distill.py). The training loop is a
 LightningModule, fmoe.lightning.recovery.LoRARecovery."""

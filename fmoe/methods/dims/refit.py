@@ -150,7 +150,7 @@ def reconstruct(model: nn.Module, plan: PruningPlan, batches: Iterable[Mapping[s
                 lam: float = LAM, layers_at_once: int | None = None) -> nn.Module:
     """Prune `model` with `plan` (fmoe.prune) and refit the kept dims by least squares on `batches` (in place):
     G is gathered on the unpruned model, `layers_at_once` layers per pass (default: all in one pass). `plan` is
-    not changed; `recorded(plan, lam)` (`from fmoe.reconstruct import recorded`) is the plan to save with the model."""
+    not changed; `recorded(plan, lam)` (`from fmoe.methods.dims.refit import recorded`) is the plan to save with the model."""
     check_plan(model, plan)
     names = [n for n in find_experts(model) if n in plan.keep]
     if layers_at_once is not None and layers_at_once < 1:
