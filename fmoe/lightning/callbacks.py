@@ -160,7 +160,7 @@ class Compression(L.Callback):
     """
 
     def __init__(self, method: str = "dims", amount: float | None = 0.5, save_dir: str | Path | None = None,
-                 verbose: bool = True, model_attr: str | None = None, **options):
+                 verbose: bool = True, model_attr: str | None = None, **options: object):
         methods.check(method, amount, **options)  # before a calibration run is spent
         self.entry = methods.method(method)
         self.method, self.amount, self.options = method, amount, options
