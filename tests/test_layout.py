@@ -13,7 +13,8 @@ import fmoe
 
 ROOT = Path(fmoe.__file__).parent
 # the pipeline's stages, in order: a module may import from its own stage and the ones before it
-STAGES = ["io", "console", "model", "calibration", "methods", "recovery", "evaluation", "toy", "lightning", "recipes", "cli"]
+STAGES = ["io", "console", "model", "calibration", "methods", "recovery", "evaluation", "serving", "toy", "lightning",
+          "recipes", "cli"]
 
 
 def module_name(path: Path) -> str:

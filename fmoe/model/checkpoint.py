@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -35,6 +35,8 @@ from .structure import (COMPRESSED_FIELD, DROPPED_MOE_FIELD, EXPERT_COUNTS_FIELD
 FORMAT_FIELD = "fmoe_format"  # "stock" | "fused"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # {"weight_map": {tensor name: shard file}} of a sharded checkpoint
+TIED_FILE = "model-tied.safetensors"  # tied embeddings/head a sharded save left out, for engines that do not tie
+SERVED_PREFIX = "Fmoe"  # architecture name prefix of fused exports (served by plugins/vllm/fmoe_vllm.py)
 
 
 # config fields of structures no stock class builds (fmoe.from_pretrained rebuilds them in `empty_model`)
@@ -54,21 +56,54 @@ def is_stock_loadable(model: nn.Module) -> bool:
 
 
 def save_pretrained(model: PreTrainedModel, directory: str | Path, tokenizer=None) -> Path:
-    """Write `model` (and optionally its tokenizer) to `directory`, replacing it only once complete."""
+    """Write `model` (and optionally its tokenizer) to `directory`, replacing it only once complete.
+
+    A stock-loadable model is written by transformers. Any other
+    model is written in fmoe's fused layout under the architecture name "Fmoe" + the stock one, which stock
+    engines refuse by name and fmoe's vLLM plugin (plugins/vllm) serves. Tied embeddings and output head are
+    written under both names (vLLM's OLMoE ignores `tie_word_embeddings` and would serve an empty head)."""
     directory = Path(directory)
     stock = is_stock_loadable(model)
     written = {FORMAT_FIELD: "stock" if stock else "fused", "dtype": next(model.parameters()).dtype}
+    if not stock:
+        written["architectures"] = [SERVED_PREFIX + type(model).__name__]
     with atomic_directory(directory) as tmp, _config_fields(model.config, written):
         if stock:
             model.save_pretrained(tmp)
         else:
             model.config.save_pretrained(tmp)
             save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", FORMAT_FIELD: "fused"})
+        _write_tied(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if any(tmp.glob("*.bin")) or any(tmp.glob("*.pt")):
             raise RuntimeError("refusing to write pickle weights")
     return directory
+
+
+def _write_tied(model: PreTrainedModel, directory: Path) -> None:
+    """Write both names of tied input embeddings and output head: savers keep one name of a shared tensor, and
+    engines such as vLLM's OLMoE ignore `tie_word_embeddings` and would leave the other uninitialised."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or not getattr(model.config, "tie_word_embeddings", False):
+        return
+    names = {next(n for n, m in model.named_modules() if m is module) + ".weight": module.weight
+             for module in (embed, head)}
+    single = directory / WEIGHTS_FILE
+    if single.is_file():
+        tensors = load_file(single)
+        with safe_open(single, "pt") as f:
+            metadata = f.metadata()
+        missing = {n: w.detach().contiguous() for n, w in names.items() if n not in tensors}
+        if missing:
+            save_file({**tensors, **missing}, single, metadata=metadata)
+        return
+    index = json.loads((directory / INDEX_FILE).read_text())
+    missing = {n: w.detach().contiguous() for n, w in names.items() if n not in index["weight_map"]}
+    if missing:
+        save_file(missing, directory / TIED_FILE, metadata={"format": "pt"})
+        index["weight_map"].update({n: TIED_FILE for n in missing})
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
 @contextmanager

@@ -1,0 +1,221 @@
+"""fmoe's exports served by vLLM (its CPU build, in its own environment, with fmoe's plugin) equal fmoe +
+transformers greedy generation token for token.
+
+The engine tests need an environment with vLLM and the plugin: `.ci/run` makes one and sets FMOE_VLLM_PYTHON
+(docs/serving.md shows how). Without it they skip; the plugin's reading of fmoe's layout is tested here either way.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import fmoe
+from fmoe import toy
+from fmoe.evaluation.tasks import extract_answer, load_tasks, normalize
+from fmoe.model import structure
+from fmoe.model.checkpoint import SERVED_PREFIX
+from fmoe.model.experts import width_buckets
+from fmoe.serving import vllm as serving
+from fmoe.toy.tiny import tiny_model
+from tests.conftest import make_batches
+
+PLUGIN_FILE = Path(__file__).resolve().parents[1] / "plugins" / "vllm" / "fmoe_vllm.py"
+FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")  # served on vLLM's CPU build (DeepSeek: see docs)
+TOY_EXPORTS = {  # name: (method, amount, options); "uniform" is a stock export (stock vLLM, no plugin)
+    "ragged": ("dims", 0.5, {"scope": "layer"}),
+    "uniform": ("dims", 0.5, {"scope": "expert"}),
+    "expert_drop": ("expert_drop", 0.25, {"scope": "global"}),
+    "layer_drop": ("layer_drop", None, {"count": 1}),
+}
+N_TOY_PROMPTS, TOY_TOKENS, FAMILY_TOKENS = 24, 32, 12
+LOGPROB_TOL = 1e-3  # |vLLM - transformers| chosen-token log-probability, fp32
+TIE_TOL = 1e-3  # a differing token is accepted only where transformers' top two are this close (a float tie)
+
+
+def plugin():
+    spec = importlib.util.spec_from_file_location("fmoe_vllm", PLUGIN_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports torch and the standard library only: vLLM is imported when used
+    return module
+
+
+# ---- the plugin reads fmoe's layout (no engine) ------------------------------------------------------------------
+
+def test_plugin_reads_the_layout_fmoe_writes():
+    p = plugin()
+    assert (p.WIDTHS_FIELD, p.EXPERT_COUNTS_FIELD, p.DROPPED_MOE_FIELD, p.ARCH_PREFIX) == (
+        structure.WIDTHS_FIELD, structure.EXPERT_COUNTS_FIELD, structure.DROPPED_MOE_FIELD, SERVED_PREFIX)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        widths = torch.randint(1, 5, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).mul(16).tolist()
+        assert p.width_buckets(widths) == width_buckets(widths)
+
+
+def test_plugin_refuses_what_it_cannot_serve():
+    p = plugin()
+
+    class Config:
+        pass
+
+    config = Config()
+    config.fmoe_compressed = {"main": 1}
+    with pytest.raises(NotImplementedError, match="fmoe_compressed.*compressed experts"):
+        p.Structure(config)
+    config = Config()
+    config.fmoe_something_new = 1
+    with pytest.raises(NotImplementedError, match="fmoe_something_new"):
+        p.Structure(config)
+    config = Config()
+    config.fmoe_expert_widths = {"model.layers.0.mlp.experts": [32, 64]}
+    config.fmoe_expert_counts = {"model.layers.0.mlp.experts": 3}
+    with pytest.raises(ValueError, match="layer 0 lists 2 expert widths"):
+        p.Structure(config)
+    with pytest.raises(AttributeError, match="FmoeOlmoeForCausalLM"):
+        getattr(p, "FmoeGptOssForCausalLM")
+
+
+def test_exports_say_which_engine_serves_them(tmp_path):
+    model = tiny_model("olmoe", tie_word_embeddings=True)
+    fmoe.save_pretrained(model, tmp_path / "stock")
+    config = json.loads((tmp_path / "stock" / "config.json").read_text())
+    assert config["architectures"] == ["OlmoeForCausalLM"] and not serving.needs_plugin(tmp_path / "stock")
+    calibration = fmoe.calibrate(model, make_batches(), "fisher", progress=False)
+    fmoe.compress(model, "dims", 0.5, calibration, scope="layer", multiple_of=1)
+    fmoe.save_pretrained(model, tmp_path / "ragged")
+    config = json.loads((tmp_path / "ragged" / "config.json").read_text())
+    assert config["architectures"] == ["FmoeOlmoeForCausalLM"] and serving.needs_plugin(tmp_path / "ragged")
+    assert "plugins/vllm" in serving.serve_command(tmp_path / "ragged")
+    # both names of the tied embeddings/head are in each file; fmoe still loads both layouts exactly
+    for name in ("stock", "ragged"):
+        from safetensors import safe_open
+
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:
+            assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(f.keys())
+            assert torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("model.embed_tokens.weight"))
+    ids = torch.randint(3, 128, (2, 9))
+    reloaded = fmoe.from_pretrained(tmp_path / "ragged")
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+
+
+# ---- in the engine ------------------------------------------------------------------------------------------------
+
+def greedy(model, prompt: list[int], max_tokens: int, ignore_eos: bool) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy continuation of one prompt and the log-probabilities [steps, vocab] of each step."""
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_tokens, output_scores=True,
+                         return_dict_in_generate=True, pad_token_id=0,
+                         **({"eos_token_id": None, "min_new_tokens": max_tokens} if ignore_eos else {}))
+    tokens = out.sequences[0, len(prompt):].tolist()
+    return tokens, torch.log_softmax(torch.stack(out.scores)[:, 0].double(), -1)
+
+
+def toy_exports(root: Path) -> tuple[list[str], list[str]]:
+    model, tokenizer, config = toy.load()
+    files = toy.corpus_files(config)
+    texts = [r["text"] for r in toy.read_jsonl(files["arithmetic"]["train"])][:64]
+    calibration = fmoe.calibrate(model, toy.batches(tokenizer, texts, 16), "fisher", progress=False)
+    for name, (method, amount, options) in TOY_EXPORTS.items():
+        pruned = copy.deepcopy(model)
+        fmoe.compress(pruned, method, amount, calibration, **options)
+        fmoe.save_pretrained(pruned, root / f"toy_{name}", tokenizer=tokenizer)
+    return load_tasks(files["arithmetic"]["test"], N_TOY_PROMPTS)
+
+
+def family_export(family: str, root: Path) -> Path:
+    """A 3-layer random `family` model with every structure at once: a removed MoE sublayer, expert counts that
+    differ by layer (a global expert drop) and ragged widths of any size (a layer-scope dims plan, unrounded)."""
+    model = tiny_model(family, num_hidden_layers=3, hidden_size=128, head_dim=32, tie_word_embeddings=False)
+    batches = make_batches(vocab=model.config.vocab_size)
+    for method, amount, options in (("layer_drop", None, {"count": 1}), ("expert_drop", 0.25, {"scope": "global"}),
+                                    ("dims", 0.5, {"scope": "layer", "multiple_of": 1})):
+        fmoe.compress(model, method, amount, fmoe.calibrate(model, batches, "fisher", progress=False), **options)
+    fmoe.save_pretrained(model, root / family)
+    return root / family
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Every export generated by one vLLM process (one engine per model) and by fmoe + transformers."""
+    if serving.vllm_python() is None:
+        pytest.skip(f"no vLLM environment (set {serving.PYTHON_ENV}; .ci/run makes one)")
+    root = tmp_path_factory.mktemp("served")
+    prompts, answers = toy_exports(root)
+    tokenizer = AutoTokenizer.from_pretrained(root / "toy_ragged")
+    toy_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    g = torch.Generator().manual_seed(0)
+    family_ids = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 9, 14, 23)]
+    jobs = {f"toy_{n}": dict(prompts=toy_ids, max_tokens=TOY_TOKENS, ignore_eos=False) for n in TOY_EXPORTS}
+    jobs.update({f: dict(prompts=family_ids, max_tokens=FAMILY_TOKENS, ignore_eos=True) for f in FAMILIES})
+    no_tokenizer = {"engine": {"skip_tokenizer_init": True}}  # random models: token ids in and out
+    for family in FAMILIES:
+        family_export(family, root)
+    unknown = root / "unknown_field"  # a structure the plugin does not know must fail at load, by name
+    fmoe.save_pretrained(tiny_model("olmoe", hidden_size=128, head_dim=32), unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "architectures": ["FmoeOlmoeForCausalLM"],
+                                                     "fmoe_format": "fused", "fmoe_new_structure": [1]}))
+    models = [{"path": str(root / n), **job, **({} if n.startswith("toy") else no_tokenizer)} for n, job in jobs.items()]
+    models.append({"path": str(unknown), "prompts": family_ids[:1], "max_tokens": 1, **no_tokenizer})
+    results = {Path(r["path"]).name: r for r in serving.generate(models, engine={"enforce_eager": True})}
+    without_plugin = serving.generate([{"path": str(root / "toy_ragged"), "prompts": toy_ids[:1], "max_tokens": 1},
+                                       {"path": str(root / "toy_uniform"), "prompts": toy_ids, "max_tokens": TOY_TOKENS}],
+                                      engine={"enforce_eager": True}, env={"VLLM_PLUGINS": "none"})
+    references = {}
+    for name, job in jobs.items():
+        model = fmoe.from_pretrained(root / name)
+        references[name] = [greedy(model, p, job["max_tokens"], job["ignore_eos"]) for p in job["prompts"]]
+    return {"results": results, "references": references, "answers": answers, "tokenizer": tokenizer,
+            "without_plugin": without_plugin}
+
+
+def assert_same_greedy(result: dict, reference: list, exact: bool) -> None:
+    assert result["error"] is None, result["error"]
+    for i, ((tokens, logprobs), got, got_lp) in enumerate(zip(reference, result["tokens"], result["logprobs"],
+                                                              strict=True)):
+        for step, (want, have) in enumerate(zip(tokens, got)):
+            if want != have:
+                gap = float(logprobs[step, want] - logprobs[step, have])
+                assert not exact and gap < TIE_TOL, (f"prompt {i} step {step}: vLLM {have}, transformers {want} "
+                                                     f"(log-probability gap {gap:.2e})")
+                break  # a float tie: the continuations part here
+            assert abs(got_lp[step] - float(logprobs[step, want])) < LOGPROB_TOL, (i, step)
+        else:
+            assert got == tokens, f"prompt {i}: vLLM {got}, transformers {tokens}"
+
+
+@pytest.mark.parametrize("name", [f"toy_{n}" for n in TOY_EXPORTS])
+def test_toy_exports_serve_exactly(served, name):
+    """The shipped toy pruned every way serves in vLLM with transformers' greedy tokens, exactly."""
+    assert_same_greedy(served["results"][name], served["references"][name], exact=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_exports_serve(served, family):
+    """Removed MoE sublayer + per-layer expert counts + ragged widths, for each family vLLM's CPU build runs."""
+    assert_same_greedy(served["results"][family], served["references"][family], exact=False)
+
+
+def test_toy_accuracy_through_vllm_equals_fmoe(served):
+    tokenizer, answers = served["tokenizer"], served["answers"]
+    for name in (f"toy_{n}" for n in TOY_EXPORTS):
+        def accuracy(continuations):
+            texts = [tokenizer.decode(t, skip_special_tokens=True) for t in continuations]
+            return sum(normalize(extract_answer(t)) == normalize(a) for t, a in zip(texts, answers)) / len(answers)
+
+        assert accuracy(served["results"][name]["tokens"]) == accuracy([t for t, _ in served["references"][name]])
+
+
+def test_what_vllm_cannot_express_fails_at_load_by_name(served):
+    error = served["results"]["unknown_field"]["error"]
+    assert error is not None and "fmoe_new_structure" in error
+    ragged, uniform = served["without_plugin"]  # stock vLLM: a fused export is refused, a stock one serves
+    assert ragged["error"] is not None and "FmoeOlmoeForCausalLM" in ragged["error"]
+    assert_same_greedy(uniform, served["references"]["toy_uniform"], exact=True)
