@@ -41,7 +41,8 @@ from .. import _aliases
 from ..calibration.criteria import magnitude_scores, random_scores
 from ..calibration.scores import Scores
 from ..io import atomic_directory
-from ..model.checkpoint import FORMAT_FIELD, INDEX_FILE, SAFETENSORS_DTYPES, WEIGHTS_FILE, is_stock_loadable
+from ..model.checkpoint import (FORMAT_FIELD, INDEX_FILE, SAFETENSORS_DTYPES, SERVED_PREFIX, WEIGHTS_FILE,
+                                is_stock_loadable, tied_head)
 from ..model.experts import RaggedExperts, expert_widths, find_experts, slice_expert, width_buckets
 from ..model.structure import apply_widths
 from ..model.view import ModelView, Naming, checkpoint_fingerprint, meta_model, open_checkpoint, tie_groups
@@ -157,20 +158,23 @@ def _outputs(view: ModelView, source_model, pruned_model, keep, stock: bool) -> 
     outs, metadata = [], {"format": "pt"}
     if stock:  # what transformers' save_pretrained writes: its own layout, tied aliases dropped
         naming = Naming(pruned_model)
-        for key, shape in naming.saved_keys(pruned_model).items():
+        saved = naming.saved_keys(pruned_model)
+        saved.update({n: list(w.shape) for n, w in tied_head(pruned_model).items() if n not in saved})  # both names
+        for key, shape in saved.items():
             target, place = naming.locate(key)
             if target not in state:
                 raise ValueError(f"cannot place saved key {key} (model key {target}) in the pruned model")
             outs.append(Out(key, pruned.dtype(target), shape, pruned.pieces(target, place.expert, place.part,
                                                                              place.parts)))
     else:  # fmoe's fused format: safetensors.save_model of the model (tied aliases: the first name kept)
-        dropped = {}
+        dropped, both = {}, tied_head(pruned_model)  # tied embeddings/head: both names written
         for names in tie_groups(pruned_model):
             kept = sorted(names)[0]
             dropped.update({n: kept for n in names if n != kept})
+        skipped = {n for n in dropped if n not in both}
         ragged = [n for n, m in find_experts(pruned_model).items() if isinstance(m, RaggedExperts)]
         for key, t in state.items():
-            if key not in dropped and not any(key.startswith(f"{n}.") for n in ragged):
+            if key not in skipped and not any(key.startswith(f"{n}.") for n in ragged):
                 outs.append(Out(key, pruned.dtype(key), list(t.shape), pruned.pieces(key)))
         for n in ragged:  # written as width buckets, whatever the layout of this RaggedExperts
             for key, shape in bucket_shapes(pruned.modules[n], keep[n]).items():
@@ -268,8 +272,7 @@ def _write_config(model, src: Path, directory: Path, stock: bool, dtype: torch.d
     config = model.config
     config.dtype = dtype
     setattr(config, FORMAT_FIELD, "stock" if stock else "fused")
-    if stock:
-        config.architectures = [type(model).__name__]
+    config.architectures = [("" if stock else SERVED_PREFIX) + type(model).__name__]
     config.save_pretrained(directory)
     if stock and model.can_generate():
         generation = GenerationConfig.from_pretrained(src) if (src / "generation_config.json").is_file() \

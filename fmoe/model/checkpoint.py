@@ -81,14 +81,25 @@ def save_pretrained(model: PreTrainedModel, directory: str | Path, tokenizer=Non
     return directory
 
 
+def tied_head(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: weight} of the input embeddings and the output head when they are tied (else empty): fmoe writes both
+    names, because savers keep one name of a shared tensor and engines such as vLLM's OLMoE ignore
+    `tie_word_embeddings`, which would leave the other uninitialised."""
+    get_head, get_embed = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    if get_head is None or get_embed is None or not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    head, embed = get_head(), get_embed()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return {}
+    return {next(n for n, m in model.named_modules() if m is module) + ".weight": module.weight
+            for module in (embed, head)}
+
+
 def _write_tied(model: PreTrainedModel, directory: Path) -> None:
-    """Write both names of tied input embeddings and output head: savers keep one name of a shared tensor, and
-    engines such as vLLM's OLMoE ignore `tie_word_embeddings` and would leave the other uninitialised."""
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or embed is None or not getattr(model.config, "tie_word_embeddings", False):
+    """Add to a written checkpoint whichever name of the tied embeddings/head the saver left out."""
+    names = tied_head(model)
+    if not names:
         return
-    names = {next(n for n, m in model.named_modules() if m is module) + ".weight": module.weight
-             for module in (embed, head)}
     single = directory / WEIGHTS_FILE
     if single.is_file():
         tensors = load_file(single)

@@ -66,6 +66,7 @@ from fmoe.lightning.recovery import LoRARecovery, epochs_for, evaluate
 from fmoe.lightning.sharding import load_model, process_rank
 from fmoe.methods.dims.refit import LAM
 from fmoe.recovery.distill import cache_teacher, check_options
+from fmoe.serving.vllm import serve_command
 
 
 @dataclass
@@ -522,7 +523,7 @@ def run(cli: RecipeCLI, args) -> dict:
         console.header("export", f"the {list(rows)[-1]} model to {export_dir}")
         out = fmoe.save_pretrained(model, export_dir, tokenizer=data.tokenizer)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
-        console.result("export", "weights, config, tokenizer and results.json")
+        console.result("export", f"weights, config, tokenizer and results.json; serve it: {serve_command(out)}")
     if trainer.is_global_zero:
         write_report(rows, plan, run_dir / "report.png")
         write_json(run_dir / "run.json", {"status": "complete", "argv": args if args is not None else sys.argv[1:],

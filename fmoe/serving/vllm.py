@@ -39,7 +39,8 @@ def vllm_python() -> str | None:
 def needs_plugin(directory: str | Path) -> bool:
     """Does this export need fmoe's vLLM plugin (fused layout), or does stock vLLM serve it?"""
     config = json.loads((Path(directory) / "config.json").read_text())
-    return config.get(FORMAT_FIELD) == "fused" or any(a.startswith(SERVED_PREFIX) for a in config.get("architectures", []))
+    names = config.get("architectures") or []
+    return config.get(FORMAT_FIELD) == "fused" or any(a.startswith(SERVED_PREFIX) for a in names)
 
 
 def serve_command(directory: str | Path) -> str:

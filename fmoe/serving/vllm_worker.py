@@ -2,7 +2,8 @@
 
     VLLM_PYTHON -P fmoe/serving/vllm_worker.py JOB.json OUT.json     # -P: fmoe/serving/vllm.py must not shadow vllm
 
-JOB: {"models": [{"path": DIR, "prompts": [[token ids]...], "max_tokens": N, "ignore_eos": bool, "engine": {...}}],
+JOB: {"models": [{"path": DIR, "prompts": [[token ids]...], "max_tokens": N, "ignore_eos": bool, "warmup": bool,
+"engine": {...}}],
 "engine": {LLM keyword args for every model}}. The engine runs in this process (no engine or worker processes), so a
 model that fails to build reports its own exception.
 OUT: {"results": [{"path": DIR, "tokens": [[ids]...], "logprobs": [[chosen-token logprob]...], "load_s": s,
@@ -10,8 +11,8 @@ OUT: {"results": [{"path": DIR, "tokens": [[ids]...], "logprobs": [[chosen-token
 """
 
 import gc
-import os
 import json
+import os
 import sys
 import time
 
@@ -33,9 +34,11 @@ def main(job_path: str, out_path: str) -> None:
             result["load_s"] = time.perf_counter() - t0
             params = SamplingParams(temperature=0.0, max_tokens=entry["max_tokens"], logprobs=0,
                                     ignore_eos=entry.get("ignore_eos", False))
+            prompts = [TokensPrompt(prompt_token_ids=p) for p in entry["prompts"]]
+            if entry.get("warmup"):  # a first pass of the same shapes, untimed
+                llm.generate(prompts, params, use_tqdm=False)
             t1 = time.perf_counter()
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in entry["prompts"]], params,
-                                   use_tqdm=False)
+            outputs = llm.generate(prompts, params, use_tqdm=False)
             result["generate_s"] = time.perf_counter() - t1
             result["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]
             result["logprobs"] = [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]

@@ -47,7 +47,8 @@ FAMILIES = {
 }
 LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 # fused expert tensors of an fmoe export: uniform `experts.gate_up_proj`, ragged `experts.buckets.{b}.down_proj`
-EXPERT_TENSOR = re.compile(r"^(?P<module>.*\.experts)(?:\.buckets\.(?P<bucket>\d+))?\.(?P<kind>gate_up_proj|down_proj)$")
+EXPERT_TENSOR = re.compile(
+    r"^(?P<module>.*\.experts)(?:\.buckets\.(?P<bucket>\d+))?\.(?P<kind>gate_up_proj|down_proj)$")
 
 
 def register() -> None:
@@ -82,7 +83,8 @@ class Structure:
             why = " (compressed experts are not served by vLLM yet)" if "fmoe_compressed" in unknown else ""
             raise NotImplementedError(f"fmoe_vllm cannot serve config fields {unknown}{why}; it serves "
                                       f"{sorted(SERVED_FIELDS)}")
-        self.widths = {layer_index(k): [int(w) for w in v] for k, v in (getattr(config, WIDTHS_FIELD, None) or {}).items()}
+        widths = getattr(config, WIDTHS_FIELD, None) or {}
+        self.widths = {layer_index(k): [int(w) for w in v] for k, v in widths.items()}
         self.counts = {layer_index(k): int(v) for k, v in (getattr(config, EXPERT_COUNTS_FIELD, None) or {}).items()}
         self.dropped = sorted(int(i) for i in getattr(config, DROPPED_MOE_FIELD, None) or [])
         for i, widths in self.widths.items():
