@@ -9,7 +9,8 @@ writes four exports: dense; 50% of routed dims removed at layer scope (ragged wi
 fmoe's plugin); 50% at expert scope (uniform, stock export, stock vLLM); 25% of experts dropped at global scope
 (counts that differ by layer). Each is served by vLLM (its own environment, $FMOE_VLLM_PYTHON) on two prompt
 sets: prefill-heavy (P prompts of `prefill_len` random tokens, one new token) and decode-heavy (P prompts of 16
-tokens, `decode_tokens` new tokens each, EOS ignored), after one untimed pass of the same shapes. Reported: tokens/s,
+tokens, `decode_tokens` new tokens each, EOS ignored), after one untimed pass of the same shapes, the fastest of
+`repeats` passes. Reported: tokens/s,
 pruned / dense, the arithmetic limit (dense / pruned parameters a token runs through, embeddings excluded; an
 expert drop keeps top-k, so its limit is 1 for compute: it saves memory) and the share of it reached, and ragged
 / uniform at equal kept bytes. Writes results.json and results.md to `out`.
@@ -46,9 +47,9 @@ def compute_per_token(model) -> float:
     return fmoe.active_parameters(model) - model.get_input_embeddings().weight.numel()
 
 
-def main(preset: str = "toy", layers: int | None = None, dtype: str = "float32", prompts: int = 32,
-         prefill_len: int = 512, decode_tokens: int = 64, cuda_graphs: bool = False, out: str = "docs/quality/serving",
-         seed: int = 0) -> dict:
+def main(preset: str = "toy", layers: int | None = None, dtype: str = "float32", prompts: int = 64,
+         prefill_len: int = 512, decode_tokens: int = 128, repeats: int = 3, cuda_graphs: bool = False, multiple_of: int = 32,
+         max_widths: int | None = 4, out: str = "docs/quality/serving", seed: int = 0) -> dict:
     t0 = time.perf_counter()
     config = preset_config(preset, **({"num_hidden_layers": layers} if layers else {}))
     model = build(config, torch.device("cpu"), torch.float32, seed)
@@ -64,6 +65,8 @@ def main(preset: str = "toy", layers: int | None = None, dtype: str = "float32",
             pruned = model if recipe is None else copy.deepcopy(model)
             if recipe is not None:
                 method, amount, options = recipe
+                if method == "dims":  # vLLM's CPU kernel pads widths to multiples of 32
+                    options = {**options, "multiple_of": multiple_of, "max_widths": max_widths}
                 fmoe.compress(pruned, method, amount, calibration, **options)
             path = Path(tmp) / f"export{i}"
             fmoe.save_pretrained(pruned, path)
@@ -71,10 +74,9 @@ def main(preset: str = "toy", layers: int | None = None, dtype: str = "float32",
                           "routed_MB": fmoe.weight_bytes(pruned, routed_only=True) / 2**20,
                           "compute": compute_per_token(pruned)}
             engine = {"skip_tokenizer_init": True}
-            jobs += [{"path": str(path), "prompts": prefill, "max_tokens": 1, "ignore_eos": True, "warmup": True,
-                      "engine": engine},
-                     {"path": str(path), "prompts": decode, "max_tokens": decode_tokens, "ignore_eos": True,
-                      "warmup": True, "engine": engine}]
+            timing = {"ignore_eos": True, "warmup": True, "repeats": repeats, "engine": engine}
+            jobs += [{"path": str(path), "prompts": prefill, "max_tokens": 1, **timing},
+                     {"path": str(path), "prompts": decode, "max_tokens": decode_tokens, **timing}]
             del pruned
         results = serving.generate(jobs, engine={"dtype": dtype, "enforce_eager": not cuda_graphs,
                                                  "max_model_len": prefill_len + 32})
@@ -95,6 +97,8 @@ def main(preset: str = "toy", layers: int | None = None, dtype: str = "float32",
     ragged, uniform = rows["dims 50% layer (ragged)"], rows["dims 50% expert (uniform)"]
     summary = {k: ragged[f"{k}_tok_s"] / uniform[f"{k}_tok_s"] for k in ("prefill", "decode")}
     result = {"preset": preset, "layers": config.num_hidden_layers, "dtype": dtype, "prompts": prompts,
+              "repeats": repeats,
+              "multiple_of": multiple_of, "max_widths": max_widths,
               "prefill_len": prefill_len, "decode_tokens": decode_tokens, "cuda_graphs": cuda_graphs,
               "device": device_name(torch.device("cpu")), "rows": rows, "ragged_over_uniform": summary,
               "seconds": round(time.perf_counter() - t0)}
@@ -109,7 +113,8 @@ def main(preset: str = "toy", layers: int | None = None, dtype: str = "float32",
 def markdown(result: dict) -> str:
     lines = [f"vLLM, preset `{result['preset']}` ({result['layers']} layers, random weights, {result['dtype']}), "
              f"{result['device']}; prefill: {result['prompts']} x {result['prefill_len']} tokens, decode: "
-             f"{result['prompts']} x {result['decode_tokens']} new tokens; CUDA graphs {result['cuda_graphs']}.", "",
+             f"{result['prompts']} x {result['decode_tokens']} new tokens; CUDA graphs {result['cuda_graphs']}; "
+             f"dims widths multiples of {result['multiple_of']}, at most {result['max_widths']} per layer.", "",
              "| export | engine | routed MB | prefill tok/s | ÷ dense | decode tok/s | ÷ dense | limit | share "
              "(prefill / decode) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in result["rows"].items():

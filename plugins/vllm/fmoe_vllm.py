@@ -175,22 +175,21 @@ class RaggedMoE(nn.Module):
         if self.gate is not None:
             router_logits, _ = self.gate(x)
         weights, ids = self.router.select_experts(hidden_states=x, router_logits=router_logits)  # [T, k] each
-        tokens, k = ids.shape
         flat = ids.reshape(-1).long()  # [T*k] expert of each (token, slot) pair
-        token_of = torch.arange(tokens, device=x.device).repeat_interleave(k)  # [T*k]
-        weights = weights.reshape(-1, 1)
-        bucket, local = self.bucket_of[flat], self.local_of[flat]
-        out = torch.zeros_like(x)  # [T, H]
-        for b, layer in enumerate(self.buckets):
-            pairs = (bucket == b).nonzero().squeeze(1)  # the pairs routed to bucket b
-            if pairs.numel() == 0:
-                continue
-            experts = layer.routed_experts
-            experts._ensure_moe_quant_config_init()
-            rows = token_of[pairs]
-            y = experts.forward_modular(x=x[rows], topk_weights=weights[pairs],
-                                        topk_ids=local[pairs].unsqueeze(1).to(ids.dtype))
-            out.index_add_(0, rows, y.to(out.dtype))
+        order = torch.argsort(self.bucket_of[flat], stable=True)  # pairs grouped by bucket
+        counts = torch.bincount(self.bucket_of[flat], minlength=len(self.buckets)).tolist()  # one host read
+        rows = order // ids.shape[1]  # [T*k] the token of each pair, bucket by bucket
+        xs, ws = x[rows], weights.reshape(-1, 1)[order]  # [T*k, H], [T*k, 1]
+        local = self.local_of[flat[order]].unsqueeze(1).to(ids.dtype)  # [T*k, 1] expert inside its bucket
+        ys, start = [], 0
+        for layer, n in zip(self.buckets, counts):
+            if n:
+                experts = layer.routed_experts
+                experts._ensure_moe_quant_config_init()
+                ys.append(experts.forward_modular(x=xs[start:start + n], topk_weights=ws[start:start + n],
+                                                  topk_ids=local[start:start + n]))
+            start += n
+        out = torch.zeros_like(x).index_add_(0, rows, torch.cat(ys).to(x.dtype))  # [T, H]
         if self.output_scale != 1.0:
             out = out * self.output_scale
         if self.shared_experts is not None:
