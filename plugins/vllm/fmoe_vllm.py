@@ -163,7 +163,7 @@ class RaggedMoE(nn.Module):
                                            "renormalize": False, "prefix": f"{prefix}.buckets.{b}"}))
         self.register_buffer("bucket_of", bucket_of, persistent=False)  # [E] bucket of each expert
         self.register_buffer("local_of", local_of, persistent=False)  # [E] its index inside the bucket
-        self.key = prefix
+        self.key = f"{prefix}@{id(self)}"  # unique while this layer lives, also with several engines in a process
         _RAGGED[self.key] = self
         _register_op()
 
@@ -189,7 +189,9 @@ class RaggedMoE(nn.Module):
                 ys.append(experts.forward_modular(x=xs[start:start + n], topk_weights=ws[start:start + n],
                                                   topk_ids=local[start:start + n]))
             start += n
-        out = torch.zeros_like(x).index_add_(0, rows, torch.cat(ys).to(x.dtype))  # [T, H]
+        out = torch.zeros_like(x)  # [T, H]
+        if ys:  # (no tokens: nothing routed)
+            out.index_add_(0, rows, torch.cat(ys).to(x.dtype))
         if self.output_scale != 1.0:
             out = out * self.output_scale
         if self.shared_experts is not None:
