@@ -289,7 +289,7 @@ def test_what_vllm_cannot_express_fails_at_load_by_name(served):
     assert_same_greedy(uniform, served["references"]["toy_uniform"], exact=True)
 
 
-def test_fmoe_serve_says_what_is_missing(tmp_path, monkeypatch, capsys):
+def test_fmoe_serve_says_what_is_missing(tmp_path, monkeypatch):
     from fmoe import cli
 
     with pytest.raises(SystemExit, match="no config.json"):
@@ -299,15 +299,16 @@ def test_fmoe_serve_says_what_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no vllm on it
     with pytest.raises(SystemExit, match="vLLM not found"):
         cli.main(["serve", str(tmp_path / "m")])
-    fake = tmp_path / "bin" / "vllm"  # an executable standing in for vLLM: it prints what it was asked
+    fake = tmp_path / "bin" / "python"  # an executable standing in for vLLM's Python: it writes what it was asked
     fake.parent.mkdir()
     fake.write_text(f"#!/bin/sh\necho \"$@\" > {fake.parent / 'args'}\n")
     fake.chmod(0o755)
     pid = os.fork()
     if pid == 0:  # os.execv replaces the process: run it in a child
         try:
-            cli.main(["serve", str(tmp_path / "m"), "--vllm", str(fake), "--", "--port", "8001"])
+            cli.main(["serve", str(tmp_path / "m"), "--python", str(fake), "--", "--port", "8001"])
         finally:
             os._exit(1)
     os.waitpid(pid, 0)
-    assert (fake.parent / "args").read_text().split() == ["serve", str(tmp_path / "m"), "--port", "8001"]
+    assert (fake.parent / "args").read_text().split() == ["-m", serving.SERVER, "--model", str(tmp_path / "m"),
+                                                          "--port", "8001"]

