@@ -3,7 +3,7 @@
 `prune_checkpoint(src, plan, dst)` writes what `fmoe.prune(model, plan)` + `fmoe.save_pretrained(model, dst)` would
 write (same tensor names and values, bit for bit; the config and, for the stock format, the generation config) but
 never holds the model: the model is built on the meta device (no storage) for its names, shapes and layout flags,
-and tensors are read one at a time with `safetensors.safe_open`, sliced expert by expert and streamed into output
+and tensors are read one at a time with plain reads (fmoe.model.view.Source), sliced expert by expert and streamed into output
 shards whose headers are computed up front. `score_checkpoint(src, "magnitude" | "random")` gives the scores
 `fmoe.score` gives on the loaded model, with the same fingerprint, so the plans made from them pass `fmoe.prune`.
 
@@ -13,13 +13,13 @@ Mixtral's `w1/w2/w3`: what transformers' own `save_pretrained` writes for most f
 mapping of the family says which checkpoint key feeds which model parameter; fmoe reads it through one small table
 of conversion operations it knows (`_PER_EXPERT_OPS`) and refuses any other with an error naming it.
 
-Memory. One source file is open (memory-mapped) at a time, and only the pages of the tensors read from it are
-touched; a renamed tensor is copied once, an expert's slices are read one expert at a time, and output bytes go to
-the file as they are produced (page cache, not process memory). Peak resident growth is therefore at most the
-largest source shard (its touched mapped pages) plus the largest single tensor (the one being copied) plus one
-expert's parameters; with fused sources a whole [E, ...] expert tensor is never read at once, and no output shard is
-ever held. (glibc keeps freed blocks under its adaptive mmap threshold, at most 32 MiB, in its heap: RSS may show
-that retention on top; tests/test_offline.py measures the bound with the threshold pinned.)
+Memory. Tensors are read with plain reads into fresh memory (no file is mapped, so the checkpoint's pages never
+count as the process's memory); a renamed tensor is copied once, an expert's slices are read one expert at a time,
+and output bytes go to the file as they are produced (page cache, not process memory). Peak resident growth is
+therefore at most the largest single tensor (the one being copied) plus one expert's parameters; with fused
+sources a whole [E, ...] expert tensor is never read at once, and no output shard is ever held. (glibc keeps freed
+blocks under its adaptive mmap threshold, at most 32 MiB, in its heap: RSS may show that retention on top;
+tests/test_offline.py measures the bound with the threshold pinned.)
 """
 
 from __future__ import annotations

@@ -272,7 +272,7 @@ def read_header(path: Path) -> tuple[dict[str, tuple[torch.dtype, list[int], int
     return tensors, base
 
 
-def _read_tensor(f, path: Path, base: int, entry) -> torch.Tensor:
+def read_tensor(f, path: Path, base: int, entry) -> torch.Tensor:
     """One tensor read into fresh CPU memory with plain reads: unlike a memory map, the file's pages never count
     in the process's resident memory, so the tensor is the only copy."""
     dtype, shape, start, stop = entry
@@ -310,7 +310,7 @@ def weight_files(directory: Path) -> dict[Path, set[str] | None]:
     return {directory / WEIGHTS_FILE: None}
 
 
-def _slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, bool]]]:
+def slots(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, bool]]]:
     """{state-dict name: every (module, attribute, is_parameter) holding that same tensor}: tied weights (an
     lm_head sharing the embeddings) are one entry under each of their names, so loading either fills both."""
     sites: dict[int, list[tuple[nn.Module, str, bool]]] = {}
@@ -334,7 +334,7 @@ def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     existing) parameters and persistent buffers in place: the model's dtype and shapes are kept, tied weights stay
     tied. Every file tensor must fill a model tensor of its shape and every model tensor must be filled."""
     directory = Path(directory)
-    slots, filled, unexpected = _slots(model), set(), []
+    sites_of, filled, unexpected = slots(model), set(), []
     for path, expected in weight_files(directory).items():
         tensors, base = read_header(path)
         if expected is not None and not expected <= set(tensors):
@@ -343,7 +343,7 @@ def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
             for name in sorted(tensors, key=lambda n: tensors[n][2]):  # file order: sequential reads
                 if expected is not None and name not in expected:
                     continue  # the index is the checkpoint's table of contents
-                sites = slots.get(name)
+                sites = sites_of.get(name)
                 if sites is None:
                     unexpected.append(name)
                     continue
@@ -352,13 +352,13 @@ def load_weights(model: nn.Module, directory: str | Path) -> nn.Module:
                 if list(old.shape) != tensors[name][1]:
                     raise ValueError(f"{path}: {name} has shape {tensors[name][1]}, the model expects "
                                      f"{list(old.shape)}; the file does not match the model")
-                value = _read_tensor(f, path, base, tensors[name]).to(old.dtype)
+                value = read_tensor(f, path, base, tensors[name]).to(old.dtype)
                 if is_param:
                     value = nn.Parameter(value, requires_grad=old.requires_grad)
                 for module, attr, is_param in sites:
                     (module._parameters if is_param else module._buffers)[attr] = value
                 filled.add(id(sites))  # tied names share one list of sites
-    missing = [name for name, sites in slots.items() if id(sites) not in filled]
+    missing = [name for name, sites in sites_of.items() if id(sites) not in filled]
     if missing or unexpected:
         where = directory / (INDEX_FILE if (directory / INDEX_FILE).is_file() else WEIGHTS_FILE)
         raise ValueError(f"{where} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

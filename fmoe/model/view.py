@@ -1,27 +1,29 @@
 """A safetensors checkpoint directory seen as a model's tensors, without the model: the model built on the meta
 device (no storage) gives the names, shapes and layout flags; transformers' conversion mapping of the family says
 which checkpoint key feeds which parameter (per-expert layouts through the small table `_PER_EXPERT_OPS`, any
-other refused with an error naming it); tensors and single experts are read one at a time with `safe_open`.
+other refused with an error naming it); tensors and single experts are read one at a time with plain reads.
 fmoe.methods.offline prunes and scores checkpoints through this view."""
 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors import SafetensorError, safe_open
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..model.checkpoint import INDEX_FILE, rebuild, weight_files
+from ..model.checkpoint import INDEX_FILE, SAFETENSORS_DTYPES, read_header, read_tensor, rebuild, weight_files
 from ..model.experts import RaggedExperts, expert_widths, find_experts, fingerprint_of
 
 
 class Source:
-    """A safetensors checkpoint read tensor by tensor: {key: file}, dtypes and shapes from the headers, and one
-    file mapped at a time (switching files drops the previous mapping, so at most one shard's pages are resident)."""
+    """A safetensors checkpoint read tensor by tensor: {key: file}, dtypes and shapes from the headers (checked
+    against the files' sizes), and each tensor (or one expert's row of a stacked tensor) read into fresh memory with
+    plain reads: no file is mapped, so the checkpoint's pages never count in the process's resident memory."""
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         if not (self.directory / "config.json").is_file():
@@ -30,12 +32,12 @@ class Source:
         self.files = sorted(str(path.relative_to(self.directory)) for path in files)
         self.file_of: dict[str, str] = {}
         self.info: dict[str, tuple[str, list[int]]] = {}  # key: (safetensors dtype, shape)
+        self._entries: dict[str, tuple] = {}  # key: (dtype, shape, start, stop, data offset) in its file
         for name in self.files:
-            handle = self._open(name)
-            for key in handle.keys():
-                part = handle.get_slice(key)
-                self.file_of[key], self.info[key] = name, (part.get_dtype(), list(part.get_shape()))
-        self._close()
+            tensors, base = read_header(self.directory / name)
+            for key, (dtype, shape, start, stop) in tensors.items():
+                self.file_of[key], self.info[key] = name, (_SAFETENSORS_NAME[dtype], shape)
+                self._entries[key] = (dtype, shape, start, stop, base)
         wrong = [k for path, names in files.items() for k in names or ()
                  if self.file_of.get(k) != str(path.relative_to(self.directory))]
         if wrong:
@@ -46,22 +48,32 @@ class Source:
     def _open(self, name: str):
         if self._handle_name != name:
             self._close()
-            try:
-                self._handle = safe_open(str(self.directory / name), framework="pt")
-            except SafetensorError as err:
-                raise ValueError(f"cannot read {self.directory / name}: {err} (truncated or corrupt)") from err
+            self._handle = open(self.directory / name, "rb", buffering=0)
             self._handle_name = name
         return self._handle
 
     def _close(self) -> None:
-        self._handle = self._handle_name = None  # the last reference: the mapping goes with it
+        if self._handle is not None:
+            self._handle.close()
+        self._handle = self._handle_name = None
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self._open(self.file_of[key]).get_tensor(key)
+        dtype, shape, start, stop, base = self._entries[key]
+        path = self.directory / self.file_of[key]
+        return read_tensor(self._open(self.file_of[key]), path, base, (dtype, shape, start, stop))
 
     def row(self, key: str, e: int) -> torch.Tensor:
         """tensor[e] of a stacked [E, ...] tensor, reading only that expert's bytes."""
-        return self._open(self.file_of[key]).get_slice(key)[e]
+        dtype, shape, start, stop, base = self._entries[key]
+        if not 0 <= e < shape[0]:
+            raise IndexError(f"{key} stacks {shape[0]} experts, not {e + 1}")
+        size = (stop - start) // shape[0]
+        path = self.directory / self.file_of[key]
+        return read_tensor(self._open(self.file_of[key]), path, base, (dtype, shape[1:], start + e * size,
+                                                                        start + (e + 1) * size))
+
+
+_SAFETENSORS_NAME = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def meta_model(config):
@@ -179,6 +191,12 @@ class ModelView:
         parts = [self.source.tensor(k) for k in self.pieces[key][e]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
+    def full(self, key: str) -> torch.Tensor:
+        """Model tensor `key` whole, in the model's layout (a per-expert checkpoint's experts stacked)."""
+        if key in self.whole:
+            return self.tensor(key)
+        return torch.stack([self.expert(key, e) for e in range(len(self.pieces[key]))])
+
     def dtype_of(self, key: str) -> str:
         return self.source.info[self.whole[key] if key in self.whole else self.pieces[key][0][0]][0]
 
@@ -217,3 +235,42 @@ def open_checkpoint(src: str | Path):
         raise ValueError(f"{source.directory} holds ragged (non-uniformly pruned) experts {ragged[:3]}: score and "
                          "prune the original checkpoint")
     return source, config, model, ModelView(source, model)
+
+
+@contextmanager
+def resident(model: nn.Module, view: ModelView, prefix: str = "", device=None, exclude: tuple[str, ...] = ()):
+    """The tensors of `model`'s state dict under `prefix` (a module name; "" = all; names under `exclude` left
+    out) read from `view` onto `device` in the model's dtypes, for the duration of the block; on exit they go back
+    to the meta device and their memory is freed. `model` is an empty model (`fmoe.model.checkpoint.empty_model`)
+    of the checkpoint; tied names share one tensor, loaded once."""
+    from ..model.checkpoint import slots
+
+    chosen = [n for n in view.naming.state if (not prefix or n == prefix or n.startswith(prefix + "."))
+              and not any(n == x or n.startswith(x + ".") for x in exclude)]
+    sites, done = slots(model), set()
+    try:
+        for name in chosen:
+            group = sites[name]
+            if id(group) in done:
+                continue
+            module, attr, is_param = group[0]
+            old = getattr(module, attr)
+            value = view.full(name).to(device=device or "cpu", dtype=old.dtype)
+            if is_param:
+                value = nn.Parameter(value, requires_grad=old.requires_grad)
+            for m, a, p in group:
+                (m._parameters if p else m._buffers)[a] = value
+            done.add(id(group))
+        yield model
+    finally:
+        for name in chosen:
+            group = sites[name]
+            module, attr, is_param = group[0]
+            old = getattr(module, attr)
+            if old.is_meta:
+                continue
+            value = torch.empty_like(old, device="meta")
+            if is_param:
+                value = nn.Parameter(value, requires_grad=old.requires_grad)
+            for m, a, p in group:
+                (m._parameters if p else m._buffers)[a] = value
