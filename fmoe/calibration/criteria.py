@@ -95,6 +95,8 @@ class Fisher(Accumulator):
         self.sums = {n: t.to(device) for n, t in self.sums.items()}
         self.pending = {n: t.to(device) for n, t in self.pending.items()}
         self.finite = self.finite.to(device)
+        for anchor in self.anchors.values():  # the same Parameters (a LightningModule registers them), moved
+            anchor.data = anchor.data.to(device)
 
     def result(self):
         return self.sums

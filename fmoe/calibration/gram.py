@@ -89,11 +89,12 @@ class Gram(Accumulator):
         self.sums = {n: t.to(device) for n, t in self.sums.items()}
         self.counts = {n: t.to(device) for n, t in self.counts.items()}
 
-    def result(self, modules: Mapping[str, nn.Module]) -> GramStatistics:
-        """The sums, with the down projections of `modules` (the unpruned model's, by name) they refit."""
-        modules = {n: modules[n] for n in self.products}
+    def result(self, modules: Mapping[str, nn.Module], names: Iterable[str] | None = None) -> GramStatistics:
+        """The sums (of `names`, default all), with the down projections of `modules` (the unpruned model's, by
+        name) they refit."""
+        modules = {n: modules[n] for n in (self.products if names is None else names)}
         return GramStatistics(
-            dict(self.products), dict(self.sums), dict(self.counts),
+            *({n: part[n] for n in modules} for part in (self.products, self.sums, self.counts)),
             {n: m.down_proj.detach() for n, m in modules.items()},
             {n: m.down_proj_bias.detach() if m.has_bias else None for n, m in modules.items()},
             {n: bool(m.is_transposed) for n, m in modules.items()})

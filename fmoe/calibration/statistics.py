@@ -143,6 +143,7 @@ class StructureStatistics(Accumulator):
         self.model_type = getattr(getattr(model, "config", None), "model_type", None)
         self.residual_scale = residual_scale(getattr(model, "config", None))  # the layer adds m x the block's output
         self.fisher, self.gradient_scale = fisher, gradient_scale
+        self.block_hooks = True  # decoder layer hooks measure block similarity (a streamed pass adds it itself)
         dtype = accumulation_dtype(device)
         experts = {n: num_experts(m) for n, m in _experts_of(model, self.names).items()}
         self.sums: dict[str, torch.Tensor] = {}
@@ -239,9 +240,10 @@ class StructureStatistics(Accumulator):
                 handles.append(modules[layer.router].register_forward_hook(self._router_hook(name, ctx)))
                 handles.append(modules[layer.norm].register_forward_pre_hook(self._norm_hook(layer.index, ctx)))
                 handles.append(modules[layer.block].register_forward_hook(self._block_hook(layer.index, ctx)))
-            for index, layer in enumerate(layers):
+            for index, layer in enumerate(layers if self.block_hooks else []):
                 handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(index, ctx), with_kwargs=True))
-            handles.append(layers[-1].register_forward_hook(self._last_layer_hook(ctx), with_kwargs=True))
+            if self.block_hooks:
+                handles.append(layers[-1].register_forward_hook(self._last_layer_hook(ctx), with_kwargs=True))
             stack.enter_context(experts_hooks(model, {n: _ExpertsHook(self, n, ctx) for n in self.names}))
             yield self
 

@@ -73,11 +73,23 @@ class Calibration:
 
 
 @_aliases.renamed(method="criterion")
-def calibrate(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], criterion: str = "fisher",
-              progress: bool | None = None) -> Calibration:
+def calibrate(model: nn.Module | str | Path, batches: Iterable[Mapping[str, torch.Tensor]], criterion: str = "fisher",
+              progress: bool | None = None, *, streamed: bool = False, **stream_options) -> Calibration:
     """Dim scores (`criterion`: one a fmoe.calibration.scorer.Scorer runs, combinations included) and expert and
     layer statistics of `model`, from one pass over calibration `batches` (dicts with input_ids and optionally
-    attention_mask, labels)."""
+    attention_mask, labels).
+
+    `model` may be a checkpoint directory: the calibration is then streamed, one decoder layer resident at a time
+    (fmoe.calibration.streamed; `stream_options`: chunk, offload_dir, device, dtype), with the same results.
+    `streamed=True` runs an in-memory model the same way."""
+    if streamed or not isinstance(model, nn.Module):
+        from ..calibration.streamed import streamed_scorer
+
+        scorer = streamed_scorer(model, batches, criterion, structure=True, progress=progress, **stream_options)
+        return Calibration(scorer.result(), scorer.statistics())
+    if stream_options:
+        raise TypeError(f"{sorted(stream_options)} apply to a streamed calibration (streamed=True or a checkpoint "
+                        "directory)")
     progress = sys.stderr.isatty() if progress is None else progress
     scorer = Scorer(model, criterion, structure=True)
     with scorer.attached():

@@ -1,0 +1,462 @@
+"""Calibration one decoder layer at a time, from a checkpoint directory: models bigger than the machine.
+
+    scorer = streamed_scorer("ckpt/", batches, "fisher", structure=True)             # one layer resident at a time
+    scorer = streamed_scorer("ckpt/", batches, "fisher", chunk=64, offload_dir="/scratch/sweep")  # resumable
+    scorer.result(), scorer.statistics()                                             # as a Scorer's
+
+(`fmoe.calibrate(src, batches, criterion, streamed=True, ...)` and `fmoe.score(..., streamed=True)` call it.)
+
+The model is built empty (meta parameters, no memory). A capture pass runs the model's own forward with every
+decoder layer replaced by a stand-in that records the arguments the model gives it (attention masks, rotary
+embeddings, position ids: whatever the family computes) and the hidden state entering layer 0; only the tensors
+outside the decoder layers (embeddings, final norm, head) are resident then. Each decoder layer is then made
+resident in turn (read from the safetensors files: `fmoe.model.view.resident`), run on every batch of the chunk,
+and freed.
+
+- Forward-only criteria (activation, router, compensated's Gram sums, the expert and layer statistics): one forward
+  sweep with the scorer's hooks on the resident layer.
+- Fisher (dims and expert level): the forward sweep runs without hooks and keeps every layer boundary; the head
+  gives dL/dh at the top (L_n per sequence, as `fmoe.score`); a backward sweep in reverse layer order makes each
+  layer resident again, recomputes its forward from the stored input with the hooks attached, and back-propagates
+  the boundary gradient. The hooks see the activations and gradients of the in-memory pass, so the scores equal
+  `fmoe.score`'s up to float summation order.
+- Block similarity (cos between every pair of layer boundaries) is computed from the stored boundaries.
+
+Memory: one decoder layer's weights (or the tensors outside the layers) + the boundary states of one chunk,
+(layers + 1) x positions x hidden x dtype bytes (positions = the padded batch x length of the chunk's batches; kept
+only when Fisher or the statistics need them, else two boundaries), + one boundary of gradients for Fisher.
+`chunk` (sequences per sweep) trades weight reads (every chunk reads every layer once, twice for Fisher) for that
+memory. `offload_dir` keeps the boundaries in files instead (plain writes and reads: one batch's state in memory)
+and makes the sweep resumable: after each layer the accumulated sums and the position reached are saved there, and
+a run with the same checkpoint, criterion and batches continues from the last finished layer.
+
+Under torch.distributed each rank streams every layer over its share of the batches (`batches[rank::world]`) and
+the sums are SUM-reduced once at the end: N ranks give N x the throughput and the result of one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..model.checkpoint import empty_model
+from ..model.experts import RaggedExperts, find_experts
+from ..model.hooks import experts_hooks
+from ..model.layers import decoder_layers
+from ..model.view import ModelView, Source, checkpoint_fingerprint, resident
+from .context import frozen
+from .criteria import magnitude_scores, sequence_losses
+from .gram import compensated
+from .loss import Batch, forward, prepare_batch, targets
+from .scorer import Scorer
+
+_PROGRESS, _STATE = "progress.json", "state.safetensors"
+WEIGHT_CRITERIA = ("magnitude", "compensated")  # read expert weights after the sweep, one experts module at a time
+
+
+class _Stop(Exception):
+    """Raised by the last stand-in of a capture pass: nothing after the decoder layers is needed."""
+
+
+class _Stand(nn.Module):
+    """A decoder layer's stand-in during a whole-model forward: hands (index, hidden state, arguments) to `call`."""
+
+    def __init__(self, layer: nn.Module, index: int, call):
+        super().__init__()
+        self.index, self.call = index, call
+        for key, value in vars(layer).items():  # plain attributes a model's forward may read (attention_type)
+            if not key.startswith("_") and key not in vars(self) and isinstance(value, (str, int, float, bool)):
+                setattr(self, key, value)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.call(self.index, hidden_states, args, kwargs)
+
+
+@contextmanager
+def _stand_ins(layers: nn.ModuleList, call):
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _Stand(layer, i, call)
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class Boundaries:
+    """Hidden states [B, T, H] per (boundary, batch): in memory, or in one file per boundary under `directory`
+    (batches at fixed offsets, plain writes and reads: only the batch being used is in memory)."""
+
+    def __init__(self, shapes: list[torch.Size], dtype: torch.dtype, directory: Path | None = None):
+        self.shapes, self.dtype, self.directory = shapes, dtype, directory
+        sizes = [s.numel() * dtype.itemsize for s in shapes]
+        self.offsets = [sum(sizes[:b]) for b in range(len(sizes) + 1)]
+        self.held: dict[str, list[torch.Tensor | None]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one boundary (every batch of the chunk)."""
+        return self.offsets[-1]
+
+    def _path(self, slot: str) -> Path:
+        return self.directory / f"{slot}.bin"
+
+    def put(self, slot: str, b: int, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu", self.dtype).contiguous()
+        if self.directory is None:
+            self.held.setdefault(slot, [None] * len(self.shapes))[b] = t
+            return
+        path = self._path(slot)
+        with open(path, "r+b" if path.exists() else "w+b") as f:
+            f.seek(self.offsets[b])
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
+
+    def get(self, slot: str, b: int, device) -> torch.Tensor:
+        if self.directory is None:
+            return self.held[slot][b].to(device)
+        t = torch.empty(self.shapes[b], dtype=self.dtype)
+        view, got, size = memoryview(t.reshape(-1).view(torch.uint8).numpy()), 0, self.offsets[b + 1] - self.offsets[b]
+        with open(self._path(slot), "rb", buffering=0) as f:
+            f.seek(self.offsets[b])
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise RuntimeError(f"{self._path(slot)} ended early: the sweep's files were changed or truncated")
+                got += n
+        return t.to(device)
+
+    def drop(self, slot: str) -> None:
+        self.held.pop(slot, None)
+        if self.directory is not None:
+            self._path(slot).unlink(missing_ok=True)
+
+
+class Streamed:
+    """A model whose decoder layers are made resident one at a time: from a checkpoint directory (an empty model
+    filled by `resident`), or an in-memory model (nothing to load; the same sweeps, e.g. to compare)."""
+
+    def __init__(self, source: str | Path | nn.Module, device=None, dtype: torch.dtype | str = "auto"):
+        if isinstance(source, nn.Module):
+            self.model, self.view = source, None
+            self.device = torch.device(device) if device is not None else next(source.parameters()).device
+        else:
+            self.model = empty_model(source, dtype)
+            ragged = [n for n, m in find_experts(self.model).items() if isinstance(m, RaggedExperts)]
+            if ragged:
+                raise ValueError(f"{source} holds ragged (non-uniformly pruned) experts {ragged[:3]}: calibrate the "
+                                 "original checkpoint")
+            self.view = ModelView(Source(source), self.model)  # refuses a checkpoint missing tensors, before any sweep
+            self.device = torch.device(device or "cpu")
+            for module in self.model.modules():  # rotary inv_freq and the like: computed on the CPU by empty_model
+                for b in module._non_persistent_buffers_set:
+                    if module._buffers.get(b) is not None:
+                        module._buffers[b] = module._buffers[b].to(self.device)
+        self.prefix, self.layers = decoder_layers(self.model)
+        self.dtype = next(t for t in self.model.parameters()).dtype
+
+    def resident(self, prefix: str | None):
+        """A block with decoder layer `prefix` resident, or (None) everything outside the decoder layers."""
+        if self.view is None:
+            return nullcontext()
+        if prefix is None:
+            return resident(self.model, self.view, "", self.device, exclude=(self.prefix,))
+        return resident(self.model, self.view, prefix, self.device)
+
+    def fingerprint(self) -> str:
+        from ..model.experts import fingerprint
+
+        return fingerprint(self.model) if self.view is None else checkpoint_fingerprint(self.view, self.model)
+
+    def capture(self, batch: Batch) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+        """(hidden state entering layer 0 [B, T, H], the arguments the model's forward gives each layer)."""
+        record: dict = {}
+        last = len(self.layers) - 1
+
+        def call(i, h, args, kwargs):
+            if i == 0:
+                record["h"] = h
+            record[i] = (args, kwargs)
+            if i == last:
+                raise _Stop
+            return h
+
+        with _stand_ins(self.layers, call), torch.no_grad():
+            try:
+                forward(self.model, batch)
+            except _Stop:
+                pass
+        return record["h"], [record[i] for i in range(len(self.layers))]
+
+    def head_losses(self, batch: Batch, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_n [B], supervised tokens [B]) of the model whose last decoder layer outputs `top` [B, T, H]."""
+        config = self.model.config
+        router_logits = getattr(config, "output_router_logits", None)
+        config.output_router_logits = False  # no router ran: no load-balancing loss to add
+        try:
+            with _stand_ins(self.layers, lambda i, h, args, kwargs: top if i == 0 else h):
+                return sequence_losses(self.model, batch)
+        finally:
+            config.output_router_logits = router_logits
+
+    def run_layer(self, i: int, h: torch.Tensor, arguments: tuple[tuple, dict]) -> torch.Tensor:
+        args, kwargs = arguments
+        return _first(self.layers[i](h, *args, **kwargs))
+
+
+def _run_key(streamed: Streamed, criterion: str, structure: bool, batches: list[Batch], chunk) -> str:
+    """What a resumed sweep must share with the interrupted one: checkpoint, criterion, data, chunking, rank."""
+    digest = hashlib.sha256()
+    world = _world()
+    digest.update(json.dumps([streamed.fingerprint(), criterion, structure, chunk, world]).encode())
+    for batch in batches:
+        for t in (batch.input_ids, batch.attention_mask, batch.labels):
+            digest.update(t.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _chunks(batches: list[Batch], chunk: int | None) -> list[list[int]]:
+    """Batch indices per sweep: whole batches, at most `chunk` sequences each (at least one batch)."""
+    if chunk is None:
+        return [list(range(len(batches)))]
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk is a number of sequences per sweep (>= 1), got {chunk!r}")
+    groups: list[list[int]] = [[]]
+    for b, batch in enumerate(batches):
+        size = batch.input_ids.shape[0]
+        if groups[-1] and sum(batches[j].input_ids.shape[0] for j in groups[-1]) + size > chunk:
+            groups.append([])
+        groups[-1].append(b)
+    return groups
+
+
+class StreamedScorer(Scorer):
+    """A Scorer whose model is streamed (`Streamed`): the weight criteria read each experts module's weights after
+    the sweep, one module at a time."""
+
+    def __init__(self, streamed: Streamed, criterion: str, structure: bool, seed: int = 0):
+        super().__init__(streamed.model, criterion, structure=structure, seed=seed)
+        self.streamed = streamed
+        self.fingerprint = streamed.fingerprint()
+        self.to(streamed.device)
+        if self.structure is not None:
+            self.structure.block_hooks = False  # block similarity comes from the stored boundaries
+
+    def _tensors(self, criterion: str) -> dict[str, torch.Tensor]:
+        if criterion not in WEIGHT_CRITERIA or self.streamed.view is None:
+            return super()._tensors(criterion)
+        out = {}
+        for name, module in self.modules.items():
+            with self.streamed.resident(name):
+                if criterion == "magnitude":
+                    out.update(magnitude_scores({name: module}))
+                else:
+                    out.update(compensated(self.grams.result({name: module}, [name])))
+        return out
+
+
+def streamed_scorer(source: str | Path | nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
+                    criterion: str = "fisher", *, structure: bool = False, chunk: int | None = None,
+                    offload_dir: str | Path | None = None, device=None, dtype: torch.dtype | str = "auto",
+                    seed: int = 0, progress: bool | None = None) -> StreamedScorer:
+    """The finished Scorer of `criterion` (+ the expert and layer statistics with `structure`) over `batches`,
+    computed one decoder layer at a time from checkpoint directory `source` (see the module docstring)."""
+    streamed = Streamed(source, device, dtype)
+    scorer = StreamedScorer(streamed, criterion, structure, seed)
+    rank, world = _world()
+    prepared = [prepare_batch(b, torch.device("cpu")) for b in _listed(batches)]
+    prepared = prepared[rank::world]
+    fisher = scorer.needs_grad
+    if fisher and not any(bool((targets(b) != -100).any()) for b in prepared) and world == 1:
+        raise ValueError("no calibration sample with a supervised token: nothing to score (Fisher needs labels)")
+    if not prepared and world == 1:
+        raise ValueError(f"criterion {criterion!r} needs calibration batches; got none")
+    shows = sys.stderr.isatty() if progress is None else progress
+    directory = Path(offload_dir) if offload_dir is not None else None
+    groups = _chunks(prepared, chunk)
+    keep_all = fisher or structure
+    stores = [Boundaries([prepared[b].input_ids.shape + (streamed.model.config.hidden_size,) for b in group],
+                         streamed.dtype, directory) for group in groups]
+    position = {"chunk": 0, "phase": "forward", "layer": 0}
+    if directory is not None:
+        key = _run_key(streamed, scorer.criterion, structure, prepared, chunk)
+        directory.mkdir(parents=True, exist_ok=True)
+        position = _resume(directory, key, scorer) or position
+        slots = (len(streamed.layers) + 1 if keep_all else 2) + (2 if fisher else 0)
+        needed = max(s.nbytes for s in stores) * slots if stores else 0
+        free = shutil.disk_usage(directory).free
+        if needed > free:
+            raise OSError(f"offload_dir {directory} has {free / 2**30:.1f} GiB free; the sweep stores {slots} "
+                          f"boundaries of {max(s.nbytes for s in stores) / 2**30:.2f} GiB: use a smaller chunk or "
+                          "another directory")
+    with frozen(streamed.model), torch.no_grad():
+        for c in range(position["chunk"], len(groups)):
+            start = position if c == position["chunk"] else {"phase": "forward", "layer": 0}
+            _sweep(streamed, scorer, [prepared[b] for b in groups[c]], stores[c], start, keep_all, fisher,
+                   (c, len(groups)), shows, directory and (directory, key))
+        _reduce(scorer, world)
+    if directory is not None:
+        for name in (_PROGRESS, _STATE):
+            (directory / name).unlink(missing_ok=True)
+    return scorer
+
+
+def _listed(batches) -> list:
+    if batches is None:
+        raise ValueError("streamed calibration needs calibration batches")
+    return list(batches)
+
+
+def _sweep(streamed: Streamed, scorer: StreamedScorer, batches: list[Batch], store: Boundaries, start: dict,
+           keep_all: bool, fisher: bool, chunk: tuple[int, int], shows: bool, saving) -> None:
+    """One chunk: capture, forward sweep, (Fisher) head and backward sweep; from `start` when resuming."""
+    device, layers = streamed.device, len(streamed.layers)
+    with streamed.resident(None):
+        captured = [streamed.capture(_on(b, device)) for b in batches]
+    arguments = [args for _, args in captured]
+    label = f" (chunk {chunk[0] + 1}/{chunk[1]})" if chunk[1] > 1 else ""
+
+    def save(phase: str, layer: int) -> None:
+        if saving:
+            _save(saving[0], saving[1], scorer, {"chunk": chunk[0], "phase": phase, "layer": layer})
+
+    if start["phase"] == "forward":
+        if start["layer"] == 0:
+            for b, (h, _) in enumerate(captured):
+                store.put("h0", b, h)
+        del captured
+        # Fisher's forward sweep only stores boundaries; the hooks run in the backward sweep's recomputation
+        hooks = experts_hooks(streamed.model, {}) if fisher else _attached(scorer)
+        with hooks:
+            for i in tqdm(range(start["layer"], layers), disable=not shows, desc=f"forward sweep{label}",
+                          unit="layer"):
+                with streamed.resident(f"{streamed.prefix}.{i}"):
+                    for b, batch in enumerate(batches):
+                        scorer.observe(_raw(batch))
+                        store.put(f"h{i + 1}", b, streamed.run_layer(i, store.get(f"h{i}", b, device), arguments[b][i]))
+                save("forward", i + 1)
+                if not keep_all:
+                    store.drop(f"h{i}")
+        if scorer.structure is not None:  # cos between every pair of boundaries, batch by batch
+            for b, batch in enumerate(batches):
+                scorer.observe(_raw(batch))
+                for i in range(layers + 1):
+                    scorer.structure._add_block_state(store.get(f"h{i}", b, device), scorer.ctx)
+                scorer.structure.live["block_tokens"] += scorer.structure._normed.shape[1]
+                scorer.structure._forget()
+        if not fisher:
+            for batch in batches:
+                scorer.count(batch.input_ids.shape[0], int(batch.attention_mask.sum()))
+            save("done", layers)
+            store.drop(f"h{layers}")
+            return
+        with streamed.resident(None), torch.enable_grad():
+            for b, batch in enumerate(batches):
+                top = store.get(f"h{layers}", b, device).requires_grad_(True)
+                losses, counts = streamed.head_losses(_on(batch, device), top)
+                if not bool(torch.isfinite(losses).all()):
+                    raise FloatingPointError(f"non-finite calibration loss while scoring with {scorer.criterion!r}: "
+                                             "Fisher scores would be poisoned (under fp16, use bf16 or fp32)")
+                (grad,) = torch.autograd.grad(losses.sum(), top)
+                store.put(f"g{layers % 2}", b, grad)
+                scorer.count(int((counts > 0).sum()), int(counts.sum()))
+        scorer.end_step()  # the block similarities and counts join the sums
+        save("backward", layers - 1)
+        start = {"phase": "backward", "layer": layers - 1}
+    if start["phase"] == "backward":
+        with _attached(scorer):
+            for i in tqdm(range(start["layer"], -1, -1), disable=not shows, desc=f"backward sweep{label}",
+                          unit="layer"):
+                with streamed.resident(f"{streamed.prefix}.{i}"), torch.enable_grad():
+                    for b, batch in enumerate(batches):
+                        scorer.observe(_raw(batch))
+                        x = store.get(f"h{i}", b, device).requires_grad_(True)
+                        y = streamed.run_layer(i, x, arguments[b][i])
+                        (grad,) = torch.autograd.grad(y, x, store.get(f"g{(i + 1) % 2}", b, device))
+                        store.put(f"g{i % 2}", b, grad)
+                scorer.end_step()  # this layer's Fisher sums (raises on a non-finite gradient)
+                save("backward", i - 1)
+        save("done", 0)
+        for i in range(layers + 1):
+            store.drop(f"h{i}")
+        store.drop("g0")
+        store.drop("g1")
+
+
+def _on(batch: Batch, device) -> Batch:
+    return Batch(*(t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels, batch.position_ids)))
+
+
+def _raw(batch: Batch) -> dict:
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
+
+
+@contextmanager
+def _attached(scorer: Scorer):
+    with ExitStack() as stack:
+        scorer.attach(freeze=False)
+        stack.callback(scorer.detach)
+        yield
+
+
+def _save(directory: Path, key: str, scorer: Scorer, position: dict) -> None:
+    """The sums and the position reached, replaced atomically (a crash leaves the previous layer's)."""
+    state = {k: t.detach().cpu().contiguous() for k, t in scorer.state().items()}
+    save_file(state, str(directory / (_STATE + ".tmp")))
+    os.replace(directory / (_STATE + ".tmp"), directory / _STATE)
+    info = {"key": key, **position, "samples": scorer.samples, "tokens": scorer.tokens}
+    (directory / (_PROGRESS + ".tmp")).write_text(json.dumps(info))
+    os.replace(directory / (_PROGRESS + ".tmp"), directory / _PROGRESS)
+
+
+def _resume(directory: Path, key: str, scorer: Scorer) -> dict | None:
+    """The position an interrupted sweep of this same run reached (its sums loaded into `scorer`), or None."""
+    path = directory / _PROGRESS
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    if info.get("key") != key:
+        raise ValueError(f"{directory} holds the sweep of another run (checkpoint, criterion, batches or chunk "
+                         "differ): remove it or choose another offload_dir")
+    state = load_file(str(directory / _STATE))
+    scorer.load_state({k: t.to(scorer.device) for k, t in state.items()}, info["samples"], info["tokens"])
+    if info["phase"] == "done":
+        return {"chunk": info["chunk"] + 1, "phase": "forward", "layer": 0}
+    return {k: info[k] for k in ("chunk", "phase", "layer")}
+
+
+def _reduce(scorer: Scorer, world: int) -> None:
+    """SUM every accumulated tensor and the counts over the ranks (once, after the sweeps)."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    state = scorer.state()
+    for t in state.values():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    counts = torch.tensor([scorer.samples, scorer.tokens], dtype=torch.float64, device=scorer.device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    scorer.samples, scorer.tokens = int(counts[0]), int(counts[1])
