@@ -191,11 +191,17 @@ class ModelView:
         parts = [self.source.tensor(k) for k in self.pieces[key][e]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def full(self, key: str) -> torch.Tensor:
-        """Model tensor `key` whole, in the model's layout (a per-expert checkpoint's experts stacked)."""
+    def full(self, key: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        """Model tensor `key` whole, in the model's layout, as `dtype` on `device` (a per-expert checkpoint's
+        experts copied one at a time into the stacked tensor: no second copy of it is ever held)."""
         if key in self.whole:
-            return self.tensor(key)
-        return torch.stack([self.expert(key, e) for e in range(len(self.pieces[key]))])
+            return self.tensor(key).to(device=device, dtype=dtype)
+        first = self.expert(key, 0)
+        out = torch.empty(len(self.pieces[key]), *first.shape, dtype=dtype or first.dtype, device=device)
+        out[0] = first
+        for e in range(1, out.shape[0]):
+            out[e] = self.expert(key, e)
+        return out
 
     def dtype_of(self, key: str) -> str:
         return self.source.info[self.whole[key] if key in self.whole else self.pieces[key][0][0]][0]
@@ -255,7 +261,7 @@ def resident(model: nn.Module, view: ModelView, prefix: str = "", device=None, e
                 continue
             module, attr, is_param = group[0]
             old = getattr(module, attr)
-            value = view.full(name).to(device=device or "cpu", dtype=old.dtype)
+            value = view.full(name, old.dtype, device or "cpu")
             if is_param:
                 value = nn.Parameter(value, requires_grad=old.requires_grad)
             for m, a, p in group:
