@@ -4,6 +4,7 @@
     fmoe prune-recover --config recipes/configs/mixtral-8x7b.yaml # 8 GPUs, FSDP2
     fmoe train-toy --toy.steps 200 --out_dir /tmp/toy
     fmoe prune-checkpoint SRC --plan plan.json --out DST          # out of core: never loads the model
+    fmoe prune-checkpoint SRC --calibration data.jsonl --method fisher --amount 0.5 --out DST  # streamed calibration
     fmoe serve runs/prune_recover/export                          # vLLM (fused exports: with plugins/vllm)
 """
 
@@ -17,7 +18,8 @@ import warnings
 COMMANDS = {  # name: (module, function taking the remaining arguments, what it does)
     "prune-recover": ("fmoe.recipes.prune_recover", "main", "calibrate -> prune -> recover -> evaluate -> export"),
     "train-toy": ("fmoe.recipes.train_toy_moe", "cli", "train the toy MoE on the generated corpus (CPU)"),
-    "prune-checkpoint": ("fmoe.methods.offline", "cli", "apply a plan to a safetensors checkpoint without loading the model"),
+    "prune-checkpoint": ("fmoe.recipes.prune_checkpoint", "cli",
+                         "calibrate, plan and prune a safetensors checkpoint without loading the model"),
     "serve": ("fmoe.serving.vllm", "serve", "serve an export with vLLM's OpenAI-compatible server"),
 }
 

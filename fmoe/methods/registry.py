@@ -40,7 +40,7 @@ from .. import _aliases
 from ..calibration.scorer import Scorer
 from ..calibration.scores import Scores
 from ..calibration.statistics import Statistics
-from ..model.experts import fingerprint
+from ..model.experts import fingerprint, on_meta
 
 
 @dataclass
@@ -51,12 +51,13 @@ class Calibration:
     statistics: Statistics | None = None
 
     def need(self, what: str, method: str, model: nn.Module | None):
-        """The scores or statistics `method` plans from, measured on this very model."""
+        """The scores or statistics `method` plans from, measured on this very model (an empty model, planned out
+        of core, is checked when the plan is applied to its checkpoint)."""
         value = getattr(self, what)
         if value is None:
             raise ValueError(f"method {method!r} plans from {what}, which this calibration did not measure "
                              f"(fmoe.calibrate, or CalibrationModule(structure=True) for statistics)")
-        if model is not None and value.fingerprint != fingerprint(model):
+        if model is not None and not on_meta(model) and value.fingerprint != fingerprint(model):
             raise ValueError(f"method {method!r}: the {what} were measured on another model (fingerprint "
                              f"{value.fingerprint} != {fingerprint(model)}); calibrate the model being compressed")
         return value
