@@ -7,7 +7,7 @@ distillation, distributed runs) -> `evaluation`; `toy` is the shipped toy MoE, `
 """
 
 from . import _aliases, methods
-from .calibration.scorer import score
+from .calibration.streamed import score
 from .calibration.criteria import CRITERIA, METHODS
 from .calibration.scores import Scores
 from .calibration.statistics import Statistics

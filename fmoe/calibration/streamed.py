@@ -50,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import _aliases
 from ..model.checkpoint import empty_model
 from ..model.experts import RaggedExperts, find_experts
 from ..model.hooks import experts_hooks
@@ -59,7 +60,8 @@ from .context import frozen
 from .criteria import magnitude_scores, sequence_losses
 from .gram import compensated
 from .loss import Batch, forward, prepare_batch, targets
-from .scorer import Scorer
+from .scorer import Scorer, score as score_in_memory
+from .scores import Scores
 
 _PROGRESS, _STATE = "progress.json", "state.safetensors"
 WEIGHT_CRITERIA = ("magnitude", "compensated")  # read expert weights after the sweep, one experts module at a time
@@ -322,6 +324,20 @@ def streamed_scorer(source: str | Path | nn.Module, batches: Iterable[Mapping[st
         for name in (_PROGRESS, _STATE):
             (directory / name).unlink(missing_ok=True)
     return scorer
+
+
+@_aliases.renamed(method="criterion")
+def score(model: nn.Module | str | Path, batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
+          criterion: str = "fisher", *, seed: int = 0, progress: bool | None = None, streamed: bool = False,
+          **stream_options) -> Scores:
+    """`fmoe.score`: fmoe.calibration.scorer.score on an in-memory model; on a checkpoint directory (or with
+    `streamed=True`) the same pass streamed one decoder layer at a time (`stream_options`: chunk, offload_dir,
+    device, dtype), with the same scores. grad_abs (weight gradients, one sequence at a time) is not streamed."""
+    if streamed or not isinstance(model, nn.Module):
+        return streamed_scorer(model, batches, criterion, seed=seed, progress=progress, **stream_options).result()
+    if stream_options:
+        raise TypeError(f"{sorted(stream_options)} apply to a streamed pass (streamed=True or a checkpoint directory)")
+    return score_in_memory(model, batches, criterion, seed=seed, progress=progress)
 
 
 def _listed(batches) -> list:
