@@ -25,9 +25,9 @@ from .model.experts import RaggedExperts, find_experts, fingerprint
 
 __all__ = [
     "CRITERIA", "METHODS", "Calibration", "DropPlan", "ExpertPlan", "PruningPlan", "RaggedExperts", "Scores",
-    "Statistics", "active_parameters", "apply_plan", "calibrate", "compress", "compress_experts", "drop_experts", "edit_checkpoint",
-    "find_experts", "fingerprint", "from_pretrained", "load_plan", "make_plan", "masked", "measure", "methods",
-    "plan_block_drop", "plan_experts", "plan_layer_drop", "prune", "prune_checkpoint", "prune_iteratively",
+    "Statistics", "active_parameters", "apply_plan", "calibrate", "compress", "compress_experts", "drop_experts",
+    "edit_checkpoint", "find_experts", "fingerprint", "from_pretrained", "load_plan", "make_plan", "masked", "measure",
+    "methods", "plan_block_drop", "plan_experts", "plan_layer_drop", "prune", "prune_checkpoint", "prune_iteratively",
     "reconstruct", "save_pretrained", "score", "score_checkpoint", "weight_bytes",
 ]
 __version__ = "0.1.0"

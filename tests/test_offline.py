@@ -1,5 +1,5 @@
-"""Out-of-core pruning, editing and scoring (fmoe.methods.offline): checkpoint in, checkpoint out, equal to the in-memory
-edit + save_pretrained."""
+"""Out-of-core pruning, editing and scoring (fmoe.methods.offline): checkpoint in, checkpoint out, equal to the
+in-memory edit + save_pretrained."""
 
 import json
 import os
@@ -363,6 +363,27 @@ def test_edit_bad_input_is_a_clear_error_and_writes_nothing(tmp_path):
     with pytest.raises(TypeError, match="not an fmoe plan"):
         fmoe.edit_checkpoint(tmp_path / "src", {"keep": {}}, tmp_path / "out")
     assert children(tmp_path) == before and children(tmp_path / "src") == children(tmp_path / "other")
+
+
+class _Mix:
+    """A plan whose edit reads another layer's tensors: layer 1's attention output takes layer 0's values."""
+
+
+def _mix(model, plan):
+    layers = model.model.layers
+    layers[1].self_attn.o_proj.weight.data = layers[1].self_attn.o_proj.weight + layers[0].self_attn.o_proj.weight
+    return model
+
+
+def test_an_edit_reading_other_layers_is_refused_and_keeps_the_output(tmp_path, monkeypatch):
+    tiny_model("mixtral").save_pretrained(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.txt").write_text("previous output")
+    monkeypatch.setitem(registry.METHODS, "mix", registry.Method(None, _mix, _Mix, "", "test"))
+    with pytest.raises(RuntimeError, match="with only decoder layer model.layers.0 resident, its edit fails .*: it "
+                                           "reads tensors of other layers and cannot be applied out of core"):
+        fmoe.edit_checkpoint(tmp_path / "src", _Mix(), tmp_path / "out")
+    assert children(tmp_path) == ["out", "src"] and children(tmp_path / "out") == ["kept.txt"]
 
 
 _EDIT_PEAK = _PEAK.replace("fmoe.PruningPlan.load(plan)", "fmoe.load_plan(plan)").replace("prune_checkpoint",

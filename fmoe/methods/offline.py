@@ -14,8 +14,10 @@ shapes, layout and config. Values come group by group (`Edited`): a decoder laye
 layers, is made resident in a fresh copy (`fmoe.model.view.resident`), the edit runs again, and the output tensors
 that group owns (known beforehand from the module holding them) are now real; block drops renumber layers with no
 extra code. Peak resident growth is at most about twice the largest group (its source tensors and their edited
-copies while the edit runs) plus a few MiB of small tensors kept for later; a group split across output shards is
-read again. An edit that needs tensors of other layers to produce a layer's values is refused with an error.
+copies while the edit runs) plus a few MiB of small tensors kept for later. Output tensors go in the edited state
+dict's order (by item size inside a shard, for alignment), so each group is read once, across shard boundaries
+too; a group holding two item sizes (float32 router biases in a bf16 model) first has just the module of the
+odd tensors read. An edit that needs tensors of other layers to produce a layer's values is refused with an error.
 
 Checkpoint layouts. A source may hold experts fused (`experts.gate_up_proj` [E, 2I, H], as the model stores them,
 gpt-oss and granitemoe on the hub, fmoe's fused format) or one tensor per expert (`experts.0.gate_proj.weight`,
@@ -310,7 +312,7 @@ class Edited:
     also has tensors of another item size (written apart), only the requested tensor's module (its unit) is made
     resident, or the group if the edit needs more. One group's (or unit's) edited tensors are held at a time, and
     small ones still to be written when the next comes in (at most `SMALL` bytes each, `KEPT` in all); anything
-    else is made resident again when needed (a group split across shards)."""
+    else is made resident again if needed."""
     SMALL, KEPT = 2**20, 4 * 2**20
 
     def __init__(self, view: ModelView, model, plan, edit: Callable, edited, origin: dict[int, str]):
@@ -367,9 +369,9 @@ class Edited:
         got = self._run(group, () if group else self.layers, wanted)
         if got is None:
             where = f"decoder layer {group}" if group else "the tensors outside the decoder layers"
-            raise RuntimeError(f"{type(self.plan).__name__}: with {where} resident, its edit fails or leaves "
-                               f"tensors of {where} without values (e.g. {wanted[:2]}): it reads tensors of other "
-                               "layers and cannot be applied out of core") from self.error
+            what = f"fails ({self.error})" if self.error else f"leaves {wanted[:2]}... without values"
+            raise RuntimeError(f"{type(self.plan).__name__}: with only {where} resident, its edit {what}: it reads "
+                               "tensors of other layers and cannot be applied out of core") from self.error
         return got
 
     def tensor(self, key: str) -> torch.Tensor:
