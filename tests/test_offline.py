@@ -146,7 +146,7 @@ def test_cli_prune_checkpoint(tmp_path, capsys):
     plan = plan_for(src, "expert")
     plan.save(tmp_path / "plan.json")
     fmoe.cli.main(["prune-checkpoint", str(src), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "a"),
-                   "--max-shard-size", SHARD])
+                   "--max_shard_size", SHARD])
     assert "wrote" in capsys.readouterr().out
     fmoe.prune_checkpoint(src, plan, tmp_path / "b", max_shard_size=SHARD)
     assert_same(tensors(tmp_path / "b"), tensors(tmp_path / "a"))

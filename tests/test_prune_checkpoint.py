@@ -20,7 +20,7 @@ from fmoe.lightning.data import TextDataModule
 from fmoe.methods import offline
 from fmoe.toy.tiny import tiny_model
 
-TOY_ARGS = ["--pack", "false", "--seq_len", "80", "--samples", "24", "--batch_size", "8"]
+TOY_ARGS = ["--pack", "false", "--seq_len", "80", "--samples", "16", "--batch_size", "8"]
 
 
 def toy_data() -> str:
@@ -28,7 +28,7 @@ def toy_data() -> str:
 
 
 def toy_batches() -> list[dict]:
-    data = TextDataModule(str(toy.TOY_DIR), toy_data(), seq_len=80, n_samples=24, batch_size=8, pack=False)
+    data = TextDataModule(str(toy.TOY_DIR), toy_data(), seq_len=80, n_samples=16, batch_size=8, pack=False)
     data.setup("fit")
     return list(data.train_dataloader())
 
@@ -46,17 +46,27 @@ def assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_the_toy_pruned_out_of_core_equals_the_in_memory_pipeline(tmp_path, capsys):
-    fmoe.cli.main(["prune-checkpoint", str(toy.TOY_DIR), "--calibration", toy_data(), *TOY_ARGS,
-                   "--method", "fisher", "--amount", "0.5", "--out", str(tmp_path / "out")])
+@pytest.mark.parametrize("method, amount, extra, criterion", [
+    ("fisher", "0.5", [], "fisher"),  # dims scored by Fisher, layer scope
+    ("reap", "0.25", ["--scope", "global"], "activation"),  # whole experts, a forward-only pass
+    ("block_drop", None, ["--count", "1"], "activation"),
+])
+def test_the_toy_pruned_out_of_core_equals_the_in_memory_pipeline(tmp_path, capsys, method, amount, extra, criterion):
+    args = ["--method", method, *(["--amount", amount] if amount else []), *extra]
+    fmoe.cli.main(["prune-checkpoint", str(toy.TOY_DIR), "--calibration", toy_data(), *TOY_ARGS, *args,
+                   "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
-    assert "calibrating (fisher, streamed) on 24 sequences" in printed and "wrote" in printed
+    assert f"calibrating ({criterion}, streamed) on 16 sequences" in printed and "wrote" in printed
     assert not (tmp_path / "out.work").exists()  # the work directory goes once the output is written
     model, _, _ = toy.load()
-    plan = fmoe.make_plan(fmoe.score(model, toy_batches(), "fisher"), 0.5, "layer")
-    assert fmoe.PruningPlan.load(tmp_path / "out" / "fmoe_plan.json").keep.keys() == plan.keep.keys()
-    fmoe.save_pretrained(fmoe.prune(model, plan), tmp_path / "ref")
+    name = "dims" if method == "fisher" else method
+    options = {"scope": "global"} if method == "reap" else {"count": 1} if method == "block_drop" else {}
+    calibration = fmoe.calibrate(model, toy_batches(), criterion)
+    fmoe.compress(model, name, float(amount) if amount else None, calibration, **options)
+    fmoe.save_pretrained(model, tmp_path / "ref")
     assert_same(tensors(tmp_path / "out"), tensors(tmp_path / "ref"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == \
+        json.loads((tmp_path / "ref" / "config.json").read_text())
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
@@ -69,7 +79,7 @@ def test_a_stopped_run_continues_where_it_stopped(tmp_path, monkeypatch, capsys)
 
     def failing(self, i, h, arguments):
         calls.append(i)
-        if len(calls) == 7:  # forward sweep, layer 2 of the toy's 4, batch 1 of 3
+        if len(calls) == 5:  # forward sweep, layer 2 of the toy's 4, batch 1 of 2
             raise KeyboardInterrupt
         return run_layer(self, i, h, arguments)
 

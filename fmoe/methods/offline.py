@@ -36,7 +36,6 @@ tests/test_offline.py measures the bound with the threshold pinned.)
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import re
@@ -464,20 +463,3 @@ def _write_config(model, src: Path, directory: Path, stock: bool, dtype: torch.d
         generation.save_pretrained(directory)
 
 
-# ---------------------------------------------------------------------------------------------------------- CLI
-
-
-def cli(argv: list[str] | None = None) -> None:
-    """fmoe prune-checkpoint SRC --plan PLAN --out DST [--max-shard-size 5GB]"""
-    from .registry import load_plan
-
-    parser = argparse.ArgumentParser(prog="fmoe prune-checkpoint",
-                                     description="apply any fmoe plan to a safetensors checkpoint without loading it")
-    parser.add_argument("src", help="model directory (config.json + model.safetensors or a sharded index)")
-    parser.add_argument("--plan", required=True, help="plan JSON (any fmoe plan's save: dims, expert drop, layer "
-                                                      "or block drop)")
-    parser.add_argument("--out", required=True, help="output directory (replaced once complete)")
-    parser.add_argument("--max-shard-size", default=None, help="e.g. 5GB (default: the largest source shard)")
-    args = parser.parse_args(argv)
-    out = edit_checkpoint(args.src, load_plan(args.plan), args.out, args.max_shard_size)
-    print(f"wrote {out}")
