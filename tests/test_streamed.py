@@ -13,7 +13,6 @@ import torch.multiprocessing as mp
 
 import fmoe
 from fmoe.calibration import streamed as streamed_module
-from fmoe.calibration.streamed import streamed_scorer
 from fmoe.toy.tiny import FAMILIES, tiny_model
 from tests.conftest import make_batches
 
