@@ -62,6 +62,14 @@ def test_other_criteria_chunks_and_files(tmp_path, criterion):
     assert not list((tmp_path / "sweep").iterdir())  # a finished sweep leaves no file behind
 
 
+def test_a_bf16_checkpoint_equals_the_loaded_bf16_model(tmp_path):
+    """Boundaries are kept in the model's dtype, exactly what the in-memory forward hands from layer to layer."""
+    tiny_model("qwen3_moe", dtype=torch.bfloat16).save_pretrained(tmp_path)
+    batches = make_batches()
+    assert_same_calibration(fmoe.calibrate(tmp_path, batches, "fisher"),
+                            fmoe.calibrate(fmoe.from_pretrained(tmp_path), batches, "fisher"))
+
+
 def test_an_in_memory_model_streams_the_same_way():
     model = tiny_model("olmoe")
     batches = make_batches()

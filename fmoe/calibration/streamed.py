@@ -52,11 +52,11 @@ from ..model.experts import RaggedExperts, find_experts
 from ..model.hooks import experts_hooks
 from ..model.layers import decoder_layers
 from ..model.view import ModelView, Source, checkpoint_fingerprint, resident
+from .boundaries import Boundaries, forget, resume, run_key, save_position
 from .context import frozen
 from .criteria import magnitude_scores, sequence_losses
 from .gram import compensated
 from .loss import Batch, forward, prepare_batch, targets
-from .boundaries import Boundaries, forget, resume, run_key, save_position
 from .scorer import Scorer, score as score_in_memory
 from .scores import Scores
 
