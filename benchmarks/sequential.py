@@ -93,7 +93,9 @@ def write(results: dict, out: Path, domains: list[str]) -> None:
                                                      r["reconstructed"], r["variant"])):
         lines.append(f"| {r['ratio']} | {r['criterion']} | {r['variant']} | {'yes' if r['reconstructed'] else 'no'} | "
                      f"{r['seconds']} | " + " | ".join(f"{r[d]:.2f}" for d in domains) + " |")
-    lines += ["", f"({results['seconds']} s in all on CPU)"]
+    lines += ["", f"({results['seconds']} s in all on CPU.) Command: `python benchmarks/sequential.py` (the grid; run "
+              "here in parts, e.g. `--criteria '[\"rank(compensated,router)\"]' --ratios '[0.75]'`, each part adding its "
+              "rows to results.json)"]
     save_results(out, results, lines)
 
 
