@@ -13,6 +13,7 @@ from .calibration.scores import Scores
 from .calibration.statistics import Statistics
 from .methods.compressed import compress_experts
 from .methods.dims.iterative import prune_iteratively
+from .methods.dims.sequential import prune_sequentially
 from .methods.dims.plan import PruningPlan, make_plan
 from .methods.dims.prune import active_parameters, masked, prune, weight_bytes
 from .methods.dims.refit import reconstruct
@@ -28,7 +29,7 @@ __all__ = [
     "Statistics", "active_parameters", "apply_plan", "calibrate", "compress", "compress_experts", "drop_experts",
     "edit_checkpoint", "find_experts", "fingerprint", "from_pretrained", "load_plan", "make_plan", "masked", "measure",
     "methods", "plan_block_drop", "plan_experts", "plan_layer_drop", "prune", "prune_checkpoint", "prune_iteratively",
-    "reconstruct", "save_pretrained", "score", "score_checkpoint", "weight_bytes",
+    "prune_sequentially", "reconstruct", "save_pretrained", "score", "score_checkpoint", "weight_bytes",
 ]
 __version__ = "0.1.0"
 _aliases.install()

@@ -1,8 +1,9 @@
 """Dims (Less is MoE): remove the lowest-scored intermediate dims of every routed expert.
 
 plan.py ranks dims and sets each expert's width (scope expert / layer / global); prune.py slices them out (or masks
-them, for what-if evaluation); iterative.py prunes in steps, rescoring in between; refit.py refits the kept down
-projections by least squares.
+them, for what-if evaluation); iterative.py prunes in steps, rescoring in between; sequential.py layer after
+layer, each layer planned on the activations of the layers already cut; refit.py refits the kept down projections
+by least squares.
 """
 
 from __future__ import annotations

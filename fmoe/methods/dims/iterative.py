@@ -122,6 +122,13 @@ def iterate(model: nn.Module, amount: float, steps: int, scope: str, rescore: Ca
     return plan, scores
 
 
+def scorer(model: nn.Module, batches, criterion: str | Callable[[nn.Module], Scores],
+           progress: bool | None = None) -> Callable[[], Scores]:
+    """() -> Scores of `model` as it stands (masks open included): `criterion` over `batches` (fmoe.score), or
+    `criterion(model)` when it is a function."""
+    return lambda: criterion(model) if callable(criterion) else score(model, batches, criterion, progress=progress)
+
+
 @_aliases.renamed(ratio="amount", method="criterion")
 def prune_iteratively(
     model: nn.Module,
@@ -156,10 +163,8 @@ def prune_iteratively(
         raise ValueError("batches are iterated once per step (and again to reconstruct): pass a list (or another "
                          "re-iterable), not an iterator")
 
-    def rescore(step: int) -> Scores:
-        return criterion(model) if callable(criterion) else score(model, batches, criterion, progress=progress)
-
-    plan, _ = iterate(model, amount, steps, scope, rescore, schedule, after_step, **plan_options)
+    rescore = scorer(model, batches, criterion, progress)
+    plan, _ = iterate(model, amount, steps, scope, lambda step: rescore(), schedule, after_step, **plan_options)
     if reconstruct:
         least_squares(model, plan, batches, lam=lam)
         plan = recorded(plan, lam)

@@ -118,8 +118,10 @@ def solutions(stats: GramStatistics, plan: PruningPlan, lam: float = LAM) -> dic
 
 
 @torch.no_grad()
-def write(model: nn.Module, fits: dict[str, list]) -> nn.Module:
-    """Copy refit down columns (and biases) into the pruned model's experts, in place."""
+def write(model: nn.Module, fits: dict[str, list], keep: dict[str, list[torch.Tensor]] | None = None) -> nn.Module:
+    """Copy refit down columns (and biases) into the pruned model's experts, in place. With `keep` (a plan's kept
+    dims), the model is not pruned: each fit goes into the kept columns of the full-width down projection, and the
+    others stay (a mask or the plan's prune removes them)."""
     modules = find_experts(model)
     for name, per_expert in fits.items():
         module = modules[name]
@@ -129,10 +131,13 @@ def write(model: nn.Module, fits: dict[str, list]) -> nn.Module:
             params = module.expert_parameters(e) if isinstance(module, RaggedExperts) else expert_parameters(module, e)
             down = params["down_proj"]  # [H, k] or [k, H]
             columns = fit[0].T if module.is_transposed else fit[0]
-            if down.shape != columns.shape:
+            if keep is not None:
+                down.index_copy_(0 if module.is_transposed else 1, keep[name][e].to(down.device), columns.to(down.device))
+            elif down.shape != columns.shape:
                 raise ValueError(f"{name} expert {e}: pruned down projection {tuple(down.shape)} does not fit the "
                                  f"plan's {tuple(columns.shape)}: refit a model pruned with this plan")
-            down.copy_(columns.to(down.device))
+            else:
+                down.copy_(columns.to(down.device))
             if fit[1] is not None:
                 params["down_proj_bias"].copy_(fit[1].to(down.device))
     return model
