@@ -16,14 +16,15 @@ from ..model.compat import accumulation_dtype
 from ..model.experts import RaggedExperts, expert_widths, num_experts, up_name
 from ..model.hooks import active_mask
 from .context import Accumulator, Context, settle
-from .loss import Batch, prepare_batch, sequence_nll
+from .loss import Batch, logits_nll, prepare_batch, sequence_nll
 from .scores import parse_criterion
 
 
-def sequence_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_losses(model: nn.Module, batch: Batch, logits: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_n [B], supervised token count [B]): L_n is what the HF model returns as `.loss` for sequence n alone
-    (0, still in the graph, for a sequence with nothing supervised)."""
-    nll, counts = sequence_nll(model, batch)
+    (0, still in the graph, for a sequence with nothing supervised); from `logits` [B, T, V] when given."""
+    nll, counts = sequence_nll(model, batch) if logits is None else logits_nll(logits, batch)
     return nll / counts.clamp(min=1), counts
 
 

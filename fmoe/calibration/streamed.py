@@ -120,13 +120,17 @@ class Streamed:
         self.prefix, self.layers = decoder_layers(self.model)
         self.dtype = next(t for t in self.model.parameters()).dtype
 
-    def resident(self, prefix: str | None):
-        """A block with decoder layer `prefix` resident, or (None) everything outside the decoder layers."""
+    def resident(self, part: str):
+        """A block with `part` resident: a decoder layer (by module name), "input" (what runs before the decoder
+        layers: the embeddings) or "output" (what runs after: final norm, head). Tied embeddings are one tensor."""
         if self.view is None:
             return nullcontext()
-        if prefix is None:
-            return resident(self.model, self.view, "", self.device, exclude=(self.prefix,))
-        return resident(self.model, self.view, prefix, self.device)
+        if part in ("input", "output"):
+            other = self.model.get_output_embeddings() if part == "input" else self.model.get_input_embeddings()
+            names = {m: n for n, m in self.model.named_modules()}
+            excluded = (self.prefix, *((names[other],) if other in names else ()))
+            return resident(self.model, self.view, "", self.device, exclude=excluded)
+        return resident(self.model, self.view, part, self.device)
 
     def fingerprint(self) -> str:
         from ..model.experts import fingerprint
@@ -154,13 +158,16 @@ class Streamed:
         return record["h"], [record[i] for i in range(len(self.layers))]
 
     def head_losses(self, batch: Batch, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_n [B], supervised tokens [B]) of the model whose last decoder layer outputs `top` [B, T, H]."""
+        """(L_n [B], supervised tokens [B]) of the model whose last decoder layer outputs `top` [B, T, H]: the
+        model's own forward after the layers (the embeddings are not run: `top` stands in for their output)."""
         config = self.model.config
         router_logits = getattr(config, "output_router_logits", None)
         config.output_router_logits = False  # no router ran: no load-balancing loss to add
         try:
             with _stand_ins(self.layers, lambda i, h, args, kwargs: top if i == 0 else h):
-                return sequence_losses(self.model, batch)
+                logits = self.model(inputs_embeds=top.detach(), attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids, use_cache=False).logits
+            return sequence_losses(self.model, batch, logits)
         finally:
             config.output_router_logits = router_logits
 
@@ -286,7 +293,7 @@ def _sweep(streamed: Streamed, scorer: StreamedScorer, batches: list[Batch], sto
            keep_all: bool, fisher: bool, chunk: tuple[int, int], shows: bool, saving) -> None:
     """One chunk: capture, forward sweep, (Fisher) head and backward sweep; from `start` when resuming."""
     device, layers = streamed.device, len(streamed.layers)
-    with streamed.resident(None):
+    with streamed.resident("input"):
         captured = [streamed.capture(_on(b, device)) for b in batches]
     arguments = [args for _, args in captured]
     label = f" (chunk {chunk[0] + 1}/{chunk[1]})" if chunk[1] > 1 else ""
@@ -325,7 +332,7 @@ def _sweep(streamed: Streamed, scorer: StreamedScorer, batches: list[Batch], sto
             save("done", layers)
             store.drop(f"h{layers}")
             return
-        with streamed.resident(None), torch.enable_grad():
+        with streamed.resident("output"), torch.enable_grad():
             for b, batch in enumerate(batches):
                 top = store.get(f"h{layers}", b, device).requires_grad_(True)
                 losses, counts = streamed.head_losses(_on(batch, device), top)

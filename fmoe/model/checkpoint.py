@@ -272,11 +272,14 @@ def read_header(path: Path) -> tuple[dict[str, tuple[torch.dtype, list[int], int
     return tensors, base
 
 
-def read_tensor(f, path: Path, base: int, entry) -> torch.Tensor:
-    """One tensor read into fresh CPU memory with plain reads: unlike a memory map, the file's pages never count
-    in the process's resident memory, so the tensor is the only copy."""
+def read_tensor(f, path: Path, base: int, entry, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor read into fresh CPU memory (or into `out`, a contiguous CPU tensor of its dtype and size) with
+    plain reads: unlike a memory map, the file's pages never count in the process's resident memory, so the
+    tensor is the only copy."""
     dtype, shape, start, stop = entry
-    tensor = torch.empty(shape, dtype=dtype)
+    tensor = torch.empty(shape, dtype=dtype) if out is None else out
+    if tensor.dtype != dtype or tensor.numel() * dtype.itemsize != stop - start or not tensor.is_contiguous():
+        raise ValueError(f"cannot read {path} ({list(shape)} {dtype}) into a {list(tensor.shape)} {tensor.dtype} tensor")
     if stop == start:
         return tensor
     view, got = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), 0

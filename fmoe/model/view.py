@@ -57,10 +57,12 @@ class Source:
             self._handle.close()
         self._handle = self._handle_name = None
 
-    def tensor(self, key: str) -> torch.Tensor:
+    def tensor(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `key`, read into fresh memory or straight into `out` (a contiguous CPU tensor of its dtype and
+        size: no intermediate copy)."""
         dtype, shape, start, stop, base = self._entries[key]
         path = self.directory / self.file_of[key]
-        return read_tensor(self._open(self.file_of[key]), path, base, (dtype, shape, start, stop))
+        return read_tensor(self._open(self.file_of[key]), path, base, (dtype, shape, start, stop), out)
 
     def row(self, key: str, e: int) -> torch.Tensor:
         """tensor[e] of a stacked [E, ...] tensor, reading only that expert's bytes."""
@@ -194,13 +196,19 @@ class ModelView:
     def full(self, key: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """Model tensor `key` whole, in the model's layout, as `dtype` on `device` (a per-expert checkpoint's
         experts copied one at a time into the stacked tensor: no second copy of it is ever held)."""
+        stored = SAFETENSORS_DTYPES[self.dtype_of(key)]
+        dtype, shape = dtype or stored, self.naming.state[key].shape
+        direct = dtype == stored and torch.device(device or "cpu").type == "cpu"  # read straight into place
         if key in self.whole:
-            return self.tensor(key).to(device=device, dtype=dtype)
-        first = self.expert(key, 0)
-        out = torch.empty(len(self.pieces[key]), *first.shape, dtype=dtype or first.dtype, device=device)
-        out[0] = first
-        for e in range(1, out.shape[0]):
-            out[e] = self.expert(key, e)
+            read = self.source.tensor(self.whole[key], torch.empty(shape, dtype=dtype) if direct else None)
+            return read.to(device=device, dtype=dtype)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        for e, keys in sorted(self.pieces[key].items()):
+            for part, k in zip(out[e].chunk(len(keys), dim=0), keys):  # contiguous rows of expert e
+                if direct:
+                    self.source.tensor(k, part)
+                else:
+                    part.copy_(self.source.tensor(k))
         return out
 
     def dtype_of(self, key: str) -> str:
