@@ -7,7 +7,7 @@ distillation, distributed runs) -> `evaluation`; `toy` is the shipped toy MoE, `
 """
 
 from . import _aliases, methods
-from .calibration.scorer import score
+from .calibration.streamed import score
 from .calibration.criteria import CRITERIA, METHODS
 from .calibration.scores import Scores
 from .calibration.statistics import Statistics
@@ -18,7 +18,7 @@ from .methods.dims.prune import active_parameters, masked, prune, weight_bytes
 from .methods.dims.refit import reconstruct
 from .methods.expert_drop import ExpertPlan, drop_experts, plan_experts
 from .methods.layer_drop import DropPlan, plan_block_drop, plan_layer_drop
-from .methods.offline import prune_checkpoint, score_checkpoint
+from .methods.offline import edit_checkpoint, prune_checkpoint, score_checkpoint
 from .methods.registry import Calibration, apply_plan, calibrate, compress, load_plan, measure
 from .model.checkpoint import from_pretrained, save_pretrained
 from .model.experts import RaggedExperts, find_experts, fingerprint
@@ -26,8 +26,8 @@ from .model.experts import RaggedExperts, find_experts, fingerprint
 __all__ = [
     "CRITERIA", "METHODS", "Calibration", "DropPlan", "ExpertPlan", "PruningPlan", "RaggedExperts", "Scores",
     "Statistics", "active_parameters", "apply_plan", "calibrate", "compress", "compress_experts", "drop_experts",
-    "find_experts", "fingerprint", "from_pretrained", "load_plan", "make_plan", "masked", "measure", "methods",
-    "plan_block_drop", "plan_experts", "plan_layer_drop", "prune", "prune_checkpoint", "prune_iteratively",
+    "edit_checkpoint", "find_experts", "fingerprint", "from_pretrained", "load_plan", "make_plan", "masked", "measure",
+    "methods", "plan_block_drop", "plan_experts", "plan_layer_drop", "prune", "prune_checkpoint", "prune_iteratively",
     "reconstruct", "save_pretrained", "score", "score_checkpoint", "weight_bytes",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Out-of-core pruning and scoring (fmoe.methods.offline): checkpoint in, checkpoint out, equal to prune + save_pretrained."""
+"""Out-of-core pruning, editing and scoring (fmoe.methods.offline): checkpoint in, checkpoint out, equal to the
+in-memory edit + save_pretrained."""
 
 import json
 import os
@@ -9,14 +10,17 @@ import textwrap
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import fmoe
 import fmoe.cli
 import fmoe.methods.offline
+from fmoe.methods import registry
 from fmoe.model.experts import slice_expert, width_buckets
 from fmoe.model.structure import apply_widths
 from fmoe.toy.tiny import tiny_config, tiny_model
+from tests.conftest import make_batches
 
 SHARD = "20KB"  # the tiny models (~400 KB) save as a dozen shards
 
@@ -142,7 +146,7 @@ def test_cli_prune_checkpoint(tmp_path, capsys):
     plan = plan_for(src, "expert")
     plan.save(tmp_path / "plan.json")
     fmoe.cli.main(["prune-checkpoint", str(src), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "a"),
-                   "--max-shard-size", SHARD])
+                   "--max_shard_size", SHARD])
     assert "wrote" in capsys.readouterr().out
     fmoe.prune_checkpoint(src, plan, tmp_path / "b", max_shard_size=SHARD)
     assert_same(tensors(tmp_path / "b"), tensors(tmp_path / "a"))
@@ -242,4 +246,172 @@ def test_peak_memory_is_one_tensor(tmp_path):
     growth = json.loads(run.stdout.strip().splitlines()[-1])["growth"]
     assert growth <= bound, f"peak grew by {growth / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
     fmoe.save_pretrained(fmoe.prune(fmoe.from_pretrained(tmp_path / "src"), plan), tmp_path / "ref")
+    assert_same(tensors(tmp_path / "ref"), tensors(tmp_path / "out"))
+
+
+# ------------------------------------------------------------------------------------- edit_checkpoint (any plan)
+
+EDITS = [  # (family, method, amount, options)
+    ("qwen2_moe", "expert_drop", 0.25, {}),
+    ("qwen2_moe", "block_drop", None, {"count": 1}),
+    ("deepseek_v3", "reap", 0.25, {"scope": "global"}),
+    ("deepseek_v3", "layer_drop", None, {"count": 1}),
+    ("mixtral", "reap", None, {"count": 1}),
+    ("mixtral", "layer_drop", None, {"count": 1}),
+    ("gpt_oss", "expert_drop", None, {"count": 1, "scope": "global"}),  # uneven expert counts: fmoe's format
+    ("gpt_oss", "block_drop", None, {"count": 1, "mode": "consecutive"}),
+    ("olmoe", "compressed_experts", 0.5, {}),  # new parameters, made layer by layer
+]
+
+
+def planned(model, name, amount, **options):
+    return registry.make(model, name, amount, fmoe.calibrate(model, make_batches(), progress=False), **options)
+
+
+def assert_edit_matches(src, plan, out, ref, **kwargs):
+    """edit_checkpoint's output == apply_plan + save_pretrained's: tensors bit for bit, configs, same logits."""
+    fmoe.edit_checkpoint(src, plan, out, **kwargs)
+    model = fmoe.apply_plan(fmoe.from_pretrained(src), plan)
+    fmoe.save_pretrained(model, ref)
+    assert_same(tensors(ref), tensors(out))
+    for name in ("config.json", "generation_config.json"):
+        assert (out / name).is_file() == (ref / name).is_file()
+        if (ref / name).is_file():
+            assert json.loads((out / name).read_text()) == json.loads((ref / name).read_text())
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fmoe.from_pretrained(out)(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-6)
+    return json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.parametrize("family,name,amount,options", EDITS)
+def test_edit_output_equals_apply_plan_then_save_pretrained(tmp_path, family, name, amount, options):
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "src", max_shard_size=SHARD)  # sharded, per-expert for most families
+    plan = planned(model, name, amount, **options)
+    config = assert_edit_matches(tmp_path / "src", plan, tmp_path / "out", tmp_path / "ref", max_shard_size=SHARD)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # sharded output
+    if name == "block_drop":
+        assert config["num_hidden_layers"] == model.config.num_hidden_layers - 1
+    if options.get("scope") == "global" and family == "gpt_oss":
+        assert config["fmoe_format"] == "fused" and len(set(config["fmoe_expert_counts"].values())) > 1
+
+
+def test_edit_of_fmoe_checkpoints_tied_bf16_mixed_dtypes_and_dims_plans(tmp_path):
+    """Sources in fmoe's fused format (ragged widths), tied bf16 embeddings, bf16 + float32 tensors; a dims plan
+    goes to prune_checkpoint."""
+    src = source(tmp_path, "qwen2_moe")
+    dims = plan_for(src, "layer")
+    assert not dims.is_uniform()
+    fmoe.edit_checkpoint(src, dims, tmp_path / "ragged")
+    fmoe.prune_checkpoint(src, dims, tmp_path / "pruned")
+    assert_same(tensors(tmp_path / "pruned"), tensors(tmp_path / "ragged"))
+    ragged = fmoe.from_pretrained(tmp_path / "ragged")  # ragged experts: no dim scores, a made-up similarity
+    n = ragged.config.num_hidden_layers
+    plan = fmoe.plan_block_drop(ragged, torch.rand(n + 1, n + 1, generator=torch.Generator().manual_seed(0)), 1)
+    assert_edit_matches(tmp_path / "ragged", plan, tmp_path / "out", tmp_path / "ref")
+    model = tiny_model("qwen3_moe", tie_word_embeddings=True)
+    plan = planned(model, "expert_drop", 0.25)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size=SHARD)
+    assert_edit_matches(tmp_path / "bf16", plan, tmp_path / "out2", tmp_path / "ref2")
+    assert tensors(tmp_path / "out2")["lm_head.weight"].dtype == torch.bfloat16
+    model = tiny_model("deepseek_v3")  # bf16 with float32 routing-score corrections: two item sizes per layer
+    plan = planned(model, "reap", 0.25)
+    model.to(torch.bfloat16)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.data = buffer.data.float()
+    model.save_pretrained(tmp_path / "mixed", max_shard_size=SHARD)
+    assert_edit_matches(tmp_path / "mixed", plan, tmp_path / "out3", tmp_path / "ref3", max_shard_size=SHARD)
+    assert {t.dtype for t in tensors(tmp_path / "out3").values()} == {torch.bfloat16, torch.float32}
+
+
+def test_cli_applies_any_plan(tmp_path, capsys):
+    model = tiny_model("olmoe")
+    model.save_pretrained(tmp_path / "src")
+    calibration = fmoe.calibrate(model, make_batches(), progress=False)
+    for i, (name, options) in enumerate([("reap", {}), ("layer_drop", {"count": 1})]):
+        plan = registry.make(model, name, 0.25 if name == "reap" else None, calibration, **options)
+        plan.save(tmp_path / "plan.json")
+        fmoe.cli.main(["prune-checkpoint", str(tmp_path / "src"), "--plan", str(tmp_path / "plan.json"),
+                       "--out", str(tmp_path / f"a{i}")])
+        assert "wrote" in capsys.readouterr().out
+        fmoe.edit_checkpoint(tmp_path / "src", plan, tmp_path / f"b{i}")
+        assert_same(tensors(tmp_path / f"b{i}"), tensors(tmp_path / f"a{i}"))
+
+
+def test_edit_bad_input_is_a_clear_error_and_writes_nothing(tmp_path):
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "src")
+    plan = planned(model, "expert_drop", 0.25)
+    drop = planned(model, "block_drop", None, count=1)
+    tiny_model("mixtral", seed=1).save_pretrained(tmp_path / "other")
+    state = tensors(tmp_path / "src")
+    state.pop("model.layers.1.post_attention_layernorm.weight")
+    (tmp_path / "broken").mkdir()
+    save_file(state, tmp_path / "broken" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "broken" / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
+    before = children(tmp_path)
+    for p in (plan, drop):
+        with pytest.raises(ValueError, match="was made for another model"):
+            fmoe.edit_checkpoint(tmp_path / "other", p, tmp_path / "out")
+        with pytest.raises(ValueError, match="must lie outside"):
+            fmoe.edit_checkpoint(tmp_path / "src", p, tmp_path / "src" / "edited")
+        with pytest.raises(ValueError, match=r"does not match its config.json: missing \['model.layers.1.post_"):
+            fmoe.edit_checkpoint(tmp_path / "broken", p, tmp_path / "out")
+    with pytest.raises(TypeError, match="not an fmoe plan"):
+        fmoe.edit_checkpoint(tmp_path / "src", {"keep": {}}, tmp_path / "out")
+    assert children(tmp_path) == before and children(tmp_path / "src") == children(tmp_path / "other")
+
+
+class _Mix:
+    """A plan whose edit reads another layer's tensors: layer 1's attention output takes layer 0's values."""
+
+
+def _mix(model, plan):
+    layers = model.model.layers
+    layers[1].self_attn.o_proj.weight.data = layers[1].self_attn.o_proj.weight + layers[0].self_attn.o_proj.weight
+    return model
+
+
+def test_an_edit_reading_other_layers_is_refused_and_keeps_the_output(tmp_path, monkeypatch):
+    tiny_model("mixtral").save_pretrained(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.txt").write_text("previous output")
+    monkeypatch.setitem(registry.METHODS, "mix", registry.Method(None, _mix, _Mix, "", "test"))
+    with pytest.raises(RuntimeError, match="with only decoder layer model.layers.0 resident, its edit fails .*: it "
+                                           "reads tensors of other layers and cannot be applied out of core"):
+        fmoe.edit_checkpoint(tmp_path / "src", _Mix(), tmp_path / "out")
+    assert children(tmp_path) == ["out", "src"] and children(tmp_path / "out") == ["kept.txt"]
+
+
+_EDIT_PEAK = _PEAK.replace("fmoe.PruningPlan.load(plan)", "fmoe.load_plan(plan)").replace("prune_checkpoint",
+                                                                                            "edit_checkpoint")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_edit_peak_memory_is_two_layers(tmp_path):
+    """Peak resident growth while editing <= 2 x the largest group of source tensors (a decoder layer, or the
+    rest) + 4 MiB, on a checkpoint several times that bound (glibc's mmap threshold pinned: see above)."""
+    model = tiny_model("qwen2_moe", hidden_size=256, intermediate_size=256, moe_intermediate_size=512,
+                       shared_expert_intermediate_size=256, num_experts=8, num_hidden_layers=8, vocab_size=512)
+    model.save_pretrained(tmp_path / "src", max_shard_size="4MB")
+    scores = {n: torch.rand(8, generator=torch.Generator().manual_seed(i))
+              for i, n in enumerate(fmoe.find_experts(model))}
+    plan = fmoe.plan_experts(model, scores, 0.25)
+    plan.save(tmp_path / "plan.json")
+    groups: dict[str, int] = {}
+    for key, t in tensors(tmp_path / "src").items():
+        group = ".".join(key.split(".")[:3]) if key.startswith("model.layers.") else ""
+        groups[group] = groups.get(group, 0) + t.numel() * t.element_size()
+    bound = 2 * max(groups.values()) + 4 * 2**20
+    assert sum(groups.values()) > 3 * bound  # holding the checkpoint would break the bound
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    run = subprocess.run([sys.executable, "-c", _EDIT_PEAK, str(tmp_path / "src"), str(tmp_path / "plan.json"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    growth = json.loads(run.stdout.strip().splitlines()[-1])["growth"]
+    assert growth <= bound, f"peak grew by {growth / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
+    fmoe.save_pretrained(fmoe.apply_plan(fmoe.from_pretrained(tmp_path / "src"), plan), tmp_path / "ref")
     assert_same(tensors(tmp_path / "ref"), tensors(tmp_path / "out"))

@@ -13,7 +13,6 @@ import torch.multiprocessing as mp
 
 import fmoe
 from fmoe.calibration import streamed as streamed_module
-from fmoe.calibration.streamed import streamed_scorer
 from fmoe.toy.tiny import FAMILIES, tiny_model
 from tests.conftest import make_batches
 
@@ -61,6 +60,14 @@ def test_other_criteria_chunks_and_files(tmp_path, criterion):
         assert_close(got.tensors, ref.tensors)
         assert (got.samples, got.tokens) == (ref.samples, ref.tokens)
     assert not list((tmp_path / "sweep").iterdir())  # a finished sweep leaves no file behind
+
+
+def test_a_bf16_checkpoint_equals_the_loaded_bf16_model(tmp_path):
+    """Boundaries are kept in the model's dtype, exactly what the in-memory forward hands from layer to layer."""
+    tiny_model("qwen3_moe", dtype=torch.bfloat16).save_pretrained(tmp_path)
+    batches = make_batches()
+    assert_same_calibration(fmoe.calibrate(tmp_path, batches, "fisher"),
+                            fmoe.calibrate(fmoe.from_pretrained(tmp_path), batches, "fisher"))
 
 
 def test_an_in_memory_model_streams_the_same_way():

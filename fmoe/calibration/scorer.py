@@ -24,7 +24,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -265,14 +264,12 @@ class Scorer:
 
 @_aliases.renamed(method="criterion")
 def score(
-    model: nn.Module | str | Path,
+    model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
     criterion: str = "fisher",
     *,
     seed: int = 0,
     progress: bool | None = None,
-    streamed: bool = False,
-    **stream_options,
 ) -> Scores:
     """Score every intermediate dim of every routed expert of `model` (see the module docstring for criteria).
 
@@ -281,17 +278,7 @@ def score(
     `criterion` may combine criteria ("rank_mean(compensated, router)"): their scores come from one pass (a Scorer)
     and are combined (fmoe.calibration.scores.COMBINERS); a combination with grad_abs scores each criterion on a
     pass of its own. The Scores' `criterion` records the spec.
-
-    `model` may be a checkpoint directory: the pass is then streamed, one decoder layer resident at a time
-    (fmoe.calibration.streamed; `stream_options`: chunk, offload_dir, device, dtype), with the same scores;
-    `streamed=True` runs an in-memory model the same way. grad_abs (weight gradients per sequence) is not streamed.
     """
-    if streamed or not isinstance(model, nn.Module):
-        from .streamed import streamed_scorer
-
-        return streamed_scorer(model, batches, criterion, seed=seed, progress=progress, **stream_options).result()
-    if stream_options:
-        raise TypeError(f"{sorted(stream_options)} apply to a streamed pass (streamed=True or a checkpoint directory)")
     combiner, criteria = parse_criterion(criterion, CRITERIA)
     if combiner is not None:
         passes = [c for c in criteria if c not in ("magnitude", "random")]

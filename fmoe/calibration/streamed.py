@@ -36,9 +36,6 @@ the sums are SUM-reduced once at the end: N ranks give N x the throughput and th
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
 import sys
 from collections.abc import Iterable, Mapping
@@ -46,22 +43,23 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import _aliases
 from ..model.checkpoint import empty_model
 from ..model.experts import RaggedExperts, find_experts
 from ..model.hooks import experts_hooks
 from ..model.layers import decoder_layers
 from ..model.view import ModelView, Source, checkpoint_fingerprint, resident
+from .boundaries import Boundaries, forget, resume, run_key, save_position
 from .context import frozen
 from .criteria import magnitude_scores, sequence_losses
 from .gram import compensated
 from .loss import Batch, forward, prepare_batch, targets
-from .scorer import Scorer
+from .scorer import Scorer, score as score_in_memory
+from .scores import Scores
 
-_PROGRESS, _STATE = "progress.json", "state.safetensors"
 WEIGHT_CRITERIA = ("magnitude", "compensated")  # read expert weights after the sweep, one experts module at a time
 
 
@@ -97,54 +95,6 @@ def _stand_ins(layers: nn.ModuleList, call):
 
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
-
-
-class Boundaries:
-    """Hidden states [B, T, H] per (boundary, batch): in memory, or in one file per boundary under `directory`
-    (batches at fixed offsets, plain writes and reads: only the batch being used is in memory)."""
-
-    def __init__(self, shapes: list[torch.Size], dtype: torch.dtype, directory: Path | None = None):
-        self.shapes, self.dtype, self.directory = shapes, dtype, directory
-        sizes = [s.numel() * dtype.itemsize for s in shapes]
-        self.offsets = [sum(sizes[:b]) for b in range(len(sizes) + 1)]
-        self.held: dict[str, list[torch.Tensor | None]] = {}
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of one boundary (every batch of the chunk)."""
-        return self.offsets[-1]
-
-    def _path(self, slot: str) -> Path:
-        return self.directory / f"{slot}.bin"
-
-    def put(self, slot: str, b: int, t: torch.Tensor) -> None:
-        t = t.detach().to("cpu", self.dtype).contiguous()
-        if self.directory is None:
-            self.held.setdefault(slot, [None] * len(self.shapes))[b] = t
-            return
-        path = self._path(slot)
-        with open(path, "r+b" if path.exists() else "w+b") as f:
-            f.seek(self.offsets[b])
-            f.write(t.reshape(-1).view(torch.uint8).numpy())
-
-    def get(self, slot: str, b: int, device) -> torch.Tensor:
-        if self.directory is None:
-            return self.held[slot][b].to(device)
-        t = torch.empty(self.shapes[b], dtype=self.dtype)
-        view, got, size = memoryview(t.reshape(-1).view(torch.uint8).numpy()), 0, self.offsets[b + 1] - self.offsets[b]
-        with open(self._path(slot), "rb", buffering=0) as f:
-            f.seek(self.offsets[b])
-            while got < size:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise RuntimeError(f"{self._path(slot)} ended early: the sweep's files were changed or truncated")
-                got += n
-        return t.to(device)
-
-    def drop(self, slot: str) -> None:
-        self.held.pop(slot, None)
-        if self.directory is not None:
-            self._path(slot).unlink(missing_ok=True)
 
 
 class Streamed:
@@ -219,17 +169,6 @@ class Streamed:
         return _first(self.layers[i](h, *args, **kwargs))
 
 
-def _run_key(streamed: Streamed, criterion: str, structure: bool, batches: list[Batch], chunk) -> str:
-    """What a resumed sweep must share with the interrupted one: checkpoint, criterion, data, chunking, rank."""
-    digest = hashlib.sha256()
-    world = _world()
-    digest.update(json.dumps([streamed.fingerprint(), criterion, structure, chunk, world]).encode())
-    for batch in batches:
-        for t in (batch.input_ids, batch.attention_mask, batch.labels):
-            digest.update(t.cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -302,9 +241,9 @@ def streamed_scorer(source: str | Path | nn.Module, batches: Iterable[Mapping[st
                          streamed.dtype, directory) for group in groups]
     position = {"chunk": 0, "phase": "forward", "layer": 0}
     if directory is not None:
-        key = _run_key(streamed, scorer.criterion, structure, prepared, chunk)
+        key = run_key([streamed.fingerprint(), scorer.criterion, structure, chunk, _world()], prepared)
         directory.mkdir(parents=True, exist_ok=True)
-        position = _resume(directory, key, scorer) or position
+        position = resume(directory, key, scorer) or position
         slots = (len(streamed.layers) + 1 if keep_all else 2) + (2 if fisher else 0)
         needed = max(s.nbytes for s in stores) * slots if stores else 0
         free = shutil.disk_usage(directory).free
@@ -319,9 +258,22 @@ def streamed_scorer(source: str | Path | nn.Module, batches: Iterable[Mapping[st
                    (c, len(groups)), shows, directory and (directory, key))
         _reduce(scorer, world)
     if directory is not None:
-        for name in (_PROGRESS, _STATE):
-            (directory / name).unlink(missing_ok=True)
+        forget(directory)
     return scorer
+
+
+@_aliases.renamed(method="criterion")
+def score(model: nn.Module | str | Path, batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
+          criterion: str = "fisher", *, seed: int = 0, progress: bool | None = None, streamed: bool = False,
+          **stream_options) -> Scores:
+    """`fmoe.score`: fmoe.calibration.scorer.score on an in-memory model; on a checkpoint directory (or with
+    `streamed=True`) the same pass streamed one decoder layer at a time (`stream_options`: chunk, offload_dir,
+    device, dtype), with the same scores. grad_abs (weight gradients, one sequence at a time) is not streamed."""
+    if streamed or not isinstance(model, nn.Module):
+        return streamed_scorer(model, batches, criterion, seed=seed, progress=progress, **stream_options).result()
+    if stream_options:
+        raise TypeError(f"{sorted(stream_options)} apply to a streamed pass (streamed=True or a checkpoint directory)")
+    return score_in_memory(model, batches, criterion, seed=seed, progress=progress)
 
 
 def _listed(batches) -> list:
@@ -341,7 +293,7 @@ def _sweep(streamed: Streamed, scorer: StreamedScorer, batches: list[Batch], sto
 
     def save(phase: str, layer: int) -> None:
         if saving:
-            _save(saving[0], saving[1], scorer, {"chunk": chunk[0], "phase": phase, "layer": layer})
+            save_position(saving[0], saving[1], scorer, {"chunk": chunk[0], "phase": phase, "layer": layer})
 
     if start["phase"] == "forward":
         if start["layer"] == 0:
@@ -420,32 +372,6 @@ def _attached(scorer: Scorer):
         scorer.attach(freeze=False)
         stack.callback(scorer.detach)
         yield
-
-
-def _save(directory: Path, key: str, scorer: Scorer, position: dict) -> None:
-    """The sums and the position reached, replaced atomically (a crash leaves the previous layer's)."""
-    state = {k: t.detach().cpu().contiguous() for k, t in scorer.state().items()}
-    save_file(state, str(directory / (_STATE + ".tmp")))
-    os.replace(directory / (_STATE + ".tmp"), directory / _STATE)
-    info = {"key": key, **position, "samples": scorer.samples, "tokens": scorer.tokens}
-    (directory / (_PROGRESS + ".tmp")).write_text(json.dumps(info))
-    os.replace(directory / (_PROGRESS + ".tmp"), directory / _PROGRESS)
-
-
-def _resume(directory: Path, key: str, scorer: Scorer) -> dict | None:
-    """The position an interrupted sweep of this same run reached (its sums loaded into `scorer`), or None."""
-    path = directory / _PROGRESS
-    if not path.is_file():
-        return None
-    info = json.loads(path.read_text())
-    if info.get("key") != key:
-        raise ValueError(f"{directory} holds the sweep of another run (checkpoint, criterion, batches or chunk "
-                         "differ): remove it or choose another offload_dir")
-    state = load_file(str(directory / _STATE))
-    scorer.load_state({k: t.to(scorer.device) for k, t in state.items()}, info["samples"], info["tokens"])
-    if info["phase"] == "done":
-        return {"chunk": info["chunk"] + 1, "phase": "forward", "layer": 0}
-    return {k: info[k] for k in ("chunk", "phase", "layer")}
 
 
 def _reduce(scorer: Scorer, world: int) -> None:

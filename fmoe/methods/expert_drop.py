@@ -130,7 +130,7 @@ def _layer_keep(name: str, scores: torch.Tensor, drop: int, groups: tuple[int, i
 @_aliases.renamed(ratio="amount")
 def plan_experts(model: nn.Module, scores: dict[str, torch.Tensor], amount: float | None = None,
                  count: int | None = None, scope: str = "layer", normalize: str = "mean",
-                 criterion: str = "") -> ExpertPlan:
+                 criterion: str = "", model_fingerprint: str | None = None) -> ExpertPlan:
     """Drop the lowest-scored experts: `amount` (share of routed parameters to remove) or `count` (experts per layer
     for scope "layer", in all for "global"). Scope "layer" drops the same number in every MoE layer (amount: round(
     amount x E)); "global" ranks experts across layers (each layer's scores divided by their mean first when
@@ -168,7 +168,8 @@ def plan_experts(model: nn.Module, scores: dict[str, torch.Tensor], amount: floa
     for name, ids in keep.items():
         check_keep(model_type, name, routers[name], totals[name], ids)
     meta = dict(criterion=criterion, scope=scope, normalize=normalize, ratio=amount, count=count)
-    plan = ExpertPlan(keep=keep, num_experts=totals, sizes=sizes, fingerprint=fingerprint(model), meta=meta)
+    plan = ExpertPlan(keep=keep, num_experts=totals, sizes=sizes, meta=meta,
+                      fingerprint=model_fingerprint or fingerprint(model))  # given: an empty model's checkpoint
     plan.meta["achieved"] = plan.removed_fraction()
     return plan
 
@@ -289,7 +290,8 @@ def _experts(criterion: str) -> Callable:
             raise ValueError(f"expert criterion {criterion!r} was not measured (measured: "
                              f"{', '.join(statistics.experts)}; expert Fisher needs a pass with a backward)")
         return plan_experts(model, statistics.experts[criterion], None if count is not None else amount,
-                            count=count, scope=scope, normalize=normalize, criterion=criterion)
+                            count=count, scope=scope, normalize=normalize, criterion=criterion,
+                            model_fingerprint=statistics.fingerprint)
 
     return plan
 

@@ -115,7 +115,7 @@ def _check_vector(similarity: torch.Tensor, n: int, name: str) -> torch.Tensor:
 
 @_aliases.renamed(ratio="amount")
 def plan_layer_drop(model: nn.Module, moe_similarity: torch.Tensor, count: int | None = None,
-                    amount: float | None = None) -> DropPlan:
+                    amount: float | None = None, model_fingerprint: str | None = None) -> DropPlan:
     """Drop the `count` MoE sublayers of highest `moe_similarity` [L] in one shot; with `amount` (share of routed
     expert parameters to remove) instead, the count whose achieved share is nearest it (meta says what was
     achieved)."""
@@ -133,12 +133,13 @@ def plan_layer_drop(model: nn.Module, moe_similarity: torch.Tensor, count: int |
     routed, params = _shares(model, chosen, [])
     meta = dict(criterion="moe_similarity", mode="layer", count=count if amount is None else None, ratio=amount,
                 dropped=len(chosen), achieved=routed, params_removed=params)
-    return DropPlan(chosen, [], len(layers), fingerprint(model), meta)
+    return DropPlan(chosen, [], len(layers), model_fingerprint or fingerprint(model), meta)
 
 
 @_aliases.renamed(ratio="amount")
 def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int | None = None,
-                    amount: float | None = None, mode: str = "discrete") -> DropPlan:
+                    amount: float | None = None, mode: str = "discrete", model_fingerprint: str | None = None
+                    ) -> DropPlan:
     """Drop `count` decoder layers: "discrete" the ones of highest S[l, l+1], "consecutive" the window l..l+n-1 of
     highest S[l, l+n] (block_similarity S [L+1, L+1]). With `amount` (share of routed expert parameters to
     remove) instead, the count whose achieved share is nearest it. A choice that removes every MoE layer, or whose
@@ -194,7 +195,7 @@ def plan_block_drop(model: nn.Module, block_similarity: torch.Tensor, count: int
     routed, params = _shares(model, [], chosen)
     meta = dict(criterion="block_similarity", mode=mode, count=count if amount is None else None, ratio=amount,
                 dropped=len(chosen), achieved=routed, params_removed=params)
-    return DropPlan([], chosen, n, fingerprint(model), meta)
+    return DropPlan([], chosen, n, model_fingerprint or fingerprint(model), meta)
 
 
 # --- MoE sublayers ---------------------------------------------------------------------------------------------
@@ -368,13 +369,14 @@ def drop(model: nn.Module, plan: DropPlan) -> nn.Module:
 def _layers(model, calibration, amount=None, count=None):
     statistics = calibration.need("statistics", "layer_drop", model)
     return plan_layer_drop(model, statistics.moe_similarity, count=count,
-                           amount=None if count is not None else amount)
+                           amount=None if count is not None else amount, model_fingerprint=statistics.fingerprint)
 
 
 def _blocks(model, calibration, amount=None, count=None, mode="discrete"):
     statistics = calibration.need("statistics", "block_drop", model)
     return plan_block_drop(model, statistics.block_similarity, count=count,
-                           amount=None if count is not None else amount, mode=mode)
+                           amount=None if count is not None else amount, mode=mode,
+                           model_fingerprint=statistics.fingerprint)
 
 
 register("layer_drop", Method(_layers, drop, DropPlan, "statistics", "drop the MoE sublayers that change the residual least"))

@@ -27,7 +27,6 @@ from ..calibration.scores import Scores
 from ..calibration.statistics import Statistics
 from ..lightning.data import TextDataModule
 from ..methods import offline, registry
-from ..methods.dims.plan import PruningPlan
 
 FORWARD_ONLY = "activation"  # the pass of methods that read no gradient: the statistics come with any criterion
 
@@ -131,10 +130,7 @@ def _save_calibration(work: Path, run: dict, measured: registry.Calibration) -> 
 
 
 def _write(src: Path, plan, out: Path, max_shard_size: str | None) -> Path:
-    if isinstance(plan, PruningPlan):
-        written = offline.prune_checkpoint(src, plan, out, max_shard_size)
-    else:
-        written = offline.edit_checkpoint(src, plan, out, max_shard_size)
+    written = offline.edit_checkpoint(src, plan, out, max_shard_size)  # any plan, out of core
     print(f"wrote {written}")
     return written
 
