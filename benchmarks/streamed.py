@@ -2,10 +2,10 @@
 time per layer, streamed vs in-memory, and estimates for models far bigger than the machine.
 
     # CPU, the default (docs/quality/streamed): 2 of Qwen3-30B-A3B's 48 layers (3.5 GB of bf16 weights), 4 x 256
-    # tokens, one run each; ~5 min on 2 cores
+    # tokens, the fastest of 2 runs each; ~2 min on 2 idle cores (5x that on a machine busy with other work)
     python benchmarks/streamed.py
     # CPU, quick (the toy shape, ~1 min)
-    python benchmarks/streamed.py --preset toy --layers 4 --sequences 2 --seq 128 --out /tmp/streamed
+    python benchmarks/streamed.py --preset toy --layers 4 --sequences 2 --seq 128 --repeats 1 --out /tmp/streamed
     # GPU machine (64 GB disk): 4 layers of Qwen3-30B-A3B; DeepSeek-V3's 3 dense layers and its first MoE layer
     # (27 GB of bf16 weights, 22.5 GB of them in the MoE layer)
     python benchmarks/streamed.py --device cuda --layers 4 --sequences 8 --seq 2048 --repeats 2 \\
@@ -394,7 +394,7 @@ def relative_difference(a: str, b: str) -> float:
 
 def main(preset: str = "qwen3-30b-a3b", layers: int = 2, dtype: str = "bfloat16", sequences: int = 4, seq: int = 256,
          per_batch: int = 2, device: str = "cpu", chunk: int | None = None, offload_dir: str | None = None,
-         in_memory: bool = True, repeats: int = 1, checkpoint: str | None = None, threads: int | None = None,
+         in_memory: bool = True, repeats: int = 2, checkpoint: str | None = None, threads: int | None = None,
          std: float = 0.02, seed: int = 0, timeout: float = 3600, out: str = "docs/quality/streamed") -> dict:
     """Write the checkpoint, measure, report (see the module docstring).
 
