@@ -348,14 +348,14 @@ def _timed(run, spec: dict, peak: Peak, device: torch.device, scores: str, perio
         if periods is not None:  # {layer: [read seconds, resident seconds]} summed over the sweeps
             per_layer: dict[int, list[float]] = {}
             for prefix, read, held, _ in periods:
-                if prefix is not None:
+                if prefix not in ("input", "output"):
                     sums = per_layer.setdefault(int(prefix.rsplit(".", 1)[1]), [0.0, 0.0])
                     sums[0], sums[1] = sums[0] + read, sums[1] + held
             layers.append([per_layer[i] for i in sorted(per_layer)])
             top = max((p for p in periods), key=lambda p: p[3], default=None)  # the first block reaching the peak
             first = next((p for p in periods if top is not None and p[3] == top[3]), None)
-            where.append("-" if first is None else "embeddings, head" if first[0] is None
-                         else f"layer {first[0].rsplit('.', 1)[1]}")
+            where.append("-" if first is None else {"input": "embeddings", "output": "final norm, head"}.get(
+                first[0], f"layer {first[0].rsplit('.', 1)[-1]}"))
     best = min(range(len(times)), key=times.__getitem__)
     out = {"seconds": times[best], "all_seconds": times, "peak": {k: max(p[k] for p in peaks) for k in peaks[0]}}
     if layers:
