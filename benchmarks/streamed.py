@@ -496,7 +496,7 @@ def figures(settings: dict, config, dtype: torch.dtype, runs: dict, written: dic
                "seconds_per_layer_per_1M_tokens": held / layers * per_million,
                "read_share": read / held, "outside_seconds": run["seconds"] - held,
                # estimate: the layers' time without their reads, per active FLOP; reads per byte (page cache)
-               "seconds_per_active_flop": (held - read) / sum(flops), "read_seconds_per_byte": read / sum(sizes)}
+               "seconds_per_active_flop": (held - read) / sum(flops), "read_seconds_per_byte": read / (sum(sizes) * (2 if criterion == "fisher" else 1))}  # both sweeps read
         memory = runs.get(f"memory/{criterion}")
         if memory is not None:
             row.update(memory_seconds=memory["seconds"], memory_all_seconds=memory["all_seconds"],

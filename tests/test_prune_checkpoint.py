@@ -75,11 +75,12 @@ def test_a_stopped_run_continues_where_it_stopped(tmp_path, monkeypatch, capsys)
     calibration; either way the output equals an uninterrupted run's."""
     args = ["prune-checkpoint", str(toy.TOY_DIR), "--calibration", toy_data(), *TOY_ARGS, "--method", "fisher",
             "--amount", "0.5", "--out", str(tmp_path / "out")]
-    run_layer, calls = streamed_module.Streamed.run_layer, []
+    run_layer, calls, armed = streamed_module.Streamed.run_layer, [], [True]
 
     def failing(self, i, h, arguments):
         calls.append(i)
-        if len(calls) == 5:  # forward sweep, layer 2 of the toy's 4, batch 1 of 2
+        if armed[0] and len(calls) == 5:  # forward sweep, layer 2 of the toy's 4, batch 1 of 2
+            armed[0] = False
             raise KeyboardInterrupt
         return run_layer(self, i, h, arguments)
 
@@ -87,7 +88,7 @@ def test_a_stopped_run_continues_where_it_stopped(tmp_path, monkeypatch, capsys)
     with pytest.raises(KeyboardInterrupt):
         fmoe.cli.main(args)
     assert json.loads((tmp_path / "out.work" / "sweep" / "progress.json").read_text())["layer"] == 2
-    monkeypatch.setattr(streamed_module.Streamed, "run_layer", run_layer)
+    calls.clear()
     prune, stopped = offline.prune_checkpoint, []
 
     def failing_write(*a, **k):
@@ -99,12 +100,21 @@ def test_a_stopped_run_continues_where_it_stopped(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(offline, "prune_checkpoint", failing_write)
     with pytest.raises(KeyboardInterrupt):
         fmoe.cli.main(args)
-    assert not (tmp_path / "out").exists() and (tmp_path / "out.work" / "calibration" / "run.json").is_file()
+    assert len(calls) == 2 * 2 + 4 * 2  # forward layers 2-3 and the backward sweep, 2 batches: not from layer 0
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.work" / "calibration" / "complete").is_file()
     capsys.readouterr()
+    calls.clear()
     fmoe.cli.main(args)
-    assert "calibration: reusing" in capsys.readouterr().out
+    assert "calibration: reusing" in capsys.readouterr().out and not calls
     fmoe.cli.main([*args[:-1], str(tmp_path / "fresh")])
     assert_same(tensors(tmp_path / "out"), tensors(tmp_path / "fresh"))
+    # stopped, then started with other arguments: the old run's work is discarded, not mixed in
+    armed[0], calls[:] = True, []
+    with pytest.raises(KeyboardInterrupt):
+        fmoe.cli.main(args)
+    capsys.readouterr()
+    fmoe.cli.main([*args[:-2], "--seed", "1", "--out", str(tmp_path / "out")])
+    assert "discarding" in capsys.readouterr().out
 
 
 def test_bad_arguments_fail_before_calibrating(tmp_path):
@@ -171,7 +181,7 @@ def test_a_multi_shard_checkpoint_within_the_memory_bound(tmp_path):
     assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1
     model = fmoe.from_pretrained(tmp_path / "ckpt")
     loaded = fmoe.from_pretrained(tmp_path / "out")
-    plan = fmoe.PruningPlan.load(tmp_path / "out" / "fmoe_plan.json")
+    plan = fmoe.PruningPlan.load(tmp_path / "out.plan.json")
     ids = torch.randint(3, len(tokenizer), (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, fmoe.prune(model, plan)(input_ids=ids).logits)

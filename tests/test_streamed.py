@@ -60,6 +60,10 @@ def test_other_criteria_chunks_and_files(tmp_path, criterion):
         assert_close(got.tensors, ref.tensors)
         assert (got.samples, got.tokens) == (ref.samples, ref.tokens)
     assert not list((tmp_path / "sweep").iterdir())  # a finished sweep leaves no file behind
+    # with the expert and layer statistics every boundary is kept during a sweep, and still freed after it
+    calibration = fmoe.calibrate(tmp_path / "ckpt", batches, criterion, chunk=3, offload_dir=tmp_path / "sweep")
+    assert_close(calibration.scores.tensors, ref.tensors)
+    assert not list((tmp_path / "sweep").iterdir())
 
 
 def test_a_bf16_checkpoint_equals_the_loaded_bf16_model(tmp_path):
@@ -81,16 +85,17 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("phase", ["forward", "backward"])
+@pytest.mark.parametrize("phase", ["forward", "backward", "second chunk"])
 def test_an_interrupted_sweep_resumes_from_the_last_finished_layer(tmp_path, monkeypatch, phase):
     """Sweeps of 2 batches then 1 (chunk of 6 sequences), 4 layers: interrupted inside layer 2 of the first
-    forward sweep (layers 0-1 done) or inside layer 1 of the first backward sweep (layers 3-2 done), the next run
-    starts there and gives the uninterrupted result."""
+    forward sweep (layers 0-1 done), inside layer 1 of the first backward sweep (layers 3-2 done), or inside layer
+    2 of the second chunk's forward sweep, the next run starts there and gives the uninterrupted result."""
     model = tiny_model("qwen3_moe", num_hidden_layers=4)
     model.save_pretrained(tmp_path / "ckpt")
     batches = make_batches(n_batches=3)
     run_layer, calls, armed = streamed_module.Streamed.run_layer, [], [True]
-    fail_at, done, skipped = (5, ("forward", 2), 4) if phase == "forward" else (13, ("backward", 1), 12)
+    fail_at, done, skipped = {"forward": (5, (0, "forward", 2), 4), "backward": (13, (0, "backward", 1), 12),
+                              "second chunk": (19, (1, "forward", 2), 18)}[phase]
 
     def counting(self, i, h, arguments):
         calls.append(i)
@@ -104,7 +109,7 @@ def test_an_interrupted_sweep_resumes_from_the_last_finished_layer(tmp_path, mon
     with pytest.raises(Interrupt):
         fmoe.calibrate(tmp_path / "ckpt", batches, "fisher", **options)
     progress = json.loads((tmp_path / "sweep" / "progress.json").read_text())
-    assert (progress["chunk"], progress["phase"], progress["layer"]) == (0, *done)
+    assert (progress["chunk"], progress["phase"], progress["layer"]) == done
     calls.clear()
     got = fmoe.calibrate(tmp_path / "ckpt", batches, "fisher", **options)
     assert_same_calibration(got, fmoe.calibrate(model, batches, "fisher"))
@@ -123,8 +128,9 @@ def _rank(rank: int, world: int, src: str, out: str, port: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        calibration = fmoe.calibrate(src, make_batches(n_batches=4), "fisher")
+    try:  # uneven shares: rank 0 sweeps 2 chunks of one batch, rank 1 one chunk (and joins the other empty)
+        calibration = fmoe.calibrate(src, make_batches(n_batches=3), "fisher", chunk=3,
+                                     offload_dir=Path(out) / "sweep")
         if rank == 0:
             calibration.scores.save(Path(out) / "scores")
             calibration.statistics.save(Path(out) / "statistics")
@@ -133,7 +139,8 @@ def _rank(rank: int, world: int, src: str, out: str, port: str) -> None:
 
 
 def test_two_processes_equal_one(tmp_path):
-    """Each rank streams every layer over its share of the batches; the sums are reduced once."""
+    """Each rank streams every layer over its share of the batches (files in a folder per rank); the sums are
+    reduced once."""
     model = tiny_model("mixtral")
     model.save_pretrained(tmp_path / "ckpt")
     import socket
@@ -143,7 +150,8 @@ def test_two_processes_equal_one(tmp_path):
         port = str(s.getsockname()[1])
     mp.spawn(_rank, args=(2, str(tmp_path / "ckpt"), str(tmp_path), port), nprocs=2, join=True)
     got = fmoe.Calibration(fmoe.Scores.load(tmp_path / "scores"), fmoe.Statistics.load(tmp_path / "statistics"))
-    assert_same_calibration(got, fmoe.calibrate(model, make_batches(n_batches=4), "fisher"))
+    assert_same_calibration(got, fmoe.calibrate(model, make_batches(n_batches=3), "fisher"))
+    assert not [p for p in (tmp_path / "sweep").rglob("*") if p.is_file()]
 
 
 def test_bad_input_is_refused_before_the_sweep(tmp_path, monkeypatch):
@@ -169,6 +177,11 @@ def test_bad_input_is_refused_before_the_sweep(tmp_path, monkeypatch):
     (tmp_path / "broken" / "config.json").write_text((tmp_path / "ckpt" / "config.json").read_text())
     save_file({k: v for k, v in state.items() if k != missing}, tmp_path / "broken" / "model.safetensors")
     with pytest.raises(ValueError, match="missing"):
+        fmoe.score(tmp_path / "broken", batches)
+    # FP8 weights (DeepSeek-V3's and Kimi-K2's releases) are refused with the way out
+    save_file({k: v.to(torch.float8_e4m3fn) if k == missing else v for k, v in state.items()},
+              tmp_path / "broken" / "model.safetensors")
+    with pytest.raises(ValueError, match="quantized .* convert it first"):
         fmoe.score(tmp_path / "broken", batches)
     # a model without routed experts
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -36,7 +36,10 @@ class Boundaries:
         return self.directory / f"{slot}.bin"
 
     def put(self, slot: str, b: int, t: torch.Tensor) -> None:
-        t = t.detach().to("cpu", self.dtype).contiguous()
+        if t.dtype != self.dtype or t.shape != self.shapes[b]:
+            raise TypeError(f"a layer boundary of {list(self.shapes[b])} {self.dtype} was expected, got "
+                            f"{list(t.shape)} {t.dtype}: this model's layers do not hand on states of the model dtype")
+        t = t.detach().to("cpu").contiguous()
         if self.directory is None:
             self.held.setdefault(slot, [None] * len(self.shapes))[b] = t
             return

@@ -211,6 +211,14 @@ class StructureStatistics(Accumulator):
         self._normed[i] = u
         self._filled = i + 1
 
+    def add_block_states(self, states: list[torch.Tensor], ctx) -> None:
+        """One batch's decoder layer inputs and last output ([B, T, H] each, in order), given at once (a streamed
+        pass, whose layers run one at a time, adds block similarity this way instead of by layer hooks)."""
+        for h in states:
+            self._add_block_state(h, ctx)
+        self.live["block_tokens"] += self._normed.shape[1]
+        self._forget()
+
     def _layer_pre_hook(self, index: int, ctx):
         def hook(module, args, kwargs):
             if index == 0:

@@ -24,14 +24,16 @@ and freed.
 
 Memory: one decoder layer's weights (or the tensors outside the layers) + the boundary states of one chunk,
 (layers + 1) x positions x hidden x dtype bytes (positions = the padded batch x length of the chunk's batches; kept
-only when Fisher or the statistics need them, else two boundaries), + one boundary of gradients for Fisher.
+only when Fisher or the statistics need them, else two boundaries), + two boundaries of gradients for Fisher
+(the one read and the one written), + the arguments each layer is handed (docs/streamed.md has the whole bound).
 `chunk` (sequences per sweep) trades weight reads (every chunk reads every layer once, twice for Fisher) for that
 memory. `offload_dir` keeps the boundaries in files instead (plain writes and reads: one batch's state in memory)
 and makes the sweep resumable: after each layer the accumulated sums and the position reached are saved there, and
 a run with the same checkpoint, criterion and batches continues from the last finished layer.
 
-Under torch.distributed each rank streams every layer over its share of the batches (`batches[rank::world]`) and
-the sums are SUM-reduced once at the end: N ranks give N x the throughput and the result of one process.
+Under torch.distributed each rank streams every layer over its share of the batches (`batches[rank::world]`, of
+the same full list on every rank), with `offload_dir` in a folder of its own, and the sums are SUM-reduced once at
+the end: the compute divides by the ranks (each still reads every layer) and the result is one process's.
 """
 
 from __future__ import annotations
@@ -102,9 +104,9 @@ class Streamed:
     filled by `resident`), or an in-memory model (nothing to load; the same sweeps, e.g. to compare)."""
 
     def __init__(self, source: str | Path | nn.Module, device=None, dtype: torch.dtype | str = "auto"):
-        if isinstance(source, nn.Module):
+        if isinstance(source, nn.Module):  # runs where its weights are (`device` applies to checkpoints)
             self.model, self.view = source, None
-            self.device = torch.device(device) if device is not None else next(source.parameters()).device
+            self.device = next(source.parameters()).device
         else:
             self.model = empty_model(source, dtype)
             ragged = [n for n, m in find_experts(self.model).items() if isinstance(m, RaggedExperts)]
@@ -131,6 +133,10 @@ class Streamed:
             excluded = (self.prefix, *((names[other],) if other in names else ()))
             return resident(self.model, self.view, "", self.device, exclude=excluded)
         return resident(self.model, self.view, part, self.device)
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.source._close()
 
     def fingerprint(self) -> str:
         from ..model.experts import fingerprint
@@ -161,7 +167,7 @@ class Streamed:
         """(L_n [B], supervised tokens [B]) of the model whose last decoder layer outputs `top` [B, T, H]: the
         model's own forward after the layers (the embeddings are not run: `top` stands in for their output)."""
         config = self.model.config
-        router_logits = getattr(config, "output_router_logits", None)
+        had, router_logits = "output_router_logits" in vars(config), getattr(config, "output_router_logits", None)
         config.output_router_logits = False  # no router ran: no load-balancing loss to add
         try:
             with _stand_ins(self.layers, lambda i, h, args, kwargs: top if i == 0 else h):
@@ -169,7 +175,10 @@ class Streamed:
                                     position_ids=batch.position_ids, use_cache=False).logits
             return sequence_losses(self.model, batch, logits)
         finally:
-            config.output_router_logits = router_logits
+            if had:
+                config.output_router_logits = router_logits
+            else:
+                del config.output_router_logits
 
     def run_layer(self, i: int, h: torch.Tensor, arguments: tuple[tuple, dict]) -> torch.Tensor:
         args, kwargs = arguments
@@ -234,39 +243,70 @@ def streamed_scorer(source: str | Path | nn.Module, batches: Iterable[Mapping[st
     scorer = StreamedScorer(streamed, criterion, structure, seed)
     rank, world = _world()
     prepared = [prepare_batch(b, torch.device("cpu")) for b in _listed(batches)]
-    prepared = prepared[rank::world]
     fisher = scorer.needs_grad
-    if fisher and not any(bool((targets(b) != -100).any()) for b in prepared) and world == 1:
-        raise ValueError("no calibration sample with a supervised token: nothing to score (Fisher needs labels)")
-    if not prepared and world == 1:
+    if not prepared:
         raise ValueError(f"criterion {criterion!r} needs calibration batches; got none")
-    shows = sys.stderr.isatty() if progress is None else progress
-    directory = Path(offload_dir) if offload_dir is not None else None
+    if fisher and not any(bool((targets(b) != -100).any()) for b in prepared):
+        raise ValueError("no calibration sample with a supervised token: nothing to score (Fisher needs labels)")
+    prepared = prepared[rank::world]  # this rank's share
     groups = _chunks(prepared, chunk)
+    groups += [[]] * (_max_over_ranks(len(groups), world, streamed.device) - len(groups))  # as many sweeps per rank
+    sync = _sum_over_ranks if world > 1 else None
+    shows = sys.stderr.isatty() if progress is None else progress
     keep_all = fisher or structure
-    stores = [Boundaries([prepared[b].input_ids.shape + (streamed.model.config.hidden_size,) for b in group],
-                         streamed.dtype, directory) for group in groups]
-    position = {"chunk": 0, "phase": "forward", "layer": 0}
-    if directory is not None:
-        key = run_key([streamed.fingerprint(), scorer.criterion, structure, chunk, _world()], prepared)
+    directory, position, key = None, {"chunk": 0, "phase": "forward", "layer": 0}, None
+    if offload_dir is not None:
+        directory = Path(offload_dir) / (f"rank{rank}-of-{world}" if world > 1 else "")
+        key = run_key([scorer.fingerprint, scorer.criterion, structure, chunk, world, str(streamed.dtype)], prepared)
         directory.mkdir(parents=True, exist_ok=True)
         position = resume(directory, key, scorer) or position
-        slots = (len(streamed.layers) + 1 if keep_all else 2) + (2 if fisher else 0)
-        needed = max(s.nbytes for s in stores) * slots if stores else 0
-        free = shutil.disk_usage(directory).free
-        if needed > free:
-            raise OSError(f"offload_dir {directory} has {free / 2**30:.1f} GiB free; the sweep stores {slots} "
-                          f"boundaries of {max(s.nbytes for s in stores) / 2**30:.2f} GiB: use a smaller chunk or "
-                          "another directory")
+        _check_space(directory, _store(streamed, prepared, max(groups, key=len), None).nbytes,
+                     (len(streamed.layers) + 1 if keep_all else 2) + (2 if fisher else 0))
     with frozen(streamed.model), torch.no_grad():
         for c in range(position["chunk"], len(groups)):
             start = position if c == position["chunk"] else {"phase": "forward", "layer": 0}
-            _sweep(streamed, scorer, [prepared[b] for b in groups[c]], stores[c], start, keep_all, fisher,
-                   (c, len(groups)), shows, directory and (directory, key))
+            store = _store(streamed, prepared, groups[c], directory)
+            _sweep(streamed, scorer, [prepared[b] for b in groups[c]], store, start, keep_all, fisher,
+                   (c, len(groups)), shows, directory and (directory, key), sync)
         _reduce(scorer, world)
+    streamed.close()
     if directory is not None:
         forget(directory)
     return scorer
+
+
+def _store(streamed: Streamed, batches: list[Batch], group: list[int], directory: Path | None) -> Boundaries:
+    """The boundary states of one sweep: a [B, T, H] state per batch of `group`, in the model's dtype."""
+    hidden = streamed.model.config.hidden_size
+    return Boundaries([batches[b].input_ids.shape + (hidden,) for b in group], streamed.dtype, directory)
+
+
+def _check_space(directory: Path, boundary: int, slots: int) -> None:
+    """Refuse, before the sweep, an offload directory without room for `slots` boundaries of `boundary` bytes
+    (files of an interrupted sweep already there count as room)."""
+    have = sum(p.stat().st_size for p in directory.glob("*.bin"))
+    free = shutil.disk_usage(directory).free
+    if boundary * slots > free + have:
+        raise OSError(f"offload_dir {directory} has {free / 2**30:.1f} GiB free; the sweep stores {slots} "
+                      f"boundaries of {boundary / 2**30:.2f} GiB: use a smaller chunk or another directory")
+
+
+def _max_over_ranks(value: int, world: int, device) -> int:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def _sum_over_ranks(flags: torch.Tensor) -> torch.Tensor:
+    """A step's [bad loss, bad gradient] flags summed over the ranks, so that every rank raises together."""
+    import torch.distributed as dist
+
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    return flags
 
 
 @_aliases.renamed(method="criterion")
@@ -290,79 +330,81 @@ def _listed(batches) -> list:
 
 
 def _sweep(streamed: Streamed, scorer: StreamedScorer, batches: list[Batch], store: Boundaries, start: dict,
-           keep_all: bool, fisher: bool, chunk: tuple[int, int], shows: bool, saving) -> None:
-    """One chunk: capture, forward sweep, (Fisher) head and backward sweep; from `start` when resuming."""
+           keep_all: bool, fisher: bool, chunk: tuple[int, int], shows: bool, saving, sync) -> None:
+    """One chunk: capture, forward sweep, (Fisher) head and backward sweep; from `start` when resuming. A rank
+    with no batch in this chunk reads nothing but joins every step's check (`sync`)."""
     device, layers = streamed.device, len(streamed.layers)
-    with streamed.resident("input"):
-        captured = [streamed.capture(_on(b, device)) for b in batches]
-    arguments = [args for _, args in captured]
+    reading = streamed.resident if batches else (lambda part: nullcontext())
+    arguments = []
+    with reading("input"):
+        for b, batch in enumerate(batches):
+            h, args = streamed.capture(_on(batch, device))
+            if start["phase"] == "forward" and start["layer"] == 0:
+                store.put("h0", b, h)
+            arguments.append(args)
+            del h
     label = f" (chunk {chunk[0] + 1}/{chunk[1]})" if chunk[1] > 1 else ""
 
     def save(phase: str, layer: int) -> None:
         if saving:
             save_position(saving[0], saving[1], scorer, {"chunk": chunk[0], "phase": phase, "layer": layer})
 
+    def forget_states() -> None:
+        for slot in [f"h{i}" for i in range(layers + 1)] + ["g0", "g1"]:
+            store.drop(slot)
+
     if start["phase"] == "forward":
-        if start["layer"] == 0:
-            for b, (h, _) in enumerate(captured):
-                store.put("h0", b, h)
-        del captured
         # Fisher's forward sweep only stores boundaries; the hooks run in the backward sweep's recomputation
         hooks = experts_hooks(streamed.model, {}) if fisher else _attached(scorer)
         with hooks:
             for i in tqdm(range(start["layer"], layers), disable=not shows, desc=f"forward sweep{label}",
                           unit="layer"):
-                with streamed.resident(f"{streamed.prefix}.{i}"):
+                with reading(f"{streamed.prefix}.{i}"):
                     for b, batch in enumerate(batches):
                         scorer.observe(_raw(batch))
-                        store.put(f"h{i + 1}", b, streamed.run_layer(i, store.get(f"h{i}", b, device), arguments[b][i]))
+                        h = streamed.run_layer(i, store.get(f"h{i}", b, device), arguments[b][i])
+                        store.put(f"h{i + 1}", b, h)
                 save("forward", i + 1)
                 if not keep_all:
                     store.drop(f"h{i}")
         if scorer.structure is not None:  # cos between every pair of boundaries, batch by batch
             for b, batch in enumerate(batches):
                 scorer.observe(_raw(batch))
-                for i in range(layers + 1):
-                    scorer.structure._add_block_state(store.get(f"h{i}", b, device), scorer.ctx)
-                scorer.structure.live["block_tokens"] += scorer.structure._normed.shape[1]
-                scorer.structure._forget()
+                scorer.structure.add_block_states([store.get(f"h{i}", b, device) for i in range(layers + 1)],
+                                                  scorer.ctx)
         if not fisher:
             for batch in batches:
                 scorer.count(batch.input_ids.shape[0], int(batch.attention_mask.sum()))
             save("done", layers)
-            store.drop(f"h{layers}")
+            forget_states()
             return
-        with streamed.resident("output"), torch.enable_grad():
+        loss_ok = True
+        with reading("output"), torch.enable_grad():
             for b, batch in enumerate(batches):
-                top = store.get(f"h{layers}", b, device).requires_grad_(True)
+                top = store.get(f"h{layers}", b, device).detach().requires_grad_(True)
                 losses, counts = streamed.head_losses(_on(batch, device), top)
-                if not bool(torch.isfinite(losses).all()):
-                    raise FloatingPointError(f"non-finite calibration loss while scoring with {scorer.criterion!r}: "
-                                             "Fisher scores would be poisoned (under fp16, use bf16 or fp32)")
+                loss_ok = loss_ok and bool(torch.isfinite(losses).all())
                 (grad,) = torch.autograd.grad(losses.sum(), top)
                 store.put(f"g{layers % 2}", b, grad)
                 scorer.count(int((counts > 0).sum()), int(counts.sum()))
-        scorer.end_step()  # the block similarities and counts join the sums
+        scorer.end_step(loss_ok, sync)  # the block similarities and counts join the sums (raises on a bad loss)
         save("backward", layers - 1)
         start = {"phase": "backward", "layer": layers - 1}
     if start["phase"] == "backward":
         with _attached(scorer):
             for i in tqdm(range(start["layer"], -1, -1), disable=not shows, desc=f"backward sweep{label}",
                           unit="layer"):
-                with streamed.resident(f"{streamed.prefix}.{i}"), torch.enable_grad():
+                with reading(f"{streamed.prefix}.{i}"), torch.enable_grad():
                     for b, batch in enumerate(batches):
                         scorer.observe(_raw(batch))
-                        x = store.get(f"h{i}", b, device).requires_grad_(True)
+                        x = store.get(f"h{i}", b, device).detach().requires_grad_(True)
                         y = streamed.run_layer(i, x, arguments[b][i])
                         (grad,) = torch.autograd.grad(y, x, store.get(f"g{(i + 1) % 2}", b, device))
                         store.put(f"g{i % 2}", b, grad)
-                scorer.end_step()  # this layer's Fisher sums (raises on a non-finite gradient)
+                scorer.end_step(True, sync)  # this layer's Fisher sums (raises on a non-finite gradient)
                 save("backward", i - 1)
         save("done", 0)
-        for i in range(layers + 1):
-            store.drop(f"h{i}")
-        store.drop("g0")
-        store.drop("g1")
+        forget_states()
 
 
 def _on(batch: Batch, device) -> Batch:

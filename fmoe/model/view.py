@@ -155,8 +155,15 @@ class ModelView:
         self.source, self.naming = source, Naming(model)
         self.whole: dict[str, str] = {}
         self.pieces: dict[str, dict[int, list[str | None]]] = {}  # model key: {expert: [key of each part]}
+        quantized = [k for k, (dtype, _) in source.info.items() if dtype.startswith("F8") or k.endswith("_scale_inv")]
+        if quantized:
+            raise ValueError(f"{source.directory} is quantized ({quantized[0]}: FP8 weights and their scales): fmoe "
+                             "reads bf16/fp16/fp32 checkpoints; convert it first (e.g. DeepSeek's fp8_cast_bf16.py)")
+        ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
         unexpected = []
         for key in source.info:
+            if any(p.search(key) for p in ignored):  # what the family's loader skips too (DeepSeek-V3's MTP layer)
+                continue
             target, place = self.naming.locate(key)
             if target not in self.naming.state:
                 unexpected.append(key)  # reported below, with everything else that does not match

@@ -3,15 +3,16 @@
     fmoe prune-checkpoint SRC --plan plan.json --out DST                         # a saved plan, applied out of core
     fmoe prune-checkpoint SRC --calibration data.jsonl --method fisher --amount 0.5 --out DST
     fmoe prune-checkpoint SRC --calibration data.jsonl --method reap --amount 0.25 --out DST --device cuda --chunk 64
-    fmoe prune-checkpoint fmoe/toy/assets/toy_moe --calibration ~/.cache/fmoe/toy/arithmetic/train.jsonl \\
-        --pack false --seq_len 80 --samples 64 --method fisher --amount 0.5 --out /tmp/toy-pruned     # CPU, seconds
+    fmoe prune-checkpoint fmoe/toy/assets/toy_moe --out /tmp/toy-pruned --method fisher --amount 0.5 \\
+        --calibration ~/.cache/fmoe/toy_corpus-20000-200-120-0/arithmetic/train.jsonl --pack false --seq_len 80  # CPU
 
 With `--calibration`: streamed calibration (fmoe.calibration.streamed: one decoder layer resident at a time, Fisher
 exact), a plan of `--method` (any compression method of fmoe.methods.registry, or a dim criterion, meaning `dims`
 scored by it), and the out-of-core edit (fmoe.methods.offline). The work directory (`--work_dir`, default DST.work)
-holds the sweep's boundaries and sums, then the calibration and the plan: a run stopped at any point and started
-again with the same arguments continues from the last finished layer, or from the saved calibration. It is removed
-once DST is written; DST appears only complete.
+holds the sweep's boundaries and sums, then the calibration: a run stopped at any point and started again with the
+same arguments continues from the last finished layer, or from the saved calibration (one with other arguments
+starts afresh). It is removed once DST is written; DST appears only complete, and the plan is saved beside it
+(DST.plan.json).
 """
 
 from __future__ import annotations
@@ -77,22 +78,41 @@ def main(src: Path, out: Path | None = None, plan: Path | None = None, calibrati
     run = {"src": str(Path(src).resolve()), "calibration": calibration, "criterion": criterion, "text_field": text_field,
            "template": template, "seq_len": seq_len, "samples": samples, "batch_size": batch_size, "pack": pack,
            "seed": seed, "chunk": chunk, "dtype": dtype}
-    measured = _load_calibration(work, run)
+    _claim(work, run)
+    measured = _load_calibration(work)
     if measured is None:
         batches = _batches(src, calibration, text_field, template, seq_len, samples, batch_size, pack, seed)
         print(f"calibrating ({criterion}, streamed) on {sum(len(b['input_ids']) for b in batches)} sequences")
-        measured = registry.calibrate(src, batches, criterion, streamed=True, chunk=chunk, offload_dir=work / "sweep",
-                                      device=device, dtype=dtype)
-        _save_calibration(work, run, measured)
+        measured = _calibrate(src, batches, criterion, name, chunk, work / "sweep", device, dtype)
+        _save_calibration(work, measured)
     from ..model.checkpoint import empty_model
 
     planned = registry.make(empty_model(src), name, amount, measured, **registry.options_of(name, chosen))
-    planned.save(work / "plan.json")
-    print(f"plan: {name} {json.dumps(planned.meta.get('achieved', {}))}")
+    plan_path = Path(f"{out}.plan.json")
+    planned.save(plan_path)
+    print(f"plan: {name}, achieved {json.dumps(planned.meta.get('achieved'))} ({plan_path})")
     written = _write(src, planned, out, max_shard_size)
-    shutil.copy2(work / "plan.json", Path(written) / "fmoe_plan.json")
     shutil.rmtree(work)
     return written
+
+
+def _claim(work: Path, run: dict) -> None:
+    """Make `work` this run's: what a run with the same arguments left there is kept (it resumes); what a run
+    with other arguments left is discarded."""
+    record = work / "run.json"
+    if record.is_file() and json.loads(record.read_text()) != run:
+        print(f"discarding {work}: it holds a run with other arguments")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(run))
+
+
+def _calibrate(src, batches, criterion: str, name: str, chunk, sweep: Path, device, dtype) -> registry.Calibration:
+    """The streamed calibration method `name` plans from (none for a method that reads nothing)."""
+    if not registry.method(name).reads:
+        return registry.Calibration()
+    return registry.calibrate(src, batches, criterion, streamed=True, chunk=chunk, offload_dir=sweep, device=device,
+                              dtype=dtype)
 
 
 def _method(method: str, criterion: str | None) -> tuple[str, str]:
@@ -113,20 +133,25 @@ def _batches(src, calibration, text_field, template, seq_len, samples, batch_siz
     return list(data.train_dataloader())
 
 
-def _load_calibration(work: Path, run: dict) -> registry.Calibration | None:
-    """The calibration a previous run with the same arguments finished, if any."""
+def _load_calibration(work: Path) -> registry.Calibration | None:
+    """The calibration this run finished before it stopped, if any."""
     done = work / "calibration"
-    if not (done / "run.json").is_file() or json.loads((done / "run.json").read_text()) != run:
+    if not (done / "complete").is_file():
         return None
     print(f"calibration: reusing {done}")
-    return registry.Calibration(Scores.load(done / "scores"), Statistics.load(done / "statistics"))
+    scores = Scores.load(done / "scores") if (done / "scores").is_dir() else None
+    statistics = Statistics.load(done / "statistics") if (done / "statistics").is_dir() else None
+    return registry.Calibration(scores, statistics)
 
 
-def _save_calibration(work: Path, run: dict, measured: registry.Calibration) -> None:
+def _save_calibration(work: Path, measured: registry.Calibration) -> None:
     done = work / "calibration"
-    measured.scores.save(done / "scores")
-    measured.statistics.save(done / "statistics")
-    (done / "run.json").write_text(json.dumps(run))  # last: a calibration without it is not reused
+    (done / "complete").unlink(missing_ok=True)
+    if measured.scores is not None:
+        measured.scores.save(done / "scores")
+    if measured.statistics is not None:
+        measured.statistics.save(done / "statistics")
+    (done / "complete").touch()  # last: a calibration without it is not reused
 
 
 def _write(src: Path, plan, out: Path, max_shard_size: str | None) -> Path:
