@@ -49,11 +49,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _aliases
-from ..model.checkpoint import empty_model
-from ..model.experts import RaggedExperts, find_experts
+from ..model.experts import fingerprint
 from ..model.hooks import experts_hooks
 from ..model.layers import decoder_layers
-from ..model.view import ModelView, Source, checkpoint_fingerprint, resident
+from ..model.view import checkpoint_fingerprint, open_checkpoint, resident
 from .boundaries import Boundaries, forget, resume, run_key, save_position
 from .context import frozen
 from .criteria import magnitude_scores, sequence_losses
@@ -108,12 +107,8 @@ class Streamed:
             self.model, self.view = source, None
             self.device = next(source.parameters()).device
         else:
-            self.model = empty_model(source, dtype)
-            ragged = [n for n, m in find_experts(self.model).items() if isinstance(m, RaggedExperts)]
-            if ragged:
-                raise ValueError(f"{source} holds ragged (non-uniformly pruned) experts {ragged[:3]}: calibrate the "
-                                 "original checkpoint")
-            self.view = ModelView(Source(source), self.model)  # refuses a checkpoint missing tensors, before any sweep
+            # refuses ragged experts and a checkpoint missing tensors, before any sweep
+            _, _, self.model, self.view = open_checkpoint(source, dtype)
             self.device = torch.device(device or "cpu")
             for module in self.model.modules():  # rotary inv_freq and the like: computed on the CPU by empty_model
                 for b in module._non_persistent_buffers_set:
@@ -139,8 +134,6 @@ class Streamed:
             self.view.source._close()
 
     def fingerprint(self) -> str:
-        from ..model.experts import fingerprint
-
         return fingerprint(self.model) if self.view is None else checkpoint_fingerprint(self.view, self.model)
 
     def capture(self, batch: Batch) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
@@ -200,11 +193,14 @@ def _chunks(batches: list[Batch], chunk: int | None) -> list[list[int]]:
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk is a number of sequences per sweep (>= 1), got {chunk!r}")
     groups: list[list[int]] = [[]]
+    held = 0  # sequences in the last group
     for b, batch in enumerate(batches):
         size = batch.input_ids.shape[0]
-        if groups[-1] and sum(batches[j].input_ids.shape[0] for j in groups[-1]) + size > chunk:
+        if groups[-1] and held + size > chunk:
             groups.append([])
+            held = 0
         groups[-1].append(b)
+        held += size
     return groups
 
 

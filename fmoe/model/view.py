@@ -14,9 +14,10 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-from ..model.checkpoint import INDEX_FILE, SAFETENSORS_DTYPES, read_header, read_tensor, rebuild, weight_files
+from ..model.checkpoint import (INDEX_FILE, SAFETENSORS_DTYPES, empty_model, read_header, read_tensor, rebuild, slots,
+                                weight_files)
 from ..model.experts import RaggedExperts, expert_widths, find_experts, fingerprint_of
 
 
@@ -247,10 +248,12 @@ def checkpoint_fingerprint(view: ModelView, model) -> str:
     return fingerprint_of(model.config.model_type, samples)
 
 
-def open_checkpoint(src: str | Path):
+def open_checkpoint(src: str | Path, dtype: torch.dtype | str = "auto"):
+    """(Source, config, empty model, ModelView) of an unpruned or uniformly pruned checkpoint: the model built by
+    `empty_model` (meta parameters in `dtype`, rotary buffers computed), ragged experts refused."""
     source = Source(src)
-    config = AutoConfig.from_pretrained(source.directory)
-    model = meta_model(config)
+    model = empty_model(source.directory, dtype)
+    config = model.config
     ragged = [n for n, m in find_experts(model).items() if isinstance(m, RaggedExperts)]
     if ragged:
         raise ValueError(f"{source.directory} holds ragged (non-uniformly pruned) experts {ragged[:3]}: score and "
@@ -264,8 +267,6 @@ def resident(model: nn.Module, view: ModelView, prefix: str = "", device=None, e
     out) read from `view` onto `device` in the model's dtypes, for the duration of the block; on exit they go back
     to the meta device and their memory is freed. `model` is an empty model (`fmoe.model.checkpoint.empty_model`)
     of the checkpoint; tied names share one tensor, loaded once."""
-    from ..model.checkpoint import slots
-
     chosen = [n for n in view.naming.state if (not prefix or n == prefix or n.startswith(prefix + "."))
               and not any(n == x or n.startswith(x + ".") for x in exclude)]
     sites, done = slots(model), set()
