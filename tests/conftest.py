@@ -1,5 +1,9 @@
+import json
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,46 @@ if "FMOE_CACHE" not in os.environ:  # the generated toy corpus goes to a per-run
 warnings.filterwarnings("ignore", message=".*RoPE scaling factor.*")
 
 from fmoe.toy.tiny import tiny_model
+
+ROOT = Path(__file__).parent.parent
+
+
+def _status(field: str) -> int:
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def resident_peak(run) -> int:
+    """Bytes the resident set grew by at its peak while `run()` ran (Linux: VmHWM reset to VmRSS through
+    /proc/self/clear_refs before, read after)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    run()
+    return _status("VmHWM") - before
+
+
+def peak_in_child(script: str, *args, timeout: float = 300) -> int:
+    """The peak growth a fresh Python process running `script` (with `args`) prints last, as {"growth": bytes}
+    (`resident_peak`). glibc's mmap threshold is pinned at 64 KiB: by default it adapts up to 32 MiB, so freed
+    tensors of a few MiB stay in its heap and the measure would show the allocator's retention, not the program's
+    (tensors of real models, above 32 MiB, are mapped and unmapped anyway)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])["growth"]
+
+
+def bytes_by_layer(directory) -> dict[str, int]:
+    """{decoder layer ("model.layers.3"), or "" for every tensor outside the layers: bytes} of a checkpoint."""
+    from fmoe.model.checkpoint import read_header
+
+    out: dict[str, int] = {}
+    for path in Path(directory).glob("*.safetensors"):
+        for key, (_, _, start, stop) in read_header(path)[0].items():
+            group = ".".join(key.split(".")[:3]) if key.startswith("model.layers.") else ""
+            out[group] = out.get(group, 0) + stop - start
+    return out
 
 
 def make_batches(n_batches=2, batch_size=3, seq_len=12, vocab=128, seed=0, pad="mixed"):

@@ -3,8 +3,6 @@ in-memory edit + save_pretrained."""
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,7 +18,7 @@ from fmoe.methods import registry
 from fmoe.model.experts import slice_expert, width_buckets
 from fmoe.model.structure import apply_widths
 from fmoe.toy.tiny import tiny_config, tiny_model
-from tests.conftest import make_batches
+from tests.conftest import bytes_by_layer, make_batches, peak_in_child
 
 SHARD = "20KB"  # the tiny models (~400 KB) save as a dozen shards
 
@@ -210,26 +208,19 @@ def test_a_failure_while_writing_keeps_the_previous_output(tmp_path, monkeypatch
 _PEAK = textwrap.dedent("""
     import json, sys
     import fmoe
+    from tests.conftest import resident_peak
     src, plan, dst = sys.argv[1:]
     plan = fmoe.PruningPlan.load(plan)
-    def status(field):
-        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
     fmoe.prune_checkpoint(src, plan, dst + ".warm")  # imports, code pages, lazy state: fixed costs, not data
-    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
-    start = status("VmRSS")
-    fmoe.prune_checkpoint(src, plan, dst)
-    print(json.dumps({"growth": status("VmHWM") - start}))
+    print(json.dumps({"growth": resident_peak(lambda: fmoe.prune_checkpoint(src, plan, dst))}))
 """)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_peak_memory_is_one_tensor(tmp_path):
     """Peak resident growth while pruning <= largest tensor + 4 MiB (two meta models, the
-    key tables, interpreter objects), on a checkpoint several times that bound: the model is never held.
-
-    glibc's mmap threshold is pinned at 64 KiB: by default it adapts up to 32 MiB, so freed tensors of a few MiB
-    stay in its heap and the measure would show the allocator's retention, not the program's (tensors of real
-    models, above 32 MiB, are mapped and unmapped anyway)."""
+    key tables, interpreter objects), on a checkpoint several times that bound: the model is never held (glibc's
+    mmap threshold pinned: tests.conftest.peak_in_child)."""
     model = tiny_model("qwen2_moe", hidden_size=256, intermediate_size=256, moe_intermediate_size=512,
                        shared_expert_intermediate_size=256, num_experts=8, num_hidden_layers=4, vocab_size=512)
     model.save_pretrained(tmp_path / "src", max_shard_size="4MB")
@@ -239,11 +230,7 @@ def test_peak_memory_is_one_tensor(tmp_path):
     largest_tensor = max(t.numel() * t.element_size() for t in tensors(tmp_path / "src").values())
     bound = largest_tensor + 4 * 2**20  # no source page is mapped: shards do not count
     assert sum(shards) > 3 * bound  # holding the checkpoint would break the bound
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    run = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "src"), str(tmp_path / "plan.json"),
-                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env)
-    assert run.returncode == 0, run.stderr[-2000:]
-    growth = json.loads(run.stdout.strip().splitlines()[-1])["growth"]
+    growth = peak_in_child(_PEAK, tmp_path / "src", tmp_path / "plan.json", tmp_path / "out", timeout=120)
     assert growth <= bound, f"peak grew by {growth / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
     fmoe.save_pretrained(fmoe.prune(fmoe.from_pretrained(tmp_path / "src"), plan), tmp_path / "ref")
     assert_same(tensors(tmp_path / "ref"), tensors(tmp_path / "out"))
@@ -401,17 +388,10 @@ def test_edit_peak_memory_is_two_layers(tmp_path):
               for i, n in enumerate(fmoe.find_experts(model))}
     plan = fmoe.plan_experts(model, scores, 0.25)
     plan.save(tmp_path / "plan.json")
-    groups: dict[str, int] = {}
-    for key, t in tensors(tmp_path / "src").items():
-        group = ".".join(key.split(".")[:3]) if key.startswith("model.layers.") else ""
-        groups[group] = groups.get(group, 0) + t.numel() * t.element_size()
+    groups = bytes_by_layer(tmp_path / "src")
     bound = 2 * max(groups.values()) + 4 * 2**20
     assert sum(groups.values()) > 3 * bound  # holding the checkpoint would break the bound
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    run = subprocess.run([sys.executable, "-c", _EDIT_PEAK, str(tmp_path / "src"), str(tmp_path / "plan.json"),
-                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env)
-    assert run.returncode == 0, run.stderr[-2000:]
-    growth = json.loads(run.stdout.strip().splitlines()[-1])["growth"]
+    growth = peak_in_child(_EDIT_PEAK, tmp_path / "src", tmp_path / "plan.json", tmp_path / "out", timeout=120)
     assert growth <= bound, f"peak grew by {growth / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
     fmoe.save_pretrained(fmoe.apply_plan(fmoe.from_pretrained(tmp_path / "src"), plan), tmp_path / "ref")
     assert_same(tensors(tmp_path / "ref"), tensors(tmp_path / "out"))

@@ -4,8 +4,6 @@ model, equal to the in-memory pipeline, resumable, within its memory bound."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from fmoe.calibration import streamed as streamed_module
 from fmoe.lightning.data import TextDataModule
 from fmoe.methods import offline
 from fmoe.toy.tiny import tiny_model
+from tests.conftest import bytes_by_layer, peak_in_child
 
 TOY_ARGS = ["--pack", "false", "--seq_len", "80", "--samples", "16", "--batch_size", "8"]
 
@@ -135,21 +134,14 @@ def test_bad_arguments_fail_before_calibrating(tmp_path):
 
 _PEAK = r"""
 import json, sys
-from pathlib import Path
 import fmoe.cli
-
-def status(key):
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
+from tests.conftest import resident_peak
 
 src, warm, data, out = sys.argv[1:5]
 common = ["--calibration", data, "--seq_len", "64", "--samples", "4", "--batch_size", "2", "--method", "fisher",
           "--amount", "0.5", "--max_shard_size", "30MB"]
 fmoe.cli.main(["prune-checkpoint", warm, *common, "--out", out + "-warm"])  # lazy imports, allocator pools
-Path("/proc/self/clear_refs").write_text("5")
-before = status("VmRSS")
-fmoe.cli.main(["prune-checkpoint", src, *common, "--out", out])
-print(json.dumps({"growth": status("VmHWM") - before}))
+print(json.dumps({"growth": resident_peak(lambda: fmoe.cli.main(["prune-checkpoint", src, *common, "--out", out]))}))
 """
 
 
@@ -165,18 +157,13 @@ def test_a_multi_shard_checkpoint_within_the_memory_bound(tmp_path):
                                                                                            max_shard_size="30MB")
         tokenizer.save_pretrained(tmp_path / name)
     assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) > 3
-    weights = tensors(tmp_path / "ckpt")
-    layer_bytes = max(sum(t.numel() * 4 for k, t in weights.items() if f".layers.{i}." in k) for i in range(6))
+    groups = bytes_by_layer(tmp_path / "ckpt")
     boundaries = (6 + 1 + 2) * 4 * 64 * 256 * 4  # (layers + 1) + two gradient slots x [4 sequences, 64, 256] fp32
-    bound = 1.5 * (layer_bytes + boundaries)
-    assert sum(t.numel() * 4 for t in weights.values()) > 3 * bound  # holding the model would break the bound
+    bound = 1.5 * (max(n for group, n in groups.items() if group) + boundaries)
+    assert sum(groups.values()) > 3 * bound  # holding the model would break the bound
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in toy.interleaved(toy.corpus_files(), "train", 40)))
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    run = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "ckpt"), str(tmp_path / "warm"), str(data),
-                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-2000:]
-    growth = json.loads(run.stdout.strip().splitlines()[-1])["growth"]
+    growth = peak_in_child(_PEAK, tmp_path / "ckpt", tmp_path / "warm", data, tmp_path / "out")
     assert growth <= bound, f"peak grew by {growth / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
     assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1
     model = fmoe.from_pretrained(tmp_path / "ckpt")

@@ -3,8 +3,6 @@ equal on every family, chunks, files, resuming, two processes, memory, and bad i
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch.multiprocessing as mp
 import fmoe
 from fmoe.calibration import streamed as streamed_module
 from fmoe.toy.tiny import FAMILIES, tiny_model
-from tests.conftest import make_batches
+from tests.conftest import bytes_by_layer, make_batches, peak_in_child
 
 
 def assert_close(a: dict, b: dict, rel: float = 1e-5) -> None:
@@ -194,50 +192,26 @@ def test_bad_input_is_refused_before_the_sweep(tmp_path, monkeypatch):
 
 _PEAK = r"""
 import json, sys
-from pathlib import Path
-import torch
 import fmoe
-from tests.conftest import make_batches
-
-def status(key):
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
+from tests.conftest import make_batches, resident_peak
 
 batches = make_batches(n_batches=2, batch_size=2, seq_len=32, vocab=512)
 fmoe.score(sys.argv[2], batches, "fisher")  # warm: lazy imports, allocator pools
-Path("/proc/self/clear_refs").write_text("5")
-before = status("VmRSS")
-fmoe.score(sys.argv[1], batches, "fisher")
-print(json.dumps({"growth": status("VmHWM") - before}))
+print(json.dumps({"growth": resident_peak(lambda: fmoe.score(sys.argv[1], batches, "fisher"))}))
 """
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_peak_memory_is_one_layer_and_the_boundaries(tmp_path):
     """Peak resident growth of streamed Fisher <= 1.5 x (largest decoder layer's bytes + boundary bytes), on a
-    sharded checkpoint several times that bound (glibc's mmap threshold pinned, as tests/test_offline.py does)."""
+    sharded checkpoint several times that bound (glibc's mmap threshold pinned: tests.conftest.peak_in_child)."""
     config = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=512, shared_expert_intermediate_size=256,
                   num_experts=16, num_hidden_layers=6, vocab_size=512)
     tiny_model("qwen2_moe", **config).save_pretrained(tmp_path / "ckpt", max_shard_size="30MB")
     tiny_model("qwen2_moe", **{**config, "num_hidden_layers": 1}).save_pretrained(tmp_path / "warm")
-    from safetensors import safe_open
-
-    layer_bytes, total = {}, 0
-    for path in (tmp_path / "ckpt").glob("*.safetensors"):
-        with safe_open(path, "pt") as f:
-            for key in f.keys():
-                size = f.get_slice(key).get_shape()
-                n = torch.Size(size).numel() * 4
-                total += n
-                if ".layers." in key:
-                    index = int(key.split(".layers.")[1].split(".")[0])
-                    layer_bytes[index] = layer_bytes.get(index, 0) + n
+    groups = bytes_by_layer(tmp_path / "ckpt")
     boundaries = (6 + 1 + 2) * 2 * 2 * 32 * 256 * 4  # (layers + 1) + two gradient slots, 2 batches of [2, 32, 256]
-    bound = 1.5 * (max(layer_bytes.values()) + boundaries)
-    assert total > 3 * bound  # holding the model would break the bound
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).parent.parent)}
-    run = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "ckpt"), str(tmp_path / "warm")],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-2000:]
-    growth = json.loads(run.stdout.strip().splitlines()[-1])["growth"]
+    bound = 1.5 * (max(n for group, n in groups.items() if group) + boundaries)
+    assert sum(groups.values()) > 3 * bound  # holding the model would break the bound
+    growth = peak_in_child(_PEAK, tmp_path / "ckpt", tmp_path / "warm")
     assert growth <= bound, f"peak grew by {growth / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
