@@ -19,7 +19,6 @@ expert drop keeps top-k, so its limit is 1 for compute: it saves memory) and the
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import fmoe
 from fmoe.serving import vllm as serving
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed_memory import build, device_name, preset_config  # noqa: E402
+from speed_memory import build, device_name, preset_config, write_results  # noqa: E402
 
 EXPORTS = {  # name: (method, amount, options)
     "dense": None,
@@ -102,11 +101,7 @@ def main(preset: str = "toy", layers: int | None = None, dtype: str = "float32",
               "prefill_len": prefill_len, "decode_tokens": decode_tokens, "cuda_graphs": cuda_graphs,
               "device": device_name(torch.device("cpu")), "rows": rows, "ragged_over_uniform": summary,
               "seconds": round(time.perf_counter() - t0)}
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "results.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(out, result, markdown(result))
     return result
 
 

@@ -46,6 +46,7 @@ import copy
 import dataclasses
 import ctypes
 import gc
+import json
 import math
 import statistics
 import sys
@@ -85,11 +86,21 @@ def device_name(device: torch.device) -> str:
     return "CPU"
 
 
-def _status_kb(field: str) -> int:
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
-            return int(line.split()[1])
+            return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def write_results(out: str | Path, result: dict, text: str) -> None:
+    """results.json (`result`) and results.md (`text`, also printed) under `out`."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "results.md").write_text(text)
+    print(text)
 
 
 def _release_cpu_memory() -> None:
@@ -115,13 +126,13 @@ class Peak:
         else:
             _release_cpu_memory()
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-            self.base = _status_kb("VmRSS") * 1024
+            self.base = status_bytes("VmRSS")
 
     def stop(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.base
-        return _status_kb("VmHWM") * 1024 - self.base
+        return status_bytes("VmHWM") - self.base
 
 
 def timed(parts: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, int]]:

@@ -71,7 +71,7 @@ from transformers import PretrainedConfig
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from presets import PRESETS  # noqa: E402
-from speed_memory import device_name, preset_config  # noqa: E402
+from speed_memory import device_name, preset_config, status_bytes, write_results  # noqa: E402
 
 import fmoe  # noqa: E402
 from fmoe.io import atomic_directory  # noqa: E402
@@ -243,10 +243,6 @@ def make_batches(vocab: int, sequences: int, seq: int, seed: int, per_batch: int
     return [{"input_ids": ids[i:i + per_batch]} for i in range(0, sequences, per_batch)]
 
 
-def _status(field: str) -> int:
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
-
-
 class Peak:
     """Host peak (resident high-water mark above the start) and, on a GPU, allocated-memory peak above the start."""
 
@@ -259,10 +255,10 @@ class Peak:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.gpu_base = torch.cuda.memory_allocated(self.device)
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        self.base = _status("VmRSS")
+        self.base = status_bytes("VmRSS")
 
     def stop(self) -> dict:
-        out = {"host": _status("VmHWM") - self.base}
+        out = {"host": status_bytes("VmHWM") - self.base}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             out["gpu"] = torch.cuda.max_memory_allocated(self.device) - self.gpu_base
@@ -293,7 +289,7 @@ def _timed_residency() -> list[tuple[str | None, float, float, int]]:
             with block as value:
                 read = time.perf_counter() - start
                 yield value
-            periods.append((prefix, read, time.perf_counter() - start, _status("VmHWM")))
+            periods.append((prefix, read, time.perf_counter() - start, status_bytes("VmHWM")))
 
         return timed()
 
@@ -447,11 +443,7 @@ def main(preset: str = "qwen3-30b-a3b", layers: int = 2, dtype: str = "bfloat16"
         result = figures(settings, config, torch_dtype, runs, written, device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "results.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(out, result, markdown(result))
     return result
 
 
