@@ -66,9 +66,6 @@ _CARRIED = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "ch
             "added_tokens.json")
 
 
-
-
-
 # --------------------------------------------------------------------------------------------- fingerprint, scores
 
 

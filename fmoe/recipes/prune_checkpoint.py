@@ -28,12 +28,13 @@ from ..calibration.scores import Scores
 from ..calibration.statistics import Statistics
 from ..lightning.data import TextDataModule
 from ..methods import offline, registry
+from ..model.checkpoint import empty_model
 
 FORWARD_ONLY = "activation"  # the pass of methods that read no gradient: the statistics come with any criterion
 
 
-def main(src: Path, out: Path | None = None, plan: Path | None = None, calibration: str | None = None, method: str = "dims",
-         amount: float | None = None, criterion: str | None = None, scope: str | None = None,
+def main(src: Path, out: Path | None = None, plan: Path | None = None, calibration: str | None = None,
+         method: str = "dims", amount: float | None = None, criterion: str | None = None, scope: str | None = None,
          count: int | None = None, options: dict | None = None, text_field: str = "text", template: str | None = None,
          seq_len: int = 256, samples: int = 128, batch_size: int = 4, pack: bool = True, seed: int = 0,
          chunk: int | None = None, device: str | None = None, dtype: str = "auto", work_dir: Path | None = None,
@@ -75,18 +76,15 @@ def main(src: Path, out: Path | None = None, plan: Path | None = None, calibrati
     chosen = {**(options or {}), **{k: v for k, v in (("scope", scope), ("count", count)) if v is not None}}
     registry.check(name, amount, **chosen)  # before any calibration is spent
     work = Path(work_dir) if work_dir is not None else Path(f"{out}.work")
-    run = {"src": str(Path(src).resolve()), "calibration": calibration, "criterion": criterion, "text_field": text_field,
-           "template": template, "seq_len": seq_len, "samples": samples, "batch_size": batch_size, "pack": pack,
-           "seed": seed, "chunk": chunk, "dtype": dtype}
+    run = {"src": str(Path(src).resolve()), "calibration": calibration, "criterion": criterion,
+           "text_field": text_field, "template": template, "seq_len": seq_len, "samples": samples,
+           "batch_size": batch_size, "pack": pack, "seed": seed, "chunk": chunk, "dtype": dtype}
     _claim(work, run)
     measured = _load_calibration(work)
     if measured is None:
-        batches = _batches(src, calibration, text_field, template, seq_len, samples, batch_size, pack, seed)
-        print(f"calibrating ({criterion}, streamed) on {sum(len(b['input_ids']) for b in batches)} sequences")
-        measured = _calibrate(src, batches, criterion, name, chunk, work / "sweep", device, dtype)
+        data = (calibration, text_field, template, seq_len, samples, batch_size, pack, seed)
+        measured = _calibrate(src, data, criterion, name, chunk, work / "sweep", device, dtype)
         _save_calibration(work, measured)
-    from ..model.checkpoint import empty_model
-
     planned = registry.make(empty_model(src), name, amount, measured, **registry.options_of(name, chosen))
     plan_path = Path(f"{out}.plan.json")
     planned.save(plan_path)
@@ -107,10 +105,13 @@ def _claim(work: Path, run: dict) -> None:
     record.write_text(json.dumps(run))
 
 
-def _calibrate(src, batches, criterion: str, name: str, chunk, sweep: Path, device, dtype) -> registry.Calibration:
-    """The streamed calibration method `name` plans from (none for a method that reads nothing)."""
+def _calibrate(src, data: tuple, criterion: str, name: str, chunk, sweep: Path, device, dtype) -> registry.Calibration:
+    """The streamed calibration method `name` plans from, over the batches `data` describes (none for a method
+    that reads nothing)."""
     if not registry.method(name).reads:
         return registry.Calibration()
+    batches = _batches(src, *data)
+    print(f"calibrating ({criterion}, streamed) on {sum(len(b['input_ids']) for b in batches)} sequences")
     return registry.calibrate(src, batches, criterion, streamed=True, chunk=chunk, offload_dir=sweep, device=device,
                               dtype=dtype)
 
