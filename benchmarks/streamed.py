@@ -71,7 +71,7 @@ from transformers import PretrainedConfig
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from presets import PRESETS  # noqa: E402
-from speed_memory import device_name, preset_config, status_bytes, write_results  # noqa: E402
+from speed_memory import Peak, device_name, preset_config, status_bytes, write_results  # noqa: E402
 
 import fmoe  # noqa: E402
 from fmoe.io import atomic_directory  # noqa: E402
@@ -243,26 +243,19 @@ def make_batches(vocab: int, sequences: int, seq: int, seed: int, per_batch: int
     return [{"input_ids": ids[i:i + per_batch]} for i in range(0, sequences, per_batch)]
 
 
-class Peak:
-    """Host peak (resident high-water mark above the start) and, on a GPU, allocated-memory peak above the start."""
+class Peaks:
+    """Host peak (resident high-water mark above the start) and, on a GPU, allocated-memory peak above the start:
+    speed_memory's Peak on each."""
 
     def __init__(self, device: torch.device):
-        self.device = device
+        self.parts = {"host": Peak(torch.device("cpu")), **({"gpu": Peak(device)} if device.type == "cuda" else {})}
 
     def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.gpu_base = torch.cuda.memory_allocated(self.device)
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        self.base = status_bytes("VmRSS")
+        for part in self.parts.values():
+            part.start()
 
     def stop(self) -> dict:
-        out = {"host": status_bytes("VmHWM") - self.base}
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            out["gpu"] = torch.cuda.max_memory_allocated(self.device) - self.gpu_base
-        return out
+        return {name: part.stop() for name, part in self.parts.items()}
 
 
 def _streamed(src, batches, criterion, spec):
@@ -305,7 +298,7 @@ def child() -> None:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     batches = make_batches(spec["vocab"], spec["sequences"], spec["seq"], spec["seed"], spec["per_batch"])
-    peak, out = Peak(device), {}
+    peak, out = Peaks(device), {}
     if spec["mode"] == "memory":
         peak.start()
         t0 = time.perf_counter()
